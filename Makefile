@@ -1,0 +1,25 @@
+PY := .venv/bin/python
+GAME ?= BankHeist
+
+.PHONY: setup demo test test-slow bench params
+setup: .venv/.installed
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) experiments/train.py --game=$(GAME) --preset=demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+bench: setup
+	$(PY) benchmarks/run.py --json
+
+params: setup
+	$(PY) experiments/params.py

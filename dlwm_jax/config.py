@@ -1,0 +1,217 @@
+"""Every hyperparameter of the system, in one frozen dataclass tree.
+
+Defaults are the paper's / reference implementation's values (../shared/SPEC.md, section numbers cited).
+Presets: `paper` (the full 100K-interaction run), `demo` (a short real run on a laptop CPU) and
+`smoke` (every phase once, tiny, for tests). Flags override fields through `override`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """Real Atari environments with the reference protocol (SPEC 1, Appendix A)."""
+    game: str = "BankHeist"
+    frame_stack: int = 4          # the paper's 4; 1 reproduces the released script (SPEC 1.4)
+    frame_skip: int = 4
+    image_size: int = 96
+    noop_max: int = 30
+    max_episode_steps: int = 27_000   # agent steps; 100_000 reproduces the reference's Gym limit
+    repeat_action_probability: float = 0.0
+    collect_temperature: float = 1.5  # policy temperature while collecting real data (SPEC 5)
+    num_eval_envs: int = 32
+    eval_max_steps: int = 27_000      # cap on agent steps of one evaluation pass
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAEConfig:
+    """Encoder / quantiser / decoder (SPEC 3)."""
+    num_codes: int = 128
+    code_dim: int = 32
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # encoder conv widths; decoder mirrors them
+    commitment_cost: float = 0.25
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    ema_debias_counts: bool = False   # False = the reference's quirk (SPEC 3.5)
+    batch_size: int = 40
+    learning_rate: float = 1e-4
+    warmup_lr_multiplier: float = 10.0
+    batch_norm_momentum: float = 0.9  # Flax convention (= PyTorch 0.1)
+    batch_norm_epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsConfig:
+    """Two-cell ConvLSTM with action conditioning and two heads (SPEC 4)."""
+    hidden_channels: int = 128
+    kernel_size: int = 5
+    forget_bias: float = 1.0
+    reward_conv_channels: int = 32
+    reward_hidden: int = 512
+    num_reward_classes: int = 3
+    learning_rate: float = 5e-4
+    reward_learning_rate: float = 1e-3
+    reward_loss_weight: float = 1e-6
+    batch_size: int = 4
+    sequence_length: int = 11
+    context_length: int = 4
+    max_offset: int = 10
+    reference_terminal_mask: bool = True  # True = the reference's off-by-one mask (SPEC 11.2.1)
+    layer_norm_epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Latent-space actor-critic (SPEC 5) and PPO in imagination (SPEC 6, 7)."""
+    conv_channels: int = 64
+    hidden: int = 512
+    num_envs: int = 16
+    horizon: int = 50
+    epochs: int = 4
+    minibatch_size: int = 256
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_epsilon: float = 0.1
+    value_clip: float = 0.1
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    learning_rate: float = 2.5e-4
+    bootstrap_at_horizon: bool = False  # False = the reference: the horizon is a true termination
+    layer_norm_epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """The outer loop (SPEC 8)."""
+    num_iterations: int = 15
+    initial_steps: int = 12_800
+    steps_per_iteration: int = 6_400
+    warmup_epochs: int = 50
+    joint_epochs: tuple[int, ...] = (140, 32, 24, 20, 16, 14, 12, 11, 10, 9, 8, 8, 7, 7, 6)
+    vq_update_intervals: tuple[int, ...] = (2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3)
+    ppo_updates: tuple[int, ...] = (1000,) * 7 + (2000,) + (1000,) * 3 + (2000,) + (1000,) * 2 + (3000,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test."""
+    upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
+    dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
+    imagination_unroll: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    env: EnvConfig = EnvConfig()
+    vqvae: VQVAEConfig = VQVAEConfig()
+    dynamics: DynamicsConfig = DynamicsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    compute: ComputeConfig = ComputeConfig()
+    seed: int = 0
+
+    @property
+    def total_real_steps(self) -> int:
+        s = self.schedule
+        return s.initial_steps + s.steps_per_iteration * (s.num_iterations - 1)
+
+
+def validate(config: Config) -> Config:
+    """Raises ValueError (one line) on an inconsistent config; returns it unchanged otherwise."""
+    s = config.schedule
+    for name in ("joint_epochs", "vq_update_intervals", "ppo_updates"):
+        if len(getattr(s, name)) != s.num_iterations:
+            raise ValueError(f"schedule.{name} has {len(getattr(s, name))} entries, "
+                             f"need num_iterations={s.num_iterations}")
+    if config.compute.upsample not in ("subpixel", "transpose"):
+        raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
+    positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,
+                "schedule.num_iterations": s.num_iterations, "schedule.initial_steps": s.initial_steps,
+                "vqvae.batch_size": config.vqvae.batch_size, "dynamics.batch_size": config.dynamics.batch_size,
+                "policy.num_envs": config.policy.num_envs, "policy.horizon": config.policy.horizon}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 < config.dynamics.context_length < config.dynamics.sequence_length:
+        raise ValueError("dynamics.context_length must be in [1, sequence_length)")
+    return config
+
+
+def paper() -> Config:
+    return Config()
+
+
+def demo() -> Config:
+    """A short real run: full-size networks, ~15 minutes on 2 CPU cores."""
+    return override(Config(), {
+        "env.num_eval_envs": 8, "env.eval_max_steps": 2_000,
+        "schedule.num_iterations": 2, "schedule.initial_steps": 2_000, "schedule.steps_per_iteration": 1_000,
+        "schedule.warmup_epochs": 2, "schedule.joint_epochs": (1, 1), "schedule.vq_update_intervals": (2, 2),
+        "schedule.ppo_updates": (20, 20),
+    })
+
+
+def smoke() -> Config:
+    """Every phase and output once, with narrow networks: for tests."""
+    return override(Config(), {
+        "env.num_eval_envs": 2, "env.eval_max_steps": 60,
+        "vqvae.channels": (4, 8, 8, 16), "vqvae.code_dim": 8, "vqvae.num_codes": 16, "vqvae.batch_size": 8,
+        "dynamics.hidden_channels": 8, "dynamics.reward_hidden": 16, "dynamics.reward_conv_channels": 4,
+        "policy.conv_channels": 8, "policy.hidden": 16, "policy.num_envs": 4, "policy.horizon": 8,
+        "policy.minibatch_size": 16,
+        "schedule.num_iterations": 2, "schedule.initial_steps": 96, "schedule.steps_per_iteration": 48,
+        "schedule.warmup_epochs": 1, "schedule.joint_epochs": (1, 1), "schedule.vq_update_intervals": (2, 3),
+        "schedule.ppo_updates": (2, 2),
+    })
+
+
+PRESETS = {"paper": paper, "demo": demo, "smoke": smoke}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse(value: Any, like: Any) -> Any:
+    """Converts a flag string to the type of the field's current value."""
+    if not isinstance(value, str):
+        return value
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, tuple):
+        return tuple(_parse(v.strip(), like[0] if like else 0) for v in value.split(",") if v.strip())
+    return type(like)(value)
+
+
+def override(config: Config, updates: dict[str, Any]) -> Config:
+    """Returns `config` with dotted fields replaced, e.g. {"schedule.num_iterations": 3, "seed": 1}.
+
+    String values are parsed to the field's type (tuples from comma lists). Unknown fields raise ValueError.
+    """
+    for dotted, value in updates.items():
+        path = dotted.split(".")
+        nodes = [config]
+        for name in path[:-1]:
+            if not dataclasses.is_dataclass(nodes[-1]) or not hasattr(nodes[-1], name):
+                raise ValueError(f"unknown config field {dotted!r}")
+            nodes.append(getattr(nodes[-1], name))
+        leaf = path[-1]
+        if not dataclasses.is_dataclass(nodes[-1]) or leaf not in {f.name for f in dataclasses.fields(nodes[-1])}:
+            raise ValueError(f"unknown config field {dotted!r}")
+        try:
+            new = _parse(value, getattr(nodes[-1], leaf))
+        except ValueError as e:
+            raise ValueError(f"bad value for {dotted}: {e}") from None
+        for node, name in zip(reversed(nodes), reversed(path)):
+            new = dataclasses.replace(node, **{name: new})
+        config = new
+    return validate(config)
