@@ -101,6 +101,7 @@ class ComputeConfig:
     upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
     dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
     imagination_unroll: int = 1
+    threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,72 @@
+"""Two-cell ConvLSTM dynamics network with next-latent and reward heads (SPEC 4.1-4.2)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlwm_jax.networks.convlstm import ConvLSTMCell
+from dlwm_jax.networks.layers import conv, dense, leaky_relu, spatial_layer_norm
+
+
+class DynamicsState(NamedTuple):
+    """Recurrent state, each [B, 6, 6, Hc]."""
+    h1: jax.Array
+    c1: jax.Array
+    h2: jax.Array
+    c2: jax.Array
+
+
+def initial_state(batch_size: int, hidden_channels: int, grid: int = 6) -> DynamicsState:
+    zeros = jnp.zeros((batch_size, grid, grid, hidden_channels), jnp.float32)
+    return DynamicsState(zeros, zeros, zeros, zeros)
+
+
+def tile_action(actions: jax.Array, num_actions: int, grid: int) -> jax.Array:
+    """int actions [B] -> one-hot planes [B, grid, grid, A] (SPEC 4.1)."""
+    onehot = jax.nn.one_hot(actions, num_actions, dtype=jnp.float32)
+    return jnp.broadcast_to(onehot[:, None, None, :], (actions.shape[0], grid, grid, num_actions))
+
+
+class Dynamics(nn.Module):
+    """One step: (z_q [B,6,6,D], actions [B], state) -> (next_latent_logits [B,6,6,K], reward_logits [B,3], state).
+
+    The one-hot action is tiled over the grid and concatenated (as the last channels) to the input of both
+    cells and to the heads' shared input y = [h2, action]; no nonlinearity on h2 (SPEC 4.2).
+    """
+    num_actions: int
+    num_codes: int = 128
+    hidden_channels: int = 128
+    kernel_size: int = 5
+    forget_bias: float = 1.0
+    reward_conv_channels: int = 32
+    reward_hidden: int = 512
+    num_reward_classes: int = 3
+    layer_norm_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState):
+        chex.assert_rank(z_q, 4)
+        chex.assert_shape(actions, (z_q.shape[0],))
+        act = tile_action(actions, self.num_actions, z_q.shape[1])
+        cell = lambda name: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias,
+                                         self.layer_norm_epsilon, name=name)
+        h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
+        h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
+        y = jnp.concatenate([h2, act], -1)
+        in_features = y.shape[-1]
+        next_latent_logits = conv(self.num_codes, 1, 0, in_features=in_features, name="next_latent_head")(y)
+        r = conv(self.reward_conv_channels, 1, 0, in_features=in_features, name="reward_conv")(y)
+        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm")(r))
+        r = r.reshape(r.shape[0], -1)
+        r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense")(r))
+        reward_logits = dense(self.num_reward_classes, self.reward_hidden, name="reward_out")(r)
+        return next_latent_logits, reward_logits, DynamicsState(h1, c1, h2, c2)
+
+
+def is_reward_head(path: tuple[str, ...]) -> bool:
+    """True for parameters of the reward head (their own optimizer group, SPEC 8.2)."""
+    return path[0].startswith("reward_")

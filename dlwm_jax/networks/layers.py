@@ -1,0 +1,112 @@
+"""Building blocks shared by the networks: PyTorch-default initialisation (SPEC 12.3), an exact
+PyTorch-style batch norm (SPEC 3.1/12.1), layer norm over (H, W, C), and the 2x upsampling layer."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def leaky_relu(x: jax.Array) -> jax.Array:
+    return jax.nn.leaky_relu(x, 0.01)  # PyTorch's default slope
+
+
+def uniform_init(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def conv(features: int, kernel: int, padding: int, stride: int = 1, bias: bool = True, in_features: int | None = None,
+         name: str | None = None) -> nn.Conv:
+    """nn.Conv with explicit symmetric padding and PyTorch's default init (U(+-1/sqrt(fan_in)))."""
+    # Kaiming-uniform with a=sqrt(5) is variance_scaling(1/3, fan_in, uniform): bound 1/sqrt(fan_in).
+    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    bias_init = uniform_init(1.0 / math.sqrt(in_features * kernel * kernel)) if (bias and in_features) else nn.initializers.zeros
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+                   use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
+def dense(features: int, in_features: int, name: str | None = None) -> nn.Dense:
+    bound = 1.0 / math.sqrt(in_features)
+    return nn.Dense(features, kernel_init=uniform_init(bound), bias_init=uniform_init(bound), name=name)
+
+
+def spatial_layer_norm(epsilon: float, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the whole (H, W, C) tensor per sample with elementwise affine of shape (H, W, C)."""
+    return nn.LayerNorm(epsilon=epsilon, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1), name=name)
+
+
+class BatchNorm(nn.Module):
+    """PyTorch BatchNorm2d semantics: normalise with the biased batch variance, but track the running
+    variance with the unbiased one (SPEC 12.1). Running stats live in the `batch_stats` collection."""
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                n = x.size // features
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+# Sub-pixel form of ConvTranspose2d(k=4, s=2, p=1): output row 2m+a reads input rows m+d, d in {-1,0,1},
+# through kernel tap k = a + 1 - 2d (when 0 <= k <= 3). _TAP[d+1, a] is that tap, -1 where none exists.
+_TAP = np.array([[3, -1], [1, 2], [-1, 0]])
+
+
+class Upsample2x(nn.Module):
+    """PyTorch ConvTranspose2d(in, out, kernel 4, stride 2, padding 1) in NHWC: [B,H,W,in] -> [B,2H,2W,out].
+
+    The parameters are exactly the transposed convolution's: `kernel` [4, 4, in, out] (PyTorch's
+    (in, out, kH, kW) weight permuted) and `bias` [out]. `mode` only picks how it is computed:
+    "transpose" = input-dilated convolution with the flipped kernel (the textbook formulation);
+    "subpixel" = one 3x3 convolution to 4*out channels followed by depth-to-space, which XLA:CPU runs
+    several times faster (same result to float rounding; tests/test_networks.py checks it).
+    """
+    features: int
+    mode: str = "subpixel"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        bound = 1.0 / math.sqrt(self.features * 16)  # PyTorch takes fan_in from the weight's dim 1 (= out)
+        kernel = self.param("kernel", uniform_init(bound), (4, 4, in_features, self.features))
+        bias = self.param("bias", uniform_init(bound), (self.features,))
+        dn = ("NHWC", "HWIO", "NHWC")
+        if self.mode == "transpose":
+            y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((2, 2), (2, 2)),
+                                             lhs_dilation=(2, 2), dimension_numbers=dn)
+            return y + bias
+        if self.mode != "subpixel":
+            raise ValueError(f"unknown upsample mode {self.mode!r}")
+        mask = jnp.asarray(_TAP >= 0, kernel.dtype)
+        taps = np.maximum(_TAP, 0)
+        # k3[jh, ah, jw, aw] = kernel[_TAP[jh, ah], _TAP[jw, aw]] (zero where no tap), then (3,3,in,2,2,out).
+        k3 = kernel[taps[:, :, None, None], taps[None, None, :, :]] * (mask[:, :, None, None] * mask[None, None])[..., None, None]
+        k3 = k3.transpose(0, 2, 4, 1, 3, 5).reshape(3, 3, in_features, 4 * self.features)
+        y = jax.lax.conv_general_dilated(x, k3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        b, h, w, _ = y.shape
+        y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features)
+        return y + bias
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
