@@ -1,0 +1,172 @@
+"""Acting in the real environments: data collection into per-env streams, and evaluation (SPEC 2, 8.3, 9).
+
+A policy is a host-callable `policy_fn(observations, key) -> int actions [N]`; observations is a jax.Array uint8
+[N, 96, 96, C] (stacked on device by a jitted `envs.push_frame`: 6x faster than numpy's channel-last copies). Its
+temperature (1.5 while collecting, 1.0 at evaluation, SPEC 8.3 / 9) is the caller's business: bake it into
+`policy_fn`.
+
+EnvPool auto-resets one step late: after a step returns done, the env's NEXT step performs the reset, ignores
+its action and returns reward 0 and the first observation of the new episode (verified in tests/test_envs.py).
+Such a reset step is not an interaction (Appendix A): the collector performs it at once, for the finished envs
+only (`step(..., env_id=finished)`), so it is neither counted nor stored and all envs stay in lock-step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlwm_jax import envs
+from dlwm_jax.config import EnvConfig
+
+PolicyFn = Callable[[jax.Array, jax.Array], Any]
+_push_frame = jax.jit(envs.push_frame)
+
+
+class Trajectory(NamedTuple):
+    """One collected chunk per env stream, SPEC 2 convention (N env streams, T interactions each).
+
+    frames:    uint8 [N, T, 96, 96]  newest frame of observation[t] (each frame stored once)
+    actions:   int32 [N, T]          action[t] taken in observation[t]
+    rewards:   float32 [N, T]        raw (unclipped) score returned by that step
+    terminals: bool [N, T]           done returned by that step (game over or episode cap); then
+                                     observation[t+1] starts a new episode
+    is_first:  bool [N, T]           observation[t] is the first of an episode (its stack is frames[t]
+                                     replicated); observation[t] = push_frame(observation[t-1], frames[t], is_first[t])
+    Consecutive chunks of one Collector continue each stream: chunk k+1's observation[0] is the observation after
+    chunk k's last step, so stacks at the start of a chunk use the previous chunk's last C-1 frames.
+    """
+    frames: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminals: np.ndarray
+    is_first: np.ndarray
+
+
+def random_policy(num_actions: int) -> PolicyFn:
+    """Uniform random actions (SPEC 8.3, iteration 1): policy_fn(obs [N, ...], key) -> int32 [N]."""
+    @functools.partial(jax.jit, static_argnums=1)
+    def sample(key: jax.Array, num_envs: int) -> jax.Array:
+        return jax.random.randint(key, (num_envs,), 0, num_actions, dtype=jnp.int32)
+
+    def policy_fn(observations: jax.Array, key: jax.Array) -> jax.Array:
+        return sample(key, observations.shape[0])
+    return policy_fn
+
+
+def _actions(policy_fn: PolicyFn, observations: jax.Array, key: jax.Array, num_actions: int) -> np.ndarray:
+    actions = np.asarray(policy_fn(observations, key))
+    if actions.shape != observations.shape[:1] or not np.issubdtype(actions.dtype, np.integer) \
+            or actions.min() < 0 or actions.max() >= num_actions:
+        raise ValueError(f"policy_fn must return int actions [{observations.shape[0]}] in [0, {num_actions}), "
+                         f"got {actions.dtype} {actions.shape} {actions if actions.size <= 8 else ''}")
+    actions = actions.astype(np.int32)
+    return actions
+
+
+class Collector:
+    """Host-side owner of the data-collection EnvPool and its current frame stacks.
+
+    The env is reset once, here, and never again between `collect` calls (SPEC 2, 8.3): episodes continue
+    across chunks. `num_interactions` counts agent steps over all envs (reset steps excluded).
+    """
+
+    def __init__(self, env_config: EnvConfig, num_envs: int, seed: int):
+        self.num_envs, self.num_stack = num_envs, env_config.frame_stack
+        self.num_actions = envs.num_actions(env_config.game)
+        self.env = envs.make_env(env_config, num_envs, seed)
+        self._all_ids = np.arange(num_envs, dtype=np.int32)
+        obs, _ = self.env.reset()
+        self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy
+        self.observations = jnp.asarray(envs.initial_stack(self.newest_frames, self.num_stack))  # [N, 96, 96, C]
+        self.is_first = np.ones(num_envs, bool)
+        self.episode_returns = np.zeros(num_envs, np.float64)
+        self.episode_lengths = np.zeros(num_envs, np.int64)
+        self.num_interactions = 0
+
+    def _reset_finished(self, frames: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Performs EnvPool's pending reset step for the envs that are done; returns frames [N, 96, 96]."""
+        done_ids = self._all_ids[done]
+        obs, reward, _, _, info = self.env.step(np.zeros(len(done_ids), np.int32), env_id=done_ids)
+        if np.any(info["elapsed_step"] != 0) or np.any(reward != 0):  # guards the autoreset assumption
+            raise RuntimeError("EnvPool step after done was not an auto-reset")
+        frames = frames.copy()
+        frames[info["env_id"]] = envs.frames_of(obs)
+        return frames
+
+    def collect(self, policy_fn: PolicyFn, num_steps: int, key: jax.Array) -> tuple[Trajectory, dict]:
+        """Acts for `num_steps` interactions in total (num_steps // N per env, N must divide num_steps).
+
+        Returns (Trajectory with T = num_steps // N, stats) where stats = {"episode_returns": float64 [E],
+        "episode_lengths": int64 [E]} of the E episodes that finished during this call (raw returns, lengths in
+        agent steps, episodes started in earlier calls included). Step t uses key jax.random.split(key, T)[t].
+        """
+        if num_steps % self.num_envs:
+            raise ValueError(f"num_steps={num_steps} is not divisible by num_envs={self.num_envs}")
+        n, t_len = self.num_envs, num_steps // self.num_envs
+        step_keys = list(jax.random.split(key, t_len))  # one unstack; indexing a key array per step is slow
+        traj = Trajectory(frames=np.empty((n, t_len) + self.newest_frames.shape[1:], np.uint8),
+                          actions=np.empty((n, t_len), np.int32), rewards=np.empty((n, t_len), np.float32),
+                          terminals=np.empty((n, t_len), bool), is_first=np.empty((n, t_len), bool))
+        finished_returns, finished_lengths = [], []
+        for t in range(t_len):
+            traj.frames[:, t] = self.newest_frames
+            traj.is_first[:, t] = self.is_first
+            actions = _actions(policy_fn, self.observations, step_keys[t], self.num_actions)
+            obs, reward, terminated, truncated, _ = self.env.step(actions, env_id=self._all_ids)
+            done = terminated | truncated
+            traj.actions[:, t], traj.rewards[:, t], traj.terminals[:, t] = actions, reward, done
+            self.episode_returns += reward
+            self.episode_lengths += 1
+            frames = envs.frames_of(obs).copy()  # EnvPool may reuse its output buffers
+            if done.any():
+                finished_returns.extend(self.episode_returns[done])
+                finished_lengths.extend(self.episode_lengths[done])
+                self.episode_returns[done], self.episode_lengths[done] = 0.0, 0
+                frames = self._reset_finished(frames, done)
+            self.newest_frames = frames
+            self.observations = _push_frame(self.observations, frames, done)
+            self.is_first = done
+        self.num_interactions += num_steps
+        stats = {"episode_returns": np.asarray(finished_returns, np.float64),
+                 "episode_lengths": np.asarray(finished_lengths, np.int64)}
+        return traj, stats
+
+
+def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: int,
+             num_envs: int | None = None, max_steps: int | None = None) -> dict[str, float]:
+    """Evaluation episodes (SPEC 9) in fresh envs seeded seed, seed+1, ... (the reference's were unseeded).
+
+    Runs num_envs (default env.num_eval_envs) envs from reset until each has finished its first episode
+    (finished envs keep stepping, their data ignored) or max_steps (default env.eval_max_steps) steps were taken.
+    Returns return_mean/std (population)/min/max and length_mean over the finished episodes; if none finished,
+    over the partial returns at the cap. num_finished says how many of num_envs episodes ended.
+    """
+    num_envs = num_envs or env_config.num_eval_envs
+    max_steps = max_steps or env_config.eval_max_steps
+    num_act = envs.num_actions(env_config.game)
+    env = envs.make_env(env_config, num_envs, seed)
+    obs, _ = env.reset()
+    observations = jnp.asarray(envs.initial_stack(envs.frames_of(obs), env_config.frame_stack))
+    returns, lengths = np.zeros(num_envs, np.float64), np.zeros(num_envs, np.int64)
+    finished = np.zeros(num_envs, bool)
+    step_keys = list(jax.random.split(key, max_steps))
+    for t in range(max_steps):
+        actions = _actions(policy_fn, observations, step_keys[t], num_act)
+        obs, reward, terminated, truncated, _ = env.step(actions)
+        active = ~finished
+        returns += np.where(active, reward, 0.0)
+        lengths += active
+        finished |= terminated | truncated
+        if finished.all():
+            break
+        # After a done EnvPool's next step resets; finished envs' data are ignored, so no special care here.
+        observations = _push_frame(observations, envs.frames_of(obs).copy(), np.zeros(num_envs, bool))
+    env.close()
+    pick = finished if finished.any() else np.ones(num_envs, bool)
+    return dict(return_mean=float(returns[pick].mean()), return_std=float(returns[pick].std()),
+                return_min=float(returns[pick].min()), return_max=float(returns[pick].max()),
+                length_mean=float(lengths[pick].mean()), num_finished=int(finished.sum()), num_envs=num_envs)
