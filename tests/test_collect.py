@@ -102,3 +102,18 @@ def test_evaluate_respects_the_cap_and_reports_finished_episodes():
                             max_steps=1000)
     assert real["num_finished"] == 2 and 50 < real["length_mean"] < 1000
     assert real["return_min"] >= 0 and float(real["return_max"]).is_integer()
+
+
+def test_replay_rebuilds_the_stacks_the_policy_saw_across_chunks():
+    from dlwm_jax.replay import Replay
+    config = EnvConfig(game="Breakout", max_episode_steps=13)
+    collector = collect.Collector(config, num_envs=2, seed=0)
+    replay = Replay(capacity=200, num_streams=2, frame_stack=4)
+    seen, policy = [], collect.random_policy(4)
+    record = lambda obs, key: (seen.append(np.asarray(obs)), policy(obs, key))[1]
+    for key in jax.random.split(jax.random.key(0), 3):  # chunk boundaries at 20 and 40 steps per stream
+        replay.add(*collector.collect(record, 40, key)[0])
+    assert len(replay) == 120
+    # Replay order: chunk-major, then stream, then time: [chunk, N, T] flattened.
+    seen = np.stack(seen).reshape(3, 20, 2, 96, 96, 4).transpose(0, 2, 1, 3, 4, 5).reshape(120, 96, 96, 4)
+    np.testing.assert_array_equal(replay.observations(np.arange(120)), seen)
