@@ -1,0 +1,70 @@
+"""Imagined rollouts in latent space (SPEC 6, 7.2): one `lax.scan`, pure in (params, start, key).
+
+Start from the code indices of real observations [N, 6, 6]; at every step the policy samples an action
+from the embedded latent, the dynamics network predicts the next grid and a reward class, and both are
+sampled (36 independent categoricals at temperature 1; reward class c -> reward c - 1). The horizon is
+fixed: the last step is marked terminal, so PPO does not bootstrap past it (the reference), unless
+`bootstrap_at_horizon` is set, in which case no step is terminal and V(final latent) is the bootstrap.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlwm_jax.networks.dynamics import DynamicsState, initial_state
+
+
+class Dream(NamedTuple):
+    """An imagined batch, time-major [T, N, ...] (the fields of ppo.Rollout plus the code indices)."""
+    observations: jax.Array   # [T, N, 6, 6, D] embedded latents the policy saw
+    actions: jax.Array        # [T, N] int32
+    log_probs: jax.Array      # [T, N]
+    values: jax.Array         # [T, N]
+    rewards: jax.Array        # [T, N] in {-1, 0, 1}
+    terminals: jax.Array      # [T, N] bool
+    indices: jax.Array        # [T, N, 6, 6] code indices of observations
+    bootstrap_value: jax.Array  # [N] V(latent after the last step); multiplied away unless bootstrapping
+
+
+class Carry(NamedTuple):
+    indices: jax.Array          # [N, 6, 6]
+    state: DynamicsState
+
+
+def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
+                     embeddings: jax.Array, carry: Carry, key: jax.Array, temperature: float = 1.0):
+    """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan."""
+    action_key, latent_key, reward_key = jax.random.split(key, 3)
+    latents = embeddings[carry.indices]
+    logits, value = actor_critic.apply(policy_params, latents)
+    actions = jax.random.categorical(action_key, logits / temperature).astype(jnp.int32)
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), actions[:, None], -1)[:, 0]
+    next_logits, reward_logits, state = dynamics.apply(dynamics_params, latents, actions, carry.state)
+    next_indices = jax.random.categorical(latent_key, next_logits).astype(jnp.int32)
+    rewards = jax.random.categorical(reward_key, reward_logits).astype(jnp.float32) - 1.0
+    record = (latents, actions, log_probs, value, rewards, carry.indices)
+    return Carry(next_indices, state), record
+
+
+def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
+            embeddings: jax.Array, start_indices: jax.Array, key: jax.Array, horizon: int,
+            bootstrap_at_horizon: bool = False, temperature: float = 1.0, unroll: int = 1) -> Dream:
+    """Imagines `horizon` steps from start code indices [N, 6, 6] (embeddings [K, D]) -> Dream.
+
+    Pure and jit-able (modules, horizon, flags static); vmap over a leading seed axis of the arrays.
+    """
+    chex.assert_rank(start_indices, 3)
+    hidden = dynamics.hidden_channels
+    carry = Carry(start_indices, initial_state(start_indices.shape[0], hidden, start_indices.shape[1]))
+    step = lambda c, k: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, k,
+                                         temperature)
+    carry, (latents, actions, log_probs, values, rewards, indices) = jax.lax.scan(
+        step, carry, jax.random.split(key, horizon), unroll=unroll)
+    _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
+    last = jnp.arange(horizon) == horizon - 1
+    terminals = jnp.broadcast_to((last & (not bootstrap_at_horizon))[:, None], actions.shape)
+    return Dream(latents, actions, log_probs, values, rewards, terminals, indices, bootstrap_value)
