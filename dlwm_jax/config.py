@@ -35,6 +35,7 @@ class VQVAEConfig:
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
     ema_debias_counts: bool = False   # False = the reference's quirk (SPEC 3.5)
+    exact_cb_normaliser: bool = False  # False = torch's clipped/Taylor log C (SPEC 3.6), the reference
     batch_size: int = 40
     learning_rate: float = 1e-4
     warmup_lr_multiplier: float = 10.0
@@ -100,6 +101,7 @@ class ComputeConfig:
     """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test."""
     upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
     dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
+    lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "xla"
     imagination_unroll: int = 1
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
 
@@ -113,6 +115,7 @@ class Config:
     schedule: ScheduleConfig = ScheduleConfig()
     compute: ComputeConfig = ComputeConfig()
     seed: int = 0
+    checkpoint_every_s: float = 600.0  # inside long phases, save at the next unit boundary after this long
 
     @property
     def total_real_steps(self) -> int:
@@ -127,6 +130,8 @@ def validate(config: Config) -> Config:
         if len(getattr(s, name)) != s.num_iterations:
             raise ValueError(f"schedule.{name} has {len(getattr(s, name))} entries, "
                              f"need num_iterations={s.num_iterations}")
+    if config.compute.lstm_conv not in ("im2col", "xla"):
+        raise ValueError(f"compute.lstm_conv must be 'im2col' or 'xla', got {config.compute.lstm_conv!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the whole training state, plus the replay's frames as write-once chunk files.
+
+Layout of `workdir/checkpoints`:
+  <step>/            orbax checkpoint: `state` (every model/optimizer pytree) and `meta` (JSON: position in
+                     the schedule, replay size, metrics offset, ...). Orbax writes to a temporary directory
+                     and renames it on success, so a kill mid-save leaves no checkpoint that loads half.
+  replay/chunk_<k>.npz  the k-th collection's replay rows, written once (tmp file + rename) right after the
+                     collection; a checkpoint names how many chunks it covers.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read; the message is one line."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self.replay_dir = os.path.join(self.directory, "replay")
+        os.makedirs(self.replay_dir, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                           force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict]:
+        """Restores into the structure of `abstract_state` (a pytree of arrays or ShapeDtypeStructs)."""
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                                          if not isinstance(x, jax.ShapeDtypeStruct) else x, abstract_state)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} is unreadable "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        return restored.state, restored.meta
+
+    def save_replay_chunk(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        path = os.path.join(self.replay_dir, f"chunk_{index}.npz")
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def load_replay_chunk(self, index: int) -> dict[str, np.ndarray]:
+        path = os.path.join(self.replay_dir, f"chunk_{index}.npz")
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise CheckpointError(f"replay chunk {path} is missing or unreadable ({type(e).__name__})") from None

@@ -1,0 +1,347 @@
+"""`train_and_evaluate(config, workdir)`: the iterative loop of paper section 3.4 / SPEC 8.3.
+
+Each of the `schedule.num_iterations` iterations runs five phases:
+  collect (12,800 random steps in iteration 1, then 6,400 with the agent at temperature 1.5) -> warmup
+  (iteration 1 only: VQ-VAE epochs at 10x lr) -> world_model (joint epochs, slow VQ-VAE updates) -> policy
+  (PPO updates on imagined rollouts) -> evaluate (sampled actions, fresh seeded envs).
+
+Keys: one root `jax.random.key(seed)`; the key of unit u (an epoch, a PPO update, ...) of phase p in
+iteration i is fold_in(fold_in(fold_in(root, i), p), u), so a resumed run draws exactly the keys an
+uninterrupted one would. The EnvPool seeds are derived from the root key too.
+
+Checkpoints (checkpoint.py) are written after every phase and, inside long phases, every
+`checkpoint_every_s` seconds at a unit boundary. The real env cannot be snapshotted, so on resume the
+collector's env is rebuilt with its seed and re-stepped with the stored actions (deterministic: no sticky
+actions), and the frames it produces are checked against the replay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlwm_jax import envs, ppo, viz
+from dlwm_jax.checkpoint import Checkpointer, CheckpointError
+from dlwm_jax.collect import Collector, evaluate, random_policy
+from dlwm_jax.config import Config, validate
+from dlwm_jax.imagination import imagine
+from dlwm_jax.networks import make_networks
+from dlwm_jax.networks.distributions import continuous_bernoulli_mean
+from dlwm_jax.replay import Replay
+from dlwm_jax import world_model as wm
+
+PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
+COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
+
+
+class NonFiniteError(RuntimeError):
+    """A loss became NaN/inf; nothing of the failing phase is saved."""
+
+
+@flax.struct.dataclass
+class AgentState:
+    params: Any
+    opt_state: Any
+
+
+def unit_key(root: jax.Array, iteration: int, phase: int, unit: int = 0) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, iteration), phase), unit)
+
+
+def derived_seed(root: jax.Array, purpose: int) -> int:
+    """A 31-bit integer seed for host-side libraries (EnvPool), derived from the root key."""
+    return int(jax.random.randint(jax.random.fold_in(root, 1_000_003 + purpose), (), 0, 2**31 - 1))
+
+
+def params_hash(tree: Any) -> str:
+    """SHA-256 over the bytes of every leaf, in tree order: equal hashes mean bit-identical parameters."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard; progress lines with elapsed time and ETA."""
+
+    def __init__(self, workdir: str, metrics_offset: int, log_step: int, echo: Callable[[str], None] = print):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):  # drop lines a killed run wrote after its last checkpoint
+            with open(self.path, "r+b") as f:
+                f.truncate(metrics_offset)
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(workdir, purge_step=log_step if log_step else None)
+        self.log_step = log_step
+        self.echo = echo
+        self.phase_start = time.time()
+
+    @property
+    def offset(self) -> int:
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def write(self, record: dict) -> None:
+        for k, v in record.items():
+            if isinstance(v, float) and not math.isfinite(v) and k not in ("eval_return_std",):
+                raise NonFiniteError(f"non-finite {k}={v} in phase {record.get('phase')} of iteration "
+                                     f"{record.get('iteration')}; nothing of this phase was saved")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("iteration", "real_steps", "unit"):
+                self.writer.add_scalar(f"{record['phase']}/{k}", v, self.log_step)
+        self.writer.flush()
+        self.log_step += 1
+
+    def start_phase(self) -> None:
+        self.phase_start = time.time()
+
+    def progress(self, iteration: int, num_iterations: int, phase: str, done: int, total: int, extra: str = "") -> None:
+        elapsed = time.time() - self.phase_start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        self.echo(f"[iter {iteration + 1}/{num_iterations}] {phase:<11} {done}/{total}  elapsed {elapsed:6.0f}s"
+                  f"  eta {eta:6.0f}s  {extra}")
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise OSError(f"workdir {workdir!r} is not writable")
+
+
+def _config_json(config: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _short(metrics: dict) -> str:
+    keys = ("recon_nll", "next_latent_loss", "next_latent_acc", "reward_loss", "policy_loss", "entropy")
+    return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def _make_act(networks, temperature: float):
+    """Jitted act(world, agent_params, obs uint8 [N,96,96,C], key) -> actions [N]: encoder in eval mode,
+    quantise, sample from the policy at `temperature` (SPEC 5, 8.3)."""
+    @jax.jit
+    def act(world, agent_params, observations, key):
+        _, z_q = wm.encode(world, observations)
+        logits, _ = networks.actor_critic.apply(agent_params, z_q)
+        return ppo.sample_action(logits, key, temperature)
+    return act
+
+
+def _make_policy_update(config: Config, networks, optimizer):
+    """Jitted: encode 16 real start observations (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7)."""
+    p = config.policy
+
+    @jax.jit
+    def update(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+        dream_key, ppo_key = jax.random.split(key)
+        start_indices, _ = wm.encode(world, start_observations)
+        dream = imagine(networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
+                        world.codebook.embeddings, start_indices, dream_key, p.horizon, p.bootstrap_at_horizon,
+                        unroll=config.compute.imagination_unroll)
+        rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
+                              dream.terminals)
+        params, opt_state, metrics = ppo.ppo_update(agent.params, agent.opt_state, rollout, dream.bootstrap_value,
+                                                    ppo_key, p, networks.actor_critic.apply, optimizer)
+        metrics["imagined_reward_mean"] = jnp.mean(dream.rewards)
+        return AgentState(params, opt_state), metrics
+    return update
+
+
+def _save_images(workdir: str, iteration: int, world: wm.WorldModelState, agent: AgentState, replay: Replay,
+                 networks, config: Config, key: jax.Array) -> None:
+    """Reconstructions with code maps, and a decoded dream (the reference's latent analysis and dreams)."""
+    obs_key, start_key, dream_key = jax.random.split(key, 3)
+    n = min(6, len(replay))
+    observations = replay.sample_observations(obs_key, n)
+    decoder = lambda z: continuous_bernoulli_mean(networks.decoder.apply({"params": world.decoder_params}, z))
+    indices, z_q = wm.encode(world, observations)
+    recon = jax.jit(decoder)(z_q)
+    grid = viz.reconstruction_grid(observations, np.asarray(recon), np.asarray(indices), config.vqvae.num_codes)
+    viz.save_png(os.path.join(workdir, f"reconstructions_iter{iteration + 1}.png"), grid)
+
+    start = replay.sample_observations(start_key, min(4, len(replay)))
+    start_indices, _ = wm.encode(world, start)
+    dream = jax.jit(functools.partial(imagine, networks.dynamics, networks.actor_critic, horizon=config.policy.horizon))(
+        {"params": world.dynamics_params}, agent.params, world.codebook.embeddings, start_indices, dream_key)
+    t, b = dream.indices.shape[:2]
+    frames = jax.jit(decoder)(world.codebook.embeddings[dream.indices.reshape(t * b, *dream.indices.shape[2:])])
+    frames = np.asarray(frames[..., -1]).reshape(t, b, *frames.shape[1:3])
+    viz.save_gif(os.path.join(workdir, f"dream_iter{iteration + 1}.gif"), viz.dream_frames(frames, np.asarray(dream.rewards)))
+
+
+def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) the whole iterative loop in `workdir`; returns the final summary dict.
+
+    Raises ValueError (bad config / game), OSError (workdir), CheckpointError (unreadable checkpoint) or
+    NonFiniteError (a NaN/inf loss) with one-line messages; nothing already saved is deleted by a failure.
+    """
+    validate(config)
+    game = envs.check_game(config.env.game)
+    num_actions = envs.num_actions(game)
+    jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
+    _check_workdir(workdir)
+    s, p = config.schedule, config.policy
+
+    root = jax.random.key(config.seed)
+    networks = make_networks(config, num_actions)
+    policy_optimizer = ppo.make_optimizer(p)
+    init_key, agent_key = jax.random.split(jax.random.fold_in(root, 2**31))  # apart from every iteration
+    world = wm.init_world_model(config, num_actions, init_key)
+    agent_params = jax.jit(networks.actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
+    agent = AgentState(agent_params, policy_optimizer.init(agent_params))
+    replay = Replay(config.total_real_steps, 1, (config.env.image_size,) * 2, config.env.frame_stack)
+    collector = Collector(config.env, 1, derived_seed(root, 0))
+
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
+    meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offset": 0, "log_step": 0,
+            "eval_history": [], "save_index": 0}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        (world, agent), meta = checkpoints.restore(latest, (world, agent))
+        if meta.get("config") != _config_json(config):
+            raise ValueError(f"workdir {workdir!r} holds a run with a different config (game/preset/flags); "
+                             "use another --workdir or the same flags")
+        echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
+             f"unit {meta['unit']}")
+        for k in range(meta["chunks"]):
+            replay.add(*checkpoints.load_replay_chunk(k).values())
+        if meta["iteration"] < config.schedule.num_iterations:
+            _fast_forward(collector, meta["chunks"], checkpoints)
+    logger = Logger(workdir, meta["metrics_offset"], meta["log_step"], echo)
+    last_save = time.time()
+
+    def save(iteration: int, phase: int, unit: int) -> None:
+        nonlocal last_save
+        meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offset=logger.offset,
+                    log_step=logger.log_step, config=_config_json(config), save_index=meta["save_index"] + 1)
+        checkpoints.save(meta["save_index"], (world, agent), meta)
+        last_save = time.time()
+
+    def maybe_save(iteration: int, phase: int, unit: int) -> None:
+        if time.time() - last_save >= config.checkpoint_every_s:
+            save(iteration, phase, unit)
+
+    def record(iteration: int, phase: str, metrics: dict, **extra) -> None:
+        logger.write({"phase": phase, "iteration": iteration + 1, "real_steps": len(replay), **extra,
+                      **{k: float(v) for k, v in metrics.items()}})
+
+    act_collect = _make_act(networks, config.env.collect_temperature)
+    act_eval = _make_act(networks, 1.0)
+    policy_update = _make_policy_update(config, networks, policy_optimizer)
+
+    start_iteration = meta["iteration"]
+    for it in range(start_iteration, s.num_iterations):
+        first_phase = meta["phase"] if it == start_iteration else COLLECT
+        first_unit = meta["unit"] if it == start_iteration else 0
+
+        if first_phase <= COLLECT:
+            logger.start_phase()
+            steps = s.initial_steps if it == 0 else s.steps_per_iteration
+            if it == 0:
+                policy_fn = random_policy(num_actions)
+            else:
+                policy_fn = lambda obs, key, w=world, a=agent.params: act_collect(w, a, obs, key)
+            trajectory, stats = collector.collect(policy_fn, steps, unit_key(root, it, COLLECT))
+            checkpoints.save_replay_chunk(meta["chunks"], trajectory._asdict())
+            replay.add(*trajectory)
+            meta["chunks"] += 1
+            returns = stats["episode_returns"]
+            collected = {"episodes": len(returns)}
+            if len(returns):
+                collected["episode_return_mean"] = float(np.mean(returns))
+            record(it, "collect", collected)
+            logger.progress(it, s.num_iterations, "collect", steps, steps, f"{len(returns)} episodes finished")
+            save(it, WARMUP, 0)
+
+        if first_phase <= WARMUP and it == 0:
+            logger.start_phase()
+            for epoch in range(first_unit if first_phase == WARMUP else 0, s.warmup_epochs):
+                world, metrics = wm.warmup_epoch(world, replay, unit_key(root, it, WARMUP, epoch))
+                record(it, "warmup", metrics, unit=epoch)
+                logger.progress(it, s.num_iterations, "warmup", epoch + 1, s.warmup_epochs, _short(metrics))
+                maybe_save(it, WARMUP, epoch + 1)
+            save(it, WORLD_MODEL, 0)
+
+        if first_phase <= WORLD_MODEL:
+            logger.start_phase()
+            epochs = s.joint_epochs[it]
+            for epoch in range(first_unit if first_phase == WORLD_MODEL else 0, epochs):
+                world, metrics = wm.joint_epoch(world, replay, unit_key(root, it, WORLD_MODEL, epoch),
+                                                s.vq_update_intervals[it])
+                for kind in ("vqvae", "dynamics"):
+                    record(it, kind, metrics[kind], unit=epoch)
+                logger.progress(it, s.num_iterations, "world_model", epoch + 1, epochs,
+                                _short({**metrics["vqvae"], **metrics["dynamics"]}))
+                maybe_save(it, WORLD_MODEL, epoch + 1)
+            save(it, POLICY, 0)
+
+        if first_phase <= POLICY:
+            logger.start_phase()
+            updates = s.ppo_updates[it]
+            report_every = max(1, updates // 20)
+            history = []
+            for u in range(first_unit if first_phase == POLICY else 0, updates):
+                key = unit_key(root, it, POLICY, u)
+                start_key, update_key = jax.random.split(key)
+                starts = replay.sample_observations(start_key, p.num_envs)
+                agent, metrics = policy_update(world, agent, starts, update_key)
+                history.append(metrics)
+                if (u + 1) % report_every == 0 or u + 1 == updates:
+                    averaged = {k: float(np.mean([h[k] for h in jax.device_get(history)])) for k in history[0]}
+                    record(it, "policy", averaged, unit=u + 1)
+                    logger.progress(it, s.num_iterations, "policy", u + 1, updates, _short(averaged))
+                    history = []
+                    maybe_save(it, POLICY, u + 1)
+            save(it, EVALUATE, 0)
+
+        logger.start_phase()
+        eval_key = unit_key(root, it, EVALUATE)
+        result = evaluate(config.env, lambda obs, key: act_eval(world, agent.params, obs, key), eval_key,
+                          derived_seed(root, 1 + it))
+        metrics = {f"eval_{k}": v for k, v in result.items()}
+        record(it, "evaluate", metrics)
+        meta["eval_history"].append([len(replay), result["return_mean"], result["return_std"]])
+        logger.progress(it, s.num_iterations, "evaluate", 1, 1,
+                        f"return {result['return_mean']:.1f} +- {result['return_std']:.1f} "
+                        f"({result['num_finished']}/{result['num_envs']} episodes finished)")
+        _save_images(workdir, it, world, agent, replay, networks, config, unit_key(root, it, EVALUATE, 1))
+        steps_, means, stds = zip(*meta["eval_history"])
+        viz.save_learning_curve(os.path.join(workdir, "learning_curve.png"), list(steps_), list(means), list(stds),
+                                f"{game} (seed {config.seed})")
+        save(it + 1, COLLECT, 0)
+
+    summary = {"game": game, "seed": config.seed, "real_steps": len(replay),
+               "final_eval_return_mean": meta["eval_history"][-1][1] if meta["eval_history"] else None,
+               "world_model_hash": params_hash((world.encoder_params, world.decoder_params, world.dynamics_params,
+                                                world.codebook.embeddings)),
+               "policy_hash": params_hash(agent.params)}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.writer.close()
+    return summary
+
+
+def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpointer) -> None:
+    """Re-steps a fresh collector env with the stored actions so it is where the killed run left it."""
+    for k in range(num_chunks):
+        chunk = checkpoints.load_replay_chunk(k)
+        actions = iter(chunk["actions"][0])
+        trajectory, _ = collector.collect(lambda obs, key: np.array([next(actions)], np.int32),
+                                          chunk["actions"].shape[1], jax.random.key(0))
+        if not np.array_equal(trajectory.frames, chunk["frames"]):
+            raise CheckpointError("replaying the stored actions did not reproduce the stored frames; "
+                                  "the environment is not deterministic here, cannot resume")
