@@ -1,0 +1,383 @@
+"""World-model training: VQ-VAE (SPEC 3.7) and dynamics (SPEC 4.6) losses, their state and jitted steps,
+the eval-mode encoder used by imagination/collection, and the warm-up / joint epoch schedule (SPEC 8.3).
+
+`WorldModelState` carries the config and the action count as static (non-pytree) fields, so the jitted steps
+rebuild the Flax modules and optimizers from them and need no other arguments; jit caches per config.
+
+Padding. Replay pads an epoch's last batch to full size by repeating earlier items of the epoch, flagged by
+`valid`. Losses, the EMA codebook update, the usage trace and all metrics count valid rows only. BatchNorm batch
+statistics (VQ-VAE step, and the train-mode encoding of dynamics targets, SPEC 3.8) do include the padded
+rows: they are duplicates of real frames of the same epoch, so this only re-weights a few frames once per epoch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dlwm_jax.config import Config
+from dlwm_jax.networks import Networks, init_variables, make_networks
+from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
+from dlwm_jax.networks.dynamics import DynamicsState, initial_state, is_reward_head
+from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantize, straight_through
+from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
+
+Metrics = dict[str, jax.Array]
+Progress = Callable[[str, int, Metrics], None]  # (kind "vqvae" | "dynamics", step index in epoch, metrics)
+
+
+@flax.struct.dataclass
+class WorldModelState:
+    encoder_params: Any
+    encoder_batch_stats: Any      # BN running statistics (SPEC 3.1, 3.8); not trained by gradient
+    decoder_params: Any
+    codebook: Codebook            # EMA codebook and its accumulators (SPEC 3.5); not trained by gradient
+    vqvae_opt_state: optax.OptState
+    dynamics_params: Any
+    dynamics_opt_state: optax.OptState
+    vqvae_steps: jax.Array        # [] int32
+    dynamics_steps: jax.Array     # [] int32
+    codebook_usage: jax.Array     # [K] decayed index counts (logging only, SPEC 3.7)
+    config: Config = flax.struct.field(pytree_node=False)
+    num_actions: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def networks(self) -> Networks:
+        return make_networks(self.config, self.num_actions)
+
+
+# ------------------------------------------------------------------------------------------- optimizers
+
+def vqvae_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam(1e-4, eps 1e-8) on encoder + decoder (SPEC 8.2). The warm-up multiplier is applied by the step
+    (Adam's update is linear in the learning rate, so scaling the update is exact)."""
+    return optax.adam(config.vqvae.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def dynamics_param_labels(params: Any) -> Any:
+    """'reward' for the reward head, 'dynamics' for the cells and the next-latent head (SPEC 8.2)."""
+    def label(path, _):
+        return "reward" if is_reward_head(tuple(str(getattr(p, "key", p)) for p in path)) else "dynamics"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def dynamics_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam 5e-4 for cells + next-latent head, Adam 1e-3 for the reward head; no clipping (SPEC 8.2)."""
+    d = config.dynamics
+    return optax.multi_transform({"dynamics": optax.adam(d.learning_rate, eps=1e-8),
+                                  "reward": optax.adam(d.reward_learning_rate, eps=1e-8)},
+                                 dynamics_param_labels)
+
+
+def init_world_model(config: Config, num_actions: int, key: jax.Array) -> WorldModelState:
+    """Fresh world model: PyTorch-default initialisation (SPEC 12.3), zero optimizer moments and counters."""
+    key_networks, key_codebook = jax.random.split(key)
+    variables = init_variables(make_networks(config, num_actions), config, key_networks)
+    encoder, decoder, dynamics = variables["encoder"], variables["decoder"], variables["dynamics"]
+    vqvae_params = {"encoder": encoder["params"], "decoder": decoder["params"]}
+    return WorldModelState(
+        encoder_params=encoder["params"], encoder_batch_stats=encoder["batch_stats"],
+        decoder_params=decoder["params"],
+        codebook=init_codebook(key_codebook, config.vqvae.num_codes, config.vqvae.code_dim),
+        vqvae_opt_state=vqvae_optimizer(config).init(vqvae_params),
+        dynamics_params=dynamics["params"],
+        dynamics_opt_state=dynamics_optimizer(config).init(dynamics["params"]),
+        vqvae_steps=jnp.zeros((), jnp.int32), dynamics_steps=jnp.zeros((), jnp.int32),
+        codebook_usage=jnp.zeros((config.vqvae.num_codes,), jnp.float32),
+        config=config, num_actions=num_actions)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+@jax.jit
+def encode(state: WorldModelState, observations: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eval-mode encoding (BN running stats, SPEC 3.8) for imagination starts and acting.
+
+    observations uint8 [B, 96, 96, C] -> (indices int32 [B, 6, 6], z_q float32 [B, 6, 6, D]).
+    """
+    chex.assert_rank(observations, 4)
+    z_e = state.networks.encoder.apply({"params": state.encoder_params, "batch_stats": state.encoder_batch_stats},
+                                       observations, train=False)
+    return quantize(z_e, state.codebook.embeddings)
+
+
+def _encode_train(state: WorldModelState, params: Any, observations: jax.Array) -> tuple[jax.Array, Any]:
+    """Train-mode encoder (batch statistics): observations [N, 96, 96, C] -> (z_e [N, 6, 6, D], new batch_stats)."""
+    z_e, updates = state.networks.encoder.apply({"params": params, "batch_stats": state.encoder_batch_stats},
+                                                observations, train=True, mutable=["batch_stats"])
+    return z_e, updates["batch_stats"]
+
+
+# ---------------------------------------------------------------------------------------------- VQ-VAE
+
+def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean of values [B] over rows with weight 1 (weights float [B]); 0 if there are none."""
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def vqvae_loss(vqvae_params: Any, state: WorldModelState, batch: ObservationBatch):
+    """-ELBO + commitment (SPEC 3.7) on valid rows, with the pre-update codebook; BN in train mode.
+
+    vqvae_params {'encoder', 'decoder'}; batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
+    Returns (loss, (metrics, z_e [B, 6, 6, D], indices [B, 6, 6], new batch_stats)).
+    """
+    v = state.config.vqvae
+    weights = batch.valid.astype(jnp.float32)
+    z_e, batch_stats = _encode_train(state, vqvae_params["encoder"], batch.observations)
+    indices, z_q = quantize(z_e, state.codebook.embeddings)
+    logits = state.networks.decoder.apply({"params": vqvae_params["decoder"]}, straight_through(z_e, z_q))
+    pixels = batch.observations.astype(jnp.float32) / 255.0
+    log_likelihood = _masked_mean(
+        continuous_bernoulli_log_prob(pixels, logits, v.exact_cb_normaliser).sum((1, 2, 3)), weights)
+    kl = z_e.shape[1] * z_e.shape[2] * math.log(v.num_codes)  # uniform prior: constant 36 ln K
+    z_e_loss = _masked_mean(jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z_e), (1, 2, 3)), weights)
+    commitment = v.commitment_cost * z_e_loss
+    loss = -(log_likelihood - kl) + commitment
+    metrics = {"loss": loss, "recon_nll": -log_likelihood, "elbo": log_likelihood - kl,
+               "commitment_loss": commitment, "z_e_loss": z_e_loss}
+    return loss, (metrics, z_e, indices, batch_stats)
+
+
+def _usage_metrics(batch_counts: jax.Array, trace: jax.Array) -> Metrics:
+    """Codebook usage (SPEC 3.7): fraction of codes used in the batch; batch perplexity; and the decayed trace
+    normalised, rounded to 2 decimals and renormalised -> fraction of codes with mass, entropy (nats)."""
+    k = batch_counts.shape[0]
+    entropy = lambda p: -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    batch_p = batch_counts / jnp.maximum(batch_counts.sum(), 1.0)
+    rounded = jnp.round(trace / jnp.maximum(trace.sum(), 1e-12), 2)
+    rounded = rounded / jnp.maximum(rounded.sum(), 1e-12)
+    return {"codebook_usage_batch": jnp.sum(batch_counts > 0) / k, "perplexity": jnp.exp(entropy(batch_p)),
+            "codebook_usage_trace": jnp.sum(rounded > 0) / k, "codebook_entropy_trace": entropy(rounded)}
+
+
+def vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Array | float = 1.0):
+    """One VQ-VAE step (SPEC 3.7): forward -> EMA codebook update -> Adam step at lr * lr_scale.
+
+    lr_scale is warmup_lr_multiplier during warm-up epochs and 1 otherwise (SPEC 8.2), a traced float32 scalar
+    (one compilation for both). batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
+    Returns (new state, scalar metrics).
+    """
+    return _vqvae_step(state, batch, jnp.asarray(lr_scale, jnp.float32))
+
+
+@jax.jit
+def _vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Array):
+    chex.assert_rank(batch.observations, 4)
+    v = state.config.vqvae
+    params = {"encoder": state.encoder_params, "decoder": state.decoder_params}
+    grads, (metrics, z_e, indices, batch_stats) = jax.grad(vqvae_loss, has_aux=True)(params, state, batch)
+    # EMA (SPEC 3.5) over valid rows only: padded rows get the out-of-range index K, whose one-hot is zero.
+    masked_indices = jnp.where(batch.valid[:, None, None], indices, v.num_codes)
+    codebook = ema_update(state.codebook, z_e, masked_indices, v.ema_decay, v.ema_epsilon, v.ema_debias_counts)
+    updates, opt_state = vqvae_optimizer(state.config).update(grads, state.vqvae_opt_state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: u * lr_scale, updates))
+    counts = jax.nn.one_hot(masked_indices.reshape(-1), v.num_codes).sum(0)
+    usage = v.ema_decay * state.codebook_usage + counts
+    metrics.update(_usage_metrics(counts, usage))
+    new_state = state.replace(encoder_params=params["encoder"], encoder_batch_stats=batch_stats,
+                              decoder_params=params["decoder"], codebook=codebook, vqvae_opt_state=opt_state,
+                              vqvae_steps=state.vqvae_steps + 1, codebook_usage=usage)
+    return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------- dynamics
+
+def reward_class(rewards: jax.Array) -> jax.Array:
+    """Raw float rewards -> classes {0, 1, 2} = round(clip(r, -1, 1)) + 1, round half to even (SPEC 4.4)."""
+    return jnp.round(jnp.clip(rewards, -1.0, 1.0)).astype(jnp.int32) + 1
+
+
+def prediction_mask(terminals: jax.Array, valid: jax.Array, reference: bool = True) -> jax.Array:
+    """Which next-latent predictions count: bool [T-1, B] from terminals [T, B] and valid [B] (SPEC 4.6, 11.2.1).
+
+    The prediction made at step t targets observation t+1. If terminal_t, observation t+1 is the first frame of
+    a NEW episode, which the past cannot predict: the correct mask is ~terminal_t (reference=False). The
+    reference masks ~terminal_{t+1} instead, i.e. it drops the (predictable) last frame of an episode and keeps
+    the unpredictable reset frame (reference=True, the default).
+    """
+    done = terminals[1:] if reference else terminals[:-1]
+    return ~done & valid[None, :]
+
+
+class DynamicsUnroll(NamedTuple):
+    """Per-step results of the 10-step unroll, each [T-1, B]."""
+    next_latent_nll: jax.Array   # -sum over the 36 positions of log p(z*_{t+1})
+    next_latent_acc: jax.Array   # fraction of the 36 sampled indices equal to z*_{t+1}
+    include: jax.Array           # bool, prediction_mask
+    reward_nll: jax.Array
+    reward_class: jax.Array      # int32 target class of reward_t
+    reward_pred: jax.Array       # int32 argmax of the reward logits
+
+
+def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
+                    rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array) -> DynamicsUnroll:
+    """The loop of SPEC 4.6 step 3, on latent indices (the seam that lets tests bypass the encoder).
+
+    indices int32 [T, B, 6, 6] (true codes z*), actions int32 [T, B], rewards float [T, B], terminals bool [T, B],
+    valid bool [B]. Inputs are the true embeddings for t < context and the embeddings of the indices sampled at
+    step t-1 afterwards (no gradient through samples); the recurrent state is zeroed after step t where
+    terminal_t. One key per step, split once here.
+    """
+    chex.assert_rank(indices, 4)
+    chex.assert_equal_shape([actions, rewards, terminals])
+    d = state.config.dynamics
+    num_steps, batch_size = indices.shape[0] - 1, indices.shape[1]
+    embeddings = state.codebook.embeddings
+    dynamics = state.networks.dynamics
+    step_keys = jax.random.split(key, num_steps)
+
+    def step(carry, x):
+        recurrent, sampled = carry
+        t, true_index, target, action, terminal, reward_target, step_key = x
+        inputs = jnp.where(t < d.context_length, embeddings[true_index], embeddings[sampled])
+        logits, reward_logits, recurrent = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent)
+        sampled = jax.random.categorical(step_key, jax.lax.stop_gradient(logits)).astype(jnp.int32)
+        keep = 1.0 - terminal.astype(jnp.float32)
+        recurrent = jax.tree.map(lambda s: s * keep[:, None, None, None], recurrent)
+        out = (-categorical_log_prob(logits, target).sum((1, 2)), jnp.mean(sampled == target, (1, 2)),
+               -categorical_log_prob(reward_logits, reward_target),
+               jnp.argmax(reward_logits, -1).astype(jnp.int32))
+        return (recurrent, sampled), out
+
+    classes = reward_class(rewards)
+    xs = (jnp.arange(num_steps), indices[:-1], indices[1:], actions[:-1], terminals[:-1], classes[:-1], step_keys)
+    carry = (initial_state(batch_size, d.hidden_channels, indices.shape[2]), jnp.zeros_like(indices[0]))
+    _, (nll, acc, reward_nll, reward_pred) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
+    include = prediction_mask(terminals, valid, d.reference_terminal_mask)
+    return DynamicsUnroll(nll, acc, include, reward_nll, classes[:-1], reward_pred)
+
+
+def dynamics_loss(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
+                  rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array):
+    """next_latent_loss + reward_loss_weight * reward_loss (SPEC 4.6 steps 4-7). Arguments as dynamics_unroll.
+
+    next_latent_loss: per-sample sum over positions, mean over included (t, b); reward_loss: mean over all
+    valid (t, b). Returns (loss, metrics); per-class reward accuracy is -1 where the class is absent.
+    """
+    out = dynamics_unroll(dynamics_params, state, indices, actions, rewards, terminals, valid, key)
+    include = out.include.astype(jnp.float32)
+    valid_steps = jnp.broadcast_to(valid[None, :], include.shape).astype(jnp.float32)
+    count = jnp.maximum(include.sum(), 1.0)
+    next_latent_loss = jnp.sum(out.next_latent_nll * include) / count
+    reward_loss = jnp.sum(out.reward_nll * valid_steps) / jnp.maximum(valid_steps.sum(), 1.0)
+    loss = next_latent_loss + state.config.dynamics.reward_loss_weight * reward_loss
+    metrics = {"loss": loss, "next_latent_loss": next_latent_loss, "reward_loss": reward_loss,
+               "next_latent_acc": jnp.sum(out.next_latent_acc * include) / count,
+               "next_latent_count": include.sum()}
+    for c in range(state.config.dynamics.num_reward_classes):
+        of_class = valid_steps * (out.reward_class == c)
+        correct = jnp.sum(of_class * (out.reward_pred == c))
+        metrics[f"reward_count_{c}"] = of_class.sum()
+        metrics[f"reward_correct_{c}"] = correct
+        metrics[f"reward_acc_{c}"] = jnp.where(of_class.sum() > 0, correct / jnp.maximum(of_class.sum(), 1.0), -1.0)
+    return loss, metrics
+
+
+def _dynamics_update(state: WorldModelState, indices, actions, rewards, terminals, valid, key):
+    grads, metrics = jax.grad(dynamics_loss, has_aux=True)(state.dynamics_params, state, indices, actions,
+                                                           rewards, terminals, valid, key)
+    updates, opt_state = dynamics_optimizer(state.config).update(grads, state.dynamics_opt_state,
+                                                                 state.dynamics_params)
+    params = optax.apply_updates(state.dynamics_params, updates)
+    return state.replace(dynamics_params=params, dynamics_opt_state=opt_state,
+                         dynamics_steps=state.dynamics_steps + 1), metrics
+
+
+@jax.jit
+def dynamics_latent_step(state: WorldModelState, indices: jax.Array, actions: jax.Array, rewards: jax.Array,
+                         terminals: jax.Array, valid: jax.Array, key: jax.Array):
+    """One dynamics Adam step on given true indices [T, B, 6, 6] (encoder bypassed; arguments as
+    dynamics_unroll). Returns (new state, scalar metrics)."""
+    return _dynamics_update(state, indices, actions, rewards, terminals, valid, key)
+
+
+@jax.jit
+def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
+    """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]).
+
+    The T*B frames are encoded in one batch with BN in TRAIN mode and no gradient; as in the reference
+    (SPEC 3.8, 11.2.3) this also updates the BN running statistics in state.encoder_batch_stats. Encoder,
+    decoder and codebook are otherwise untouched. Returns (new state, scalar metrics).
+    """
+    chex.assert_rank(batch.observations, 5)
+    t, b = batch.observations.shape[:2]
+    z_e, batch_stats = _encode_train(state, state.encoder_params, batch.observations.reshape(t * b, *batch.observations.shape[2:]))
+    indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
+    state = state.replace(encoder_batch_stats=batch_stats)
+    return _dynamics_update(state, indices.reshape(t, b, *indices.shape[1:]), batch.actions, batch.rewards,
+                            batch.terminals, batch.valid, key)
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+def average_metrics(history: list[Metrics]) -> dict[str, float]:
+    """Mean of each metric over steps; counts/corrects are summed and reward accuracies recomputed from them."""
+    if not history:
+        return {}
+    history = jax.device_get(history)
+    summed = {k: float(np.sum([m[k] for m in history])) for k in history[0]
+              if k.startswith(("reward_count_", "reward_correct_")) or k == "next_latent_count"}
+    result = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+    result.update(summed)
+    for k in history[0]:
+        if k.startswith("reward_acc_"):
+            c = k.rsplit("_", 1)[1]
+            n = summed[f"reward_count_{c}"]
+            result[k] = summed[f"reward_correct_{c}"] / n if n > 0 else -1.0
+    result["steps"] = float(len(history))
+    return result
+
+
+def warmup_epoch(state: WorldModelState, replay: Replay, key: jax.Array,
+                 progress: Progress | None = None) -> tuple[WorldModelState, dict[str, float]]:
+    """One warm-up epoch (SPEC 8.3, iteration 1): a full shuffled pass of VQ-VAE steps at lr x multiplier."""
+    config = state.config
+    history = []
+    lr_scale = config.vqvae.warmup_lr_multiplier
+    for i, batch in enumerate(replay.observation_batches(key, config.vqvae.batch_size)):
+        state, metrics = vqvae_step(state, batch, lr_scale)
+        history.append(metrics)
+        if progress is not None:
+            progress("vqvae", i, metrics)
+    return state, average_metrics(history)
+
+
+def joint_epoch(state: WorldModelState, replay: Replay, key: jax.Array, interval: int, lr_scale: float = 1.0,
+                progress: Progress | None = None) -> tuple[WorldModelState, dict[str, dict[str, float]]]:
+    """One joint epoch (SPEC 8.3): for i = 0, 1, ...: if i % interval == 0 and the VQ-VAE stream is not
+    exhausted, one VQ-VAE step; then one dynamics step; the epoch ends when the dynamics stream is exhausted
+    (checked after that i's optional VQ-VAE step, so floor(D / interval) + 1 VQ-VAE steps for D windows batches).
+
+    Returns (state, {"vqvae": averaged metrics, "dynamics": averaged metrics}).
+    """
+    config, d = state.config, state.config.dynamics
+    key_vqvae_order, key_dynamics_order, key_dynamics_steps = jax.random.split(key, 3)
+    vqvae_batches = replay.observation_batches(key_vqvae_order, config.vqvae.batch_size)
+    dynamics_batches = replay.sequence_batches(key_dynamics_order, d.batch_size, d.sequence_length, d.max_offset)
+    vqvae_history, dynamics_history = [], []
+    i = 0
+    while True:
+        if i % interval == 0 and vqvae_batches is not None:
+            vq_batch = next(vqvae_batches, None)
+            if vq_batch is None:
+                vqvae_batches = None
+            else:
+                state, metrics = vqvae_step(state, vq_batch, lr_scale)
+                vqvae_history.append(metrics)
+                if progress is not None:
+                    progress("vqvae", len(vqvae_history) - 1, metrics)
+        dyn_batch = next(dynamics_batches, None)
+        if dyn_batch is None:
+            break
+        state, metrics = dynamics_step(state, dyn_batch, jax.random.fold_in(key_dynamics_steps, i))
+        dynamics_history.append(metrics)
+        if progress is not None:
+            progress("dynamics", i, metrics)
+        i += 1
+    return state, {"vqvae": average_metrics(vqvae_history), "dynamics": average_metrics(dynamics_history)}

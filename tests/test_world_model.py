@@ -1,0 +1,237 @@
+"""World model: VQ-VAE and dynamics losses/steps (SPEC 3.7, 4.6), the epoch schedule (SPEC 8.3), eval encoding.
+
+Smoke-width networks; the dynamics scan is rolled (compute.dynamics_unroll=1) because compiling is what costs
+here; unrolling changes speed, not results.
+"""
+import math
+
+import envpool
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlwm_jax import config as config_lib
+from dlwm_jax import world_model as wm
+from dlwm_jax.networks.dynamics import initial_state
+from dlwm_jax.networks.vqvae import quantize
+from dlwm_jax.replay import ObservationBatch, Replay
+
+CFG = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
+NUM_FRAMES = 252  # not a multiple of the VQ-VAE batch (8): the last batch of an epoch is padded
+
+
+@pytest.fixture(scope="module")
+def atari():
+    """Real Breakout frames from a uniformly random policy, stored as one trajectory in a Replay (stack 4)."""
+    env = envpool.make("Breakout-v5", env_type="gym", num_envs=1, img_height=96, img_width=96, stack_num=1,
+                       gray_scale=True, use_fire_reset=False, episodic_life=False, reward_clip=False, noop_max=30,
+                       seed=0)
+    num_actions = env.action_space.n
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset()
+    frames, actions, rewards, terminals = [], [], [], []
+    for _ in range(NUM_FRAMES):
+        action = rng.integers(0, num_actions, (1,))
+        frames.append(obs[0, 0])
+        obs, reward, terminated, truncated, _ = env.step(action)
+        actions.append(action[0]), rewards.append(reward[0]), terminals.append(terminated[0] | truncated[0])
+    terminals = np.array(terminals)
+    replay = Replay(NUM_FRAMES + 1, frame_stack=CFG.env.frame_stack)
+    replay.add(np.stack(frames)[None], np.array(actions)[None], np.array(rewards, np.float32)[None],
+               terminals[None], np.concatenate([[True], terminals[:-1]])[None])
+    return replay, num_actions
+
+
+@pytest.fixture(scope="module")
+def initial(atari):
+    return wm.init_world_model(CFG, atari[1], jax.random.key(0))
+
+
+def _tree_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ------------------------------------------------------------------------------------------------ VQ-VAE
+
+def test_vqvae_learns_atari_frames_and_uses_several_codes(atari, initial):
+    replay, _ = atari
+    first = []
+    state, epoch1 = wm.warmup_epoch(initial, replay, jax.random.key(1),
+                                    progress=lambda kind, i, m: first.append(float(m["recon_nll"])) if i == 0 else None)
+    state, epoch2 = wm.warmup_epoch(state, replay, jax.random.key(2))
+    pixels = 96 * 96 * CFG.env.frame_stack
+    # At init the logits are ~0, where the CB log-density is ~0 for every pixel; mostly-black Atari frames
+    # are then fitted with large negative logits (log-density up to ~2.77 per pixel, SPEC 3.6).
+    assert abs(first[0]) < 0.05 * pixels
+    assert epoch2["recon_nll"] < first[0] - 0.5 * pixels, (first[0], epoch1["recon_nll"], epoch2["recon_nll"])
+    assert epoch2["recon_nll"] < epoch1["recon_nll"]
+    assert epoch2["codebook_usage_trace"] > 1.0 / CFG.vqvae.num_codes
+    assert epoch2["perplexity"] > 1.0
+    assert int(state.vqvae_steps) == 2 * replay.num_observation_batches(CFG.vqvae.batch_size)
+    assert int(state.codebook.dw_counter) == int(state.vqvae_steps)
+
+
+def test_vqvae_step_masks_padded_rows_in_ema_and_scales_lr(atari, initial):
+    replay, _ = atari
+    batch = next(replay.observation_batches(jax.random.key(3), CFG.vqvae.batch_size))
+    noise = np.random.default_rng(1).integers(0, 256, batch.observations.shape, dtype=np.uint8)
+    valid = np.arange(CFG.vqvae.batch_size) < 5
+    padded = ObservationBatch(np.where(valid[:, None, None, None], batch.observations, noise), valid)
+    state1, _ = wm.vqvae_step(initial, padded, 1.0)
+    # EMA cluster sizes count valid rows only: (1 - decay) * 36 positions * 5 rows (SPEC 3.5).
+    np.testing.assert_allclose(float(state1.codebook.cs_average.sum()), 0.01 * 36 * 5, rtol=1e-5)
+    np.testing.assert_allclose(float(state1.codebook_usage.sum()), 36 * 5)
+    state10, _ = wm.vqvae_step(initial, padded, 10.0)
+    # Adam's first update is linear in the learning rate: lr_scale 10 moves every parameter 10x as far.
+    delta1 = jax.tree.map(lambda a, b: a - b, state1.decoder_params, initial.decoder_params)
+    delta10 = jax.tree.map(lambda a, b: a - b, state10.decoder_params, initial.decoder_params)
+    for d1, d10 in zip(jax.tree.leaves(delta1), jax.tree.leaves(delta10)):
+        np.testing.assert_allclose(d10, 10.0 * d1, rtol=1e-3, atol=1e-9)
+    assert max(float(jnp.abs(d).max()) for d in jax.tree.leaves(delta1)) == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_encode_uses_running_statistics(atari, initial):
+    replay, _ = atari
+    state, _ = wm.vqvae_step(initial, next(replay.observation_batches(jax.random.key(4), 8)), 10.0)
+    observations = replay.observations(np.arange(8))
+    indices, z_q = wm.encode(state, observations)
+    assert indices.shape == (8, 6, 6) and indices.dtype == jnp.int32 and z_q.shape == (8, 6, 6, CFG.vqvae.code_dim)
+    np.testing.assert_array_equal(z_q, state.codebook.embeddings[indices])
+    # Eval mode: each frame's code does not depend on the rest of the batch (train-mode BN would).
+    z_e = state.networks.encoder.apply({"params": state.encoder_params, "batch_stats": state.encoder_batch_stats},
+                                       observations[::-1], train=False)
+    np.testing.assert_array_equal(quantize(z_e, state.codebook.embeddings)[0][::-1], indices)
+
+
+# ---------------------------------------------------------------------------------------------- dynamics
+
+SYNTH = config_lib.override(CFG, {"dynamics.hidden_channels": 16, "dynamics.learning_rate": 1e-2,
+                                  "dynamics.sequence_length": 6})
+SYNTH_ACTIONS = 2
+
+
+def _synthetic_batch(rng, batch_size=8):
+    """Latent-level sequences where z_{t+1} = (z_t + 1 + 3 a_t) mod K at every grid position."""
+    k, t = SYNTH.vqvae.num_codes, SYNTH.dynamics.sequence_length
+    actions = rng.integers(0, SYNTH_ACTIONS, (t, batch_size)).astype(np.int32)
+    indices = np.zeros((t, batch_size, 6, 6), np.int32)
+    indices[0] = rng.integers(0, k, (batch_size, 6, 6))
+    for i in range(1, t):
+        indices[i] = (indices[i - 1] + 1 + 3 * actions[i - 1][:, None, None]) % k
+    return (indices, actions, np.zeros((t, batch_size), np.float32), np.zeros((t, batch_size), bool),
+            np.ones((batch_size,), bool))
+
+
+@pytest.fixture(scope="module")
+def synthetic_state(initial):
+    """`initial` with a wider dynamics network for 2 actions (re-initialised alone: cheaper than a full init)
+    and well-separated random codes instead of the init codebook."""
+    key_dynamics, key_codes = jax.random.split(jax.random.key(5))
+    latent = jnp.zeros((1, 6, 6, SYNTH.vqvae.code_dim))
+    dynamics = initial.replace(config=SYNTH, num_actions=SYNTH_ACTIONS).networks.dynamics
+    params = jax.jit(dynamics.init)(key_dynamics, latent, jnp.zeros((1,), jnp.int32),
+                                    initial_state(1, SYNTH.dynamics.hidden_channels))["params"]
+    distinct = jax.random.normal(key_codes, (SYNTH.vqvae.num_codes, SYNTH.vqvae.code_dim))
+    return initial.replace(config=SYNTH, num_actions=SYNTH_ACTIONS, dynamics_params=params,
+                           dynamics_opt_state=wm.dynamics_optimizer(SYNTH).init(params),
+                           codebook=initial.codebook._replace(embeddings=distinct))
+
+
+def test_dynamics_learns_a_deterministic_latent_task(synthetic_state):
+    rng = np.random.default_rng(0)
+    state, accuracies = synthetic_state, []
+    for i in range(100):
+        state, metrics = wm.dynamics_latent_step(state, *_synthetic_batch(rng), jax.random.key(i))
+        accuracies.append(float(metrics["next_latent_acc"]))
+    chance = 1.0 / SYNTH.vqvae.num_codes
+    assert np.mean(accuracies[:5]) < 2 * chance
+    assert np.mean(accuracies[-5:]) > 5 * chance, accuracies[-5:]
+
+
+def test_reward_head_has_its_own_learning_rate(synthetic_state):
+    labels = wm.dynamics_param_labels(synthetic_state.dynamics_params)
+    groups = {k: set(jax.tree.leaves(v)) for k, v in labels.items()}
+    assert groups == {"cell1": {"dynamics"}, "cell2": {"dynamics"}, "next_latent_head": {"dynamics"},
+                      "reward_conv": {"reward"}, "reward_norm": {"reward"}, "reward_dense": {"reward"},
+                      "reward_out": {"reward"}}
+    state, _ = wm.dynamics_latent_step(synthetic_state, *_synthetic_batch(np.random.default_rng(1)),
+                                       jax.random.key(0))
+    # Adam's first step moves each parameter by ~lr (less only where |grad| is near eps).
+    delta = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.dynamics_params,
+                         synthetic_state.dynamics_params)
+    group = lambda name: max(jax.tree.leaves({k: v for k, v in delta.items() if groups[k] == {name}}))
+    assert group("dynamics") == pytest.approx(SYNTH.dynamics.learning_rate, rel=1e-2)
+    # The reward loss is weighted 1e-6, so its gradients are only ~100x Adam's eps: slightly under lr (SPEC 4.6).
+    assert 0.95 * SYNTH.dynamics.reward_learning_rate < group("reward") <= SYNTH.dynamics.reward_learning_rate * 1.0001
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_terminal_mask_selects_the_counted_predictions(synthetic_state, reference):
+    state = synthetic_state.replace(config=config_lib.override(SYNTH, {"dynamics.reference_terminal_mask": reference}))
+    indices, actions, rewards, terminals, valid = _synthetic_batch(np.random.default_rng(2), batch_size=3)
+    terminals[:] = False
+    terminals[2, 0] = True   # episode of sequence 0 ends at step 2: observation 3 is a reset frame
+    terminals[5, 1] = True   # sequence 1 ends at its last step (only visible to the reference mask)
+    terminals[1, 2] = True   # sequence 2 is padding: never counted
+    valid[2] = False
+    expected = np.ones((5, 3), bool)
+    expected[:, 2] = False
+    if reference:   # prediction t is dropped when terminal_{t+1}: drops t=1 (b=0) and t=4 (b=1)
+        expected[1, 0] = expected[4, 1] = False
+    else:           # prediction t is dropped when terminal_t: drops t=2 (b=0), whose target is a reset frame
+        expected[2, 0] = False
+    np.testing.assert_array_equal(wm.prediction_mask(terminals, valid, reference), expected)
+
+    @jax.jit
+    def run(state, key):
+        args = (indices, actions, rewards, terminals, valid, key)
+        return wm.dynamics_loss(state.dynamics_params, state, *args), wm.dynamics_unroll(state.dynamics_params, state, *args)
+
+    (loss, metrics), out = run(state, jax.random.key(0))
+    np.testing.assert_array_equal(out.include, expected)
+    assert float(metrics["next_latent_count"]) == expected.sum()
+    np.testing.assert_allclose(float(metrics["next_latent_loss"]),
+                               (out.next_latent_nll * expected).sum() / expected.sum(), rtol=1e-5)
+    # The reward loss is a mean over every valid (t, b), terminal or not.
+    np.testing.assert_allclose(float(metrics["reward_loss"]), out.reward_nll[:, :2].mean(), rtol=1e-5)
+    assert float(metrics["reward_count_1"]) == 10 and float(metrics["reward_acc_0"]) == -1.0
+
+
+def test_reward_classes_round_half_to_even():
+    np.testing.assert_array_equal(wm.reward_class(jnp.array([-7.0, -1.0, -0.5, -0.4, 0.0, 0.5, 0.6, 1.0, 4.0])),
+                                  [0, 0, 1, 1, 1, 1, 2, 2, 2])
+
+
+def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, initial):
+    replay, _ = atari
+    batch = next(replay.sequence_batches(jax.random.key(7), CFG.dynamics.batch_size))
+    state, metrics = wm.dynamics_step(initial, batch, jax.random.key(8))
+    assert not _tree_equal(state.encoder_batch_stats, initial.encoder_batch_stats)  # SPEC 3.8, reference oddity
+    assert _tree_equal(state.encoder_params, initial.encoder_params)
+    assert _tree_equal(state.decoder_params, initial.decoder_params)
+    assert _tree_equal(state.codebook, initial.codebook)
+    assert _tree_equal(state.vqvae_opt_state, initial.vqvae_opt_state)
+    assert not _tree_equal(state.dynamics_params, initial.dynamics_params)
+    assert int(state.dynamics_steps) == 1 and int(state.vqvae_steps) == 0
+    # At init the next-latent logits are small: loss ~ 36 ln K (SPEC 12.4). The smoke reward head (fan-in 16)
+    # has larger initial logits than the paper's, so only a loose bound around ln 3 holds here.
+    assert float(metrics["next_latent_loss"]) == pytest.approx(36 * math.log(CFG.vqvae.num_codes), rel=0.25)
+    assert 0.5 * math.log(3) < float(metrics["reward_loss"]) < 2 * math.log(3)
+
+
+def test_joint_epoch_schedule_and_key_determinism(atari, initial):
+    replay, _ = atari
+    interval = 2
+    state_a, metrics_a = wm.joint_epoch(initial, replay, jax.random.key(9), interval)
+    state_b, metrics_b = wm.joint_epoch(initial, replay, jax.random.key(9), interval)
+    state_c, metrics_c = wm.joint_epoch(initial, replay, jax.random.key(10), interval)
+    assert metrics_a == metrics_b and _tree_equal(state_a, state_b)
+    assert metrics_a["dynamics"]["next_latent_loss"] != metrics_c["dynamics"]["next_latent_loss"]
+    assert metrics_a["vqvae"]["recon_nll"] != metrics_c["vqvae"]["recon_nll"]
+    # SPEC 8.3: one pass over the dynamics windows, floor(D / interval) + 1 VQ-VAE steps.
+    _, key_dynamics_order, _ = jax.random.split(jax.random.key(9), 3)
+    num_dynamics = replay.num_sequence_batches(key_dynamics_order, CFG.dynamics.batch_size,
+                                               CFG.dynamics.sequence_length, CFG.dynamics.max_offset)
+    assert int(state_a.dynamics_steps) == num_dynamics == metrics_a["dynamics"]["steps"]
+    assert int(state_a.vqvae_steps) == num_dynamics // interval + 1 == metrics_a["vqvae"]["steps"]
