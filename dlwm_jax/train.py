@@ -74,7 +74,7 @@ def params_hash(tree: Any) -> str:
 class Logger:
     """metrics.jsonl + TensorBoard; progress lines with elapsed time and ETA."""
 
-    def __init__(self, workdir: str, metrics_offset: int, log_step: int, echo: Callable[[str], None] = print):
+    def __init__(self, workdir: str, metrics_offset: int, log_step: int, echo: Callable[[str], None]):
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):  # drop lines a killed run wrote after its last checkpoint
             with open(self.path, "r+b") as f:
@@ -183,12 +183,13 @@ def _save_images(workdir: str, iteration: int, world: wm.WorldModelState, agent:
     viz.save_gif(os.path.join(workdir, f"dream_iter{iteration + 1}.gif"), viz.dream_frames(frames, np.asarray(dream.rewards)))
 
 
-def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None] = print) -> dict:
+def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None] | None = None) -> dict:
     """Runs (or resumes) the whole iterative loop in `workdir`; returns the final summary dict.
 
     Raises ValueError (bad config / game), OSError (workdir), CheckpointError (unreadable checkpoint) or
     NonFiniteError (a NaN/inf loss) with one-line messages; nothing already saved is deleted by a failure.
     """
+    echo = echo or functools.partial(print, flush=True)
     validate(config)
     game = envs.check_game(config.env.game)
     num_actions = envs.num_actions(game)
@@ -326,9 +327,9 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
 
     summary = {"game": game, "seed": config.seed, "real_steps": len(replay),
                "final_eval_return_mean": meta["eval_history"][-1][1] if meta["eval_history"] else None,
-               "world_model_hash": params_hash((world.encoder_params, world.decoder_params, world.dynamics_params,
-                                                world.codebook.embeddings)),
-               "policy_hash": params_hash(agent.params)}
+               "hashes": {"encoder": params_hash((world.encoder_params, world.encoder_batch_stats)),
+                          "decoder": params_hash(world.decoder_params), "codebook": params_hash(world.codebook),
+                          "dynamics": params_hash(world.dynamics_params), "policy": params_hash(agent.params)}}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     logger.writer.close()

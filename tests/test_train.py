@@ -1,0 +1,151 @@
+"""The driver end to end: the smoke preset through experiments/train.py, kill-and-resume, and bad input."""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "train.py")
+CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
+SMOKE = ["--game=Pong", "--preset=smoke", f"--compilation_cache={CACHE}"]
+
+
+def run(args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def error_lines(proc):
+    """stderr lines that are ours (absl/XLA info lines are not)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+    proc = run([*SMOKE, f"--workdir={workdir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    workdir, proc = smoke_run
+    files = os.listdir(workdir)
+    for name in ("metrics.jsonl", "summary.json", "learning_curve.png", "reconstructions_iter1.png",
+                 "reconstructions_iter2.png", "dream_iter1.gif", "dream_iter2.gif", "checkpoints"):
+        assert name in files, name
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    phases = {r["phase"] for r in records}
+    assert {"collect", "warmup", "vqvae", "dynamics", "policy", "evaluate"} <= phases
+    for r in records:
+        for k, v in r.items():
+            if isinstance(v, float):
+                assert math.isfinite(v), (r["phase"], k, v)
+    evals = [r for r in records if r["phase"] == "evaluate"]
+    assert [r["iteration"] for r in evals] == [1, 2] and [r["real_steps"] for r in evals] == [96, 144]
+    assert "eta" in proc.stdout and "[iter 2/2] evaluate" in proc.stdout
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["real_steps"] == 144 and set(summary["hashes"]) == {"encoder", "decoder", "codebook", "dynamics", "policy"}
+
+
+def test_killed_run_resumes_to_identical_parameters(smoke_run, tmp_path):
+    reference_dir, _ = smoke_run
+    workdir = str(tmp_path / "run")
+    rng = random.Random()
+    kill_after = rng.randint(1, 9)  # progress lines seen before SIGKILL: a random phase of a random iteration
+    print(f"killing after {kill_after} progress lines")
+    proc = subprocess.Popen([sys.executable, SCRIPT, *SMOKE, f"--workdir={workdir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("[iter")
+        if seen >= kill_after:
+            time.sleep(rng.uniform(0, 1.5))  # land anywhere, also inside a save
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run([*SMOKE, f"--workdir={workdir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.load(open(os.path.join(reference_dir, "summary.json")))
+    got = json.load(open(os.path.join(workdir, "summary.json")))
+    assert got["hashes"] == expected["hashes"], f"differs after kill at progress line {kill_after}"
+    assert got["final_eval_return_mean"] == expected["final_eval_return_mean"]
+    # metrics.jsonl holds each logged step exactly once, as in the uninterrupted run
+    strip = lambda path: [(r["phase"], r["iteration"], r.get("unit")) for r in map(json.loads, open(path))]
+    assert strip(os.path.join(workdir, "metrics.jsonl")) == strip(os.path.join(reference_dir, "metrics.jsonl"))
+
+
+def test_unknown_game_fails_with_suggestion(tmp_path):
+    proc = run(["--game=Bankheist", "--preset=smoke", f"--workdir={tmp_path}/w"])
+    assert proc.returncode != 0
+    assert len(error_lines(proc)) == 1 and "BankHeist" in error_lines(proc)[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--game=Pong", "--seed=abc"], "seed"),
+    (["--game=Pong", "--preset=huge"], "preset"),
+    (["--game=Pong", "--set", "vqvae.not_a_field=3"], "not_a_field"),
+    (["--game=Pong", "--set", "policy.gamma=abc"], "policy.gamma"),
+    (["--preset=smoke"], "--game"),
+])
+def test_bad_flags_fail_with_one_line(args, needle, tmp_path):
+    proc = run([*args, f"--workdir={tmp_path}/w"])
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+def test_unwritable_workdir_fails_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run([*SMOKE, f"--workdir={blocker}/run"])
+    assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "workdir" in error_lines(proc)[0]
+    assert blocker.read_text() == "not a directory"
+
+
+def _snapshot(directory):
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, directory)] = open(path, "rb").read()
+    return out
+
+
+def test_corrupt_checkpoint_fails_and_keeps_files(smoke_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(smoke_run[0], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    latest = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    for root, _, files in os.walk(os.path.join(checkpoints, str(latest), "state")):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as handle:  # scramble every data file of the latest checkpoint
+                data = handle.read()
+                handle.seek(0)
+                handle.write(bytes(b ^ 0x5A for b in data))
+    before = _snapshot(workdir)
+    proc = run([*SMOKE, f"--workdir={workdir}"])
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "checkpoint" in lines[0], proc.stderr[-2000:]
+    assert _snapshot(workdir) == before
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = run([*SMOKE, f"--workdir={workdir}", "--set", "vqvae.learning_rate=nan"])
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "non-finite" in lines[0], proc.stderr[-2000:]
+    # the collection's checkpoint, saved before the failure, is still there and complete
+    checkpoints = os.path.join(workdir, "checkpoints")
+    saved = [d for d in os.listdir(checkpoints) if d.isdigit()]
+    assert saved and os.path.exists(os.path.join(checkpoints, "replay", "chunk_0.npz"))
