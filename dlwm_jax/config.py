@@ -102,6 +102,7 @@ class ComputeConfig:
     upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
     dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
     lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "xla"
+    policy_conv: str = "im2col"    # actor-critic convs: "im2col" | "xla" (XLA:CPU's conv grad inside PPO's scans is ~10x slower)
     imagination_unroll: int = 1
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
 
@@ -130,8 +131,9 @@ def validate(config: Config) -> Config:
         if len(getattr(s, name)) != s.num_iterations:
             raise ValueError(f"schedule.{name} has {len(getattr(s, name))} entries, "
                              f"need num_iterations={s.num_iterations}")
-    if config.compute.lstm_conv not in ("im2col", "xla"):
-        raise ValueError(f"compute.lstm_conv must be 'im2col' or 'xla', got {config.compute.lstm_conv!r}")
+    for name in ("lstm_conv", "policy_conv"):
+        if getattr(config.compute, name) not in ("im2col", "xla"):
+            raise ValueError(f"compute.{name} must be 'im2col' or 'xla', got {getattr(config.compute, name)!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,

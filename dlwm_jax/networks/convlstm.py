@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import conv, spatial_layer_norm, uniform_init
+from dlwm_jax.networks.layers import PatchConv, spatial_layer_norm, uniform_init
 
 
 class ConvLSTMCell(nn.Module):
@@ -15,19 +15,22 @@ class ConvLSTMCell(nn.Module):
 
     Gates [i | f | g | o] = LN_x(conv_x(inputs)) + LN_h(conv_h(h)) + per-channel biases; input and forget
     gates peep at the old cell state, the output gate at the new one; the forget gate gets +forget_bias.
+    `conv_impl` ("im2col" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
     """
     hidden_channels: int = 128
     kernel_size: int = 5
     forget_bias: float = 1.0
     layer_norm_epsilon: float = 1e-5
+    conv_impl: str = "im2col"
 
     @nn.compact
     def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h, c = state
         hc, k = self.hidden_channels, self.kernel_size
         pad = k // 2
-        x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x")(conv(4 * hc, k, pad, bias=False, name="conv_x")(inputs))
-        h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h")(conv(4 * hc, k, pad, bias=False, name="conv_h")(h))
+        gate_conv = lambda name: PatchConv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, name=name)
+        x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x")(gate_conv("conv_x")(inputs))
+        h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h")(gate_conv("conv_h")(h))
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))
         b_i, b_f, b_g, b_o = (self.param(f"bias_{g}", gate_bias, (hc,)) for g in "ifgo")
         w_ci, w_cf, w_co = (self.param(f"peephole_{g}", nn.initializers.normal(1.0), (hc,)) for g in "ifo")

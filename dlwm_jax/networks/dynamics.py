@@ -46,6 +46,7 @@ class Dynamics(nn.Module):
     reward_hidden: int = 512
     num_reward_classes: int = 3
     layer_norm_epsilon: float = 1e-5
+    conv_impl: str = "im2col"  # ComputeConfig.lstm_conv: how the cells' 5x5 convolutions are computed
 
     @nn.compact
     def __call__(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState):
@@ -53,7 +54,7 @@ class Dynamics(nn.Module):
         chex.assert_shape(actions, (z_q.shape[0],))
         act = tile_action(actions, self.num_actions, z_q.shape[1])
         cell = lambda name: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias,
-                                         self.layer_norm_epsilon, name=name)
+                                         self.layer_norm_epsilon, self.conv_impl, name=name)
         h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
         h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
         y = jnp.concatenate([h2, act], -1)

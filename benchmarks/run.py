@@ -1,0 +1,213 @@
+"""Hot-path benchmarks of the real training code at `paper` sizes, and the projected wall time of a paper run.
+
+Usage: python benchmarks/run.py [--json] [--repeats 5] [--game BankHeist] [--no-envs] [--set compute.lstm_conv=xla]
+
+Every figure is the median of `repeats` timed calls after one compiling call (compile time reported apart).
+The functions timed are the ones train.py runs: world_model.vqvae_step (batch 40), world_model.dynamics_step
+(4 windows x 11 steps, train-mode encoder pass included), imagination.imagine (16 envs x 50 steps, policy
+sampling included), the policy update of train.py (encode 16 starts + imagine + ppo.ppo_update with 4 epochs),
+the Collector (1 env, as in training) and raw EnvPool stepping. The projection formula is in benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# SPEC 8.4 totals for the paper schedule.
+PAPER_DYNAMICS_STEPS = 241_096
+PAPER_VQVAE_STEPS = 105_521           # joint steps + 16,000 warm-up steps
+PAPER_PPO_UPDATES = 19_000
+PAPER_RANDOM_STEPS = 12_800           # iteration 1: uniform random agent
+PAPER_AGENT_STEPS = 89_600            # iterations 2..15: encoder + policy act on every step
+PAPER_EVALUATIONS = 15
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds of `repeats` calls after the first, seconds of the first call incl. compilation)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first
+
+
+def _world_and_agent(config, num_actions: int):
+    from dlwm_jax import ppo, world_model as wm
+    from dlwm_jax.networks import make_networks
+    key_world, key_agent = jax.random.split(jax.random.key(0))
+    world = wm.init_world_model(config, num_actions, key_world)
+    networks = make_networks(config, num_actions)
+    params = jax.jit(networks.actor_critic.init)(key_agent, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
+    optimizer = ppo.make_optimizer(config.policy)
+    return world, networks, params, optimizer, optimizer.init(params)
+
+
+def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
+    """Medians (ms) of the four jitted hot paths, plus their first-call (compile) seconds."""
+    from dlwm_jax import ppo, world_model as wm
+    from dlwm_jax.imagination import imagine
+    from dlwm_jax.replay import ObservationBatch, SequenceBatch
+    rng = np.random.default_rng(0)
+    world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
+    frame = (config.env.image_size, config.env.image_size, config.env.frame_stack)
+    v, d, p = config.vqvae, config.dynamics, config.policy
+    out, compile_s = {}, {}
+
+    obs_batch = jax.device_put(ObservationBatch(rng.integers(0, 256, (v.batch_size, *frame), dtype=np.uint8),
+                                                np.ones(v.batch_size, bool)))
+    t, c = _timed(lambda: wm.vqvae_step(world, obs_batch)[1], repeats)
+    out["vqvae_step_ms"], compile_s["vqvae_step"] = t * 1e3, c
+
+    seq_shape = (d.sequence_length, d.batch_size)
+    seq_batch = jax.device_put(SequenceBatch(
+        rng.integers(0, 256, (*seq_shape, *frame), dtype=np.uint8),
+        rng.integers(0, num_actions, seq_shape).astype(np.int32),
+        rng.choice([-1.0, 0.0, 1.0], seq_shape).astype(np.float32),
+        rng.random(seq_shape) < 0.05, np.ones(d.batch_size, bool)))
+    key = jax.random.key(1)
+    t, c = _timed(lambda: wm.dynamics_step(world, seq_batch, key)[1], repeats)
+    out["dynamics_step_ms"], compile_s["dynamics_step"] = t * 1e3, c
+
+    start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
+    start_indices, _ = wm.encode(world, start_obs)
+    dream_fn = jax.jit(lambda params, key: imagine(
+        networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
+        world.codebook.embeddings, start_indices, key, p.horizon, p.bootstrap_at_horizon,
+        unroll=config.compute.imagination_unroll))
+    t, c = _timed(lambda: dream_fn(params, key).actions, repeats)
+    out["imagination_rollout_ms"], compile_s["imagination_rollout"] = t * 1e3, c
+    out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
+
+    @jax.jit
+    def policy_update(world, params, opt_state, start_observations, key):
+        # The same computation as train.py's _make_policy_update (SPEC 6, 7).
+        dream_key, ppo_key = jax.random.split(key)
+        indices, _ = wm.encode(world, start_observations)
+        dream = imagine(networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
+                        world.codebook.embeddings, indices, dream_key, p.horizon, p.bootstrap_at_horizon,
+                        unroll=config.compute.imagination_unroll)
+        rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
+                              dream.terminals)
+        return ppo.ppo_update(params, opt_state, rollout, dream.bootstrap_value, ppo_key, p,
+                              networks.actor_critic.apply, optimizer)
+    t, c = _timed(lambda: policy_update(world, params, opt_state, start_obs, key)[2], max(3, repeats // 2))
+    out["ppo_update_ms"], compile_s["ppo_update"] = t * 1e3, c
+
+    @jax.jit
+    def act(world, params, observations, key):
+        # train.py's _make_act: eval-mode encoder, quantise, sample from the policy.
+        _, z_q = wm.encode(world, observations)
+        logits, _ = networks.actor_critic.apply(params, z_q)
+        return ppo.sample_action(logits, key, config.env.collect_temperature)
+    for n in (1, config.env.num_eval_envs):
+        obs = jax.device_put(rng.integers(0, 256, (n, *frame), dtype=np.uint8))
+        t, c = _timed(lambda: act(world, params, obs, key), repeats * 4)
+        out[f"act_batch{n}_ms"], compile_s[f"act_batch{n}"] = t * 1e3, c
+    out["compile_s"] = compile_s
+    return out
+
+
+def measure_host_batches(config, repeats: int) -> dict:
+    """Replay sampling per training step (numpy on the host, not overlapped with the jitted steps)."""
+    from dlwm_jax.replay import Replay
+    rng = np.random.default_rng(0)
+    n = 12_800
+    replay = Replay(n, 1, (config.env.image_size,) * 2, config.env.frame_stack)
+    terminals = rng.random((1, n)) < 0.002
+    starts = np.concatenate([[[True]], terminals[:, :-1]], 1)
+    replay.add(rng.integers(0, 256, (1, n, config.env.image_size, config.env.image_size), dtype=np.uint8),
+               rng.integers(0, 4, (1, n)).astype(np.int32), np.zeros((1, n), np.float32), terminals, starts)
+    obs_iter = replay.observation_batches(jax.random.key(0), config.vqvae.batch_size)
+    seq_iter = replay.sequence_batches(jax.random.key(1), config.dynamics.batch_size, config.dynamics.sequence_length,
+                                       config.dynamics.max_offset)
+    return {"host_vqvae_batch_ms": _timed(lambda: next(obs_iter), repeats * 4)[0] * 1e3,
+            "host_dynamics_batch_ms": _timed(lambda: next(seq_iter), repeats * 4)[0] * 1e3}
+
+
+def measure_envs(game: str, num_eval_envs: int) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import collector  # benchmarks/collector.py
+    result = collector.measure(game, num_envs=(1, num_eval_envs), steps=1_024, repeats=3)
+    by_n = result["by_num_envs"]
+    return {"collector_steps_per_s": by_n["1"]["collector_steps_per_s"],
+            "raw_envpool_steps_per_s": by_n["1"]["raw_envpool_steps_per_s"],
+            f"collector_steps_per_s_{num_eval_envs}_envs": by_n[str(num_eval_envs)]["collector_steps_per_s"],
+            f"raw_envpool_steps_per_s_{num_eval_envs}_envs": by_n[str(num_eval_envs)]["raw_envpool_steps_per_s"]}
+
+
+def project_hours(f: dict, num_eval_envs: int, eval_episode_steps: int) -> dict:
+    """Wall time of a full paper run from the measured figures (formula in benchmarks/README.md)."""
+    parts = {
+        "vqvae": PAPER_VQVAE_STEPS * (f["vqvae_step_ms"] + f["host_vqvae_batch_ms"]) / 1e3,
+        "dynamics": PAPER_DYNAMICS_STEPS * (f["dynamics_step_ms"] + f["host_dynamics_batch_ms"]) / 1e3,
+        "policy": PAPER_PPO_UPDATES * f["ppo_update_ms"] / 1e3,
+    }
+    if f.get("collector_steps_per_s"):
+        parts["collect"] = (PAPER_RANDOM_STEPS / f["collector_steps_per_s"]
+                            + PAPER_AGENT_STEPS * (1 / f["collector_steps_per_s"] + f["act_batch1_ms"] / 1e3))
+        per_eval_step = num_eval_envs / f[f"collector_steps_per_s_{num_eval_envs}_envs"] + f[f"act_batch{num_eval_envs}_ms"] / 1e3
+        parts["evaluate"] = PAPER_EVALUATIONS * eval_episode_steps * per_eval_step
+    hours = {k: round(v / 3600, 2) for k, v in parts.items()}
+    return {"projected_paper_run_hours": round(sum(parts.values()) / 3600, 1), "projected_hours_by_phase": hours}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--no-envs", action="store_true", help="skip the EnvPool figures (and collect/eval time)")
+    parser.add_argument("--eval-episode-steps", type=int, default=5_000,
+                        help="assumed agent steps until the last of the eval envs ends its first episode")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override, e.g. compute.lstm_conv=xla (repeatable)")
+    args = parser.parse_args()
+
+    from dlwm_jax import config as config_lib, envs
+    config = config_lib.override(config_lib.paper(), dict(s.split("=", 1) for s in args.set))
+    jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
+    num_actions = envs.num_actions(args.game)
+    load_start = os.getloadavg()
+    start = time.perf_counter()
+
+    figures = measure_training_steps(config, num_actions, args.repeats)
+    figures.update(measure_host_batches(config, args.repeats))
+    if args.no_envs:
+        figures.update({"collector_steps_per_s": None, "raw_envpool_steps_per_s": None,
+                        "envs_skipped_reason": "--no-envs"})
+    else:
+        figures.update(measure_envs(args.game, config.env.num_eval_envs))
+    figures.update(project_hours(figures, config.env.num_eval_envs, args.eval_episode_steps))
+    result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in figures.items()}
+    result["compile_s"] = {k: round(v, 1) for k, v in figures["compile_s"].items()}
+    result.update({
+        "preset": "paper", "game": args.game, "num_actions": num_actions, "repeats": args.repeats,
+        "eval_episode_steps_assumed": args.eval_episode_steps, "overrides": args.set,
+        "compute": {k: getattr(config.compute, k) for k in config.compute.__dataclass_fields__},
+        "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "benchmark_wall_s": round(time.perf_counter() - start, 1),
+    })
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:40s} {v}")
+
+
+if __name__ == "__main__":
+    main()

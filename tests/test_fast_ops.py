@@ -1,0 +1,120 @@
+"""Fast formulations (ComputeConfig switches) equal the plain ones: outputs and gradients, float32 to 1e-5."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlwm_jax import config as config_lib
+from dlwm_jax.networks import init_variables, make_networks
+from dlwm_jax.networks.convlstm import ConvLSTMCell
+from dlwm_jax.networks.dynamics import initial_state
+from dlwm_jax.networks.layers import PatchConv, im2col_conv, patch_index
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _plain_conv(x, kernel, padding):
+    pad = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+def test_patch_index_lists_the_taps_of_each_output_position():
+    index = patch_index(6, 6, 5, 10)
+    assert index.shape == (36, 25)
+    # Output (0, 0) reads the padded grid's top-left 5x5 block; output (5, 5) its bottom-right block.
+    assert list(index[0, :6]) == [0, 1, 2, 3, 4, 10]
+    assert index[35, 0] == 5 * 10 + 5 and index[35, -1] == 9 * 10 + 9
+
+
+@pytest.mark.parametrize("size,kernel,padding,cin,cout", [(6, 5, 2, 7, 12), (6, 3, 1, 5, 4), (5, 3, 0, 3, 6)])
+def test_im2col_conv_equals_xla_conv_with_gradients(size, kernel, padding, cin, cout):
+    key_x, key_w, key_t = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key_x, (3, size, size, cin))
+    w = jax.random.normal(key_w, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
+    y_fast, y_plain = im2col_conv(x, w, padding), _plain_conv(x, w, padding)
+    assert y_fast.shape == y_plain.shape
+    np.testing.assert_allclose(y_fast, y_plain, **TOL)
+    target = jax.random.normal(key_t, y_plain.shape)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, padding)) * target)
+    for g_fast, g_plain in zip(jax.grad(loss(im2col_conv), (0, 1))(x, w), jax.grad(loss(_plain_conv), (0, 1))(x, w)):
+        np.testing.assert_allclose(g_fast, g_plain, **TOL)
+
+
+def test_patch_conv_has_nn_conv_parameters_and_init():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 9))
+    from dlwm_jax.networks.layers import conv
+    reference = conv(16, 5, 2, bias=False).init(jax.random.key(2), x)
+    for impl in ("im2col", "xla"):
+        params = PatchConv(16, 5, 2, impl=impl).init(jax.random.key(2), x)
+        assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
+        np.testing.assert_array_equal(params["params"]["kernel"], reference["params"]["kernel"])
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        PatchConv(16, 5, 2, impl="fft").init(jax.random.key(2), x)
+
+
+def _cell_inputs(hidden=16, cin=11, batch=3):
+    keys = jax.random.split(jax.random.key(3), 3)
+    inputs = jax.random.normal(keys[0], (batch, 6, 6, cin))
+    h, c = (jax.random.normal(k, (batch, 6, 6, hidden)) for k in keys[1:])
+    return inputs, (h, c)
+
+
+def test_convlstm_cell_im2col_equals_xla_outputs_and_gradients():
+    inputs, state = _cell_inputs()
+    fast, plain = ConvLSTMCell(16, conv_impl="im2col"), ConvLSTMCell(16, conv_impl="xla")
+    params = fast.init(jax.random.key(4), inputs, state)
+    assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(4), inputs, state))
+    # Non-trivial layer-norm affine parameters, so every parameter's gradient is exercised.
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+    out_fast, out_plain = fast.apply(params, inputs, state), plain.apply(params, inputs, state)
+    for a, b in zip(out_fast, out_plain):
+        np.testing.assert_allclose(a, b, **TOL)
+    loss = lambda cell: lambda p, x, s: sum(jnp.sum(jnp.sin(o)) for o in cell.apply(p, x, s))
+    g_fast = jax.grad(loss(fast), (0, 1, 2))(params, inputs, state)
+    g_plain = jax.grad(loss(plain), (0, 1, 2))(params, inputs, state)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_dynamics_unrolled_loss_gradient_same_for_both_conv_impls():
+    """Three recurrent steps of the smoke-sized dynamics network under grad (BPTT through the im2col convs)."""
+    configs = {impl: config_lib.override(config_lib.smoke(), {"compute.lstm_conv": impl}) for impl in ("im2col", "xla")}
+    nets = {impl: make_networks(cfg, num_actions=5) for impl, cfg in configs.items()}
+    params = init_variables(nets["xla"], configs["xla"], jax.random.key(6))["dynamics"]
+    d = configs["xla"].vqvae.code_dim
+    latents = jax.random.normal(jax.random.key(7), (3, 4, 6, 6, d))
+    actions = jnp.array([[0, 1, 2, 4]] * 3)
+
+    def loss(dynamics, params):
+        state, total = initial_state(4, configs["xla"].dynamics.hidden_channels), 0.0
+        for t in range(3):
+            logits, reward_logits, state = dynamics.apply(params, latents[t], actions[t], state)
+            total += jnp.sum(jax.nn.log_softmax(logits)[..., 0]) + jnp.sum(reward_logits ** 2)
+        return total
+
+    values = {impl: jax.value_and_grad(lambda p, n=n: loss(n.dynamics, p))(params) for impl, n in nets.items()}
+    np.testing.assert_allclose(values["im2col"][0], values["xla"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(values["im2col"][1]), jax.tree.leaves(values["xla"][1])):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_actor_critic_im2col_equals_xla_outputs_and_gradients():
+    from dlwm_jax.networks.actor_critic import ActorCritic
+    z_q = jax.random.normal(jax.random.key(8), (5, 6, 6, 8))
+    fast, plain = ActorCritic(4, 8, 16, conv_impl="im2col"), ActorCritic(4, 8, 16, conv_impl="xla")
+    params = fast.init(jax.random.key(9), z_q)
+    reference = plain.init(jax.random.key(9), z_q)
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    assert sorted(params["params"]) == ["Conv_0", "Conv_1", "Dense_0", "LayerNorm_0", "LayerNorm_1", "actor", "critic"]
+    for a, b in zip(fast.apply(params, z_q), plain.apply(params, z_q)):
+        np.testing.assert_allclose(a, b, **TOL)
+    loss = lambda net: lambda p: jnp.sum(jnp.tanh(net.apply(p, z_q)[0])) + jnp.sum(net.apply(p, z_q)[1] ** 2)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(fast))(params)), jax.tree.leaves(jax.grad(loss(plain))(params))):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("field", ["lstm_conv", "policy_conv"])
+def test_config_rejects_unknown_conv_impl(field):
+    with pytest.raises(ValueError, match=field):
+        config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})
