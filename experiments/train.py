@@ -3,6 +3,7 @@
     python experiments/train.py --game=BankHeist                 # the paper's configuration
     python experiments/train.py --game=Pong --preset=demo        # a short real run on a CPU
     python experiments/train.py --game=Pong --set policy.horizon=20 --set schedule.num_iterations=3 ...
+    python experiments/train.py --game=Pong --num_seeds=5         # seeds 0..4 vmapped in one process
 
 Re-running the same command resumes from the last complete checkpoint in the workdir.
 """
@@ -21,6 +22,10 @@ flags.DEFINE_integer("max_episode_steps", None, "Override env.max_episode_steps 
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value (repeatable).")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
                     "Directory of JAX's persistent compilation cache ('' disables it); saves minutes of XLA compiles per run.")
+flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained as one vmapped program (dlwm_jax/multiseed.py); "
+                     "outputs per seed in <workdir>/seed_<s>, aggregate in <workdir>/aggregate.json.")
+flags.DEFINE_integer("num_devices", 0, "With --num_seeds > 1: shard the seed axis over the first N devices (0 = all visible).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host batch jobs).")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +62,9 @@ def main(argv):
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
         _fail("--game is required, e.g. --game=BankHeist", 2)
+    if FLAGS.distributed:
+        import jax
+        jax.distributed.initialize()
     if FLAGS.compilation_cache:
         import jax
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -65,11 +73,22 @@ def main(argv):
     from dlwm_jax.train import NonFiniteError, train_and_evaluate
     try:
         config = build_config()
-        workdir = FLAGS.workdir or os.path.join("runs", f"{config.env.game}-{config.seed}")
-        summary = train_and_evaluate(config, workdir)
+        if FLAGS.num_seeds == 1:
+            workdir = FLAGS.workdir or os.path.join("runs", f"{config.env.game}-{config.seed}")
+            summary = train_and_evaluate(config, workdir)
+        else:
+            import jax
+            from dlwm_jax.multiseed import train_and_evaluate_seeds
+            workdir = FLAGS.workdir or os.path.join("runs", f"{config.env.game}-{config.seed}x{FLAGS.num_seeds}")
+            devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
+            result = train_and_evaluate_seeds(config, workdir, FLAGS.num_seeds, devices=devices)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(f"done: final evaluation return {summary['final_eval_return_mean']}; outputs in {workdir}")
+    if FLAGS.num_seeds == 1:
+        print(f"done: final evaluation return {summary['final_eval_return_mean']}; outputs in {workdir}")
+    else:
+        print(f"done: final evaluation return over seeds {result['aggregate']['final_eval_return']}; "
+              f"per seed {result['aggregate']['final_eval_return_per_seed']}; outputs in {workdir}")
 
 
 def _parse_flags(argv):
