@@ -13,7 +13,7 @@ demo: setup
 	$(PY) experiments/train.py --game=$(GAME) --preset=demo
 
 test: setup
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests

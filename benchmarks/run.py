@@ -91,27 +91,12 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     out["imagination_rollout_ms"], compile_s["imagination_rollout"] = t * 1e3, c
     out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
 
-    @jax.jit
-    def policy_update(world, params, opt_state, start_observations, key):
-        # The same computation as train.py's _make_policy_update (SPEC 6, 7).
-        dream_key, ppo_key = jax.random.split(key)
-        indices, _ = wm.encode(world, start_observations)
-        dream = imagine(networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
-                        world.codebook.embeddings, indices, dream_key, p.horizon, p.bootstrap_at_horizon,
-                        unroll=config.compute.imagination_unroll)
-        rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
-                              dream.terminals)
-        return ppo.ppo_update(params, opt_state, rollout, dream.bootstrap_value, ppo_key, p,
-                              networks.actor_critic.apply, optimizer)
-    t, c = _timed(lambda: policy_update(world, params, opt_state, start_obs, key)[2], max(3, repeats // 2))
+    from dlwm_jax.train import AgentState, make_act, make_policy_update
+    policy_update = make_policy_update(config, networks, optimizer)  # exactly the driver's update
+    t, c = _timed(lambda: policy_update(world, AgentState(params, opt_state), start_obs, key)[1], max(3, repeats // 2))
     out["ppo_update_ms"], compile_s["ppo_update"] = t * 1e3, c
 
-    @jax.jit
-    def act(world, params, observations, key):
-        # train.py's _make_act: eval-mode encoder, quantise, sample from the policy.
-        _, z_q = wm.encode(world, observations)
-        logits, _ = networks.actor_critic.apply(params, z_q)
-        return ppo.sample_action(logits, key, config.env.collect_temperature)
+    act = make_act(networks, config.env.collect_temperature)
     for n in (1, config.env.num_eval_envs):
         obs = jax.device_put(rng.integers(0, 256, (n, *frame), dtype=np.uint8))
         t, c = _timed(lambda: act(world, params, obs, key), repeats * 4)

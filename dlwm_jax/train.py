@@ -83,7 +83,7 @@ class Logger:
         self.writer = SummaryWriter(workdir, purge_step=log_step if log_step else None)
         self.log_step = log_step
         self.echo = echo
-        self.phase_start = time.time()
+        self.phase_start = self.last_echo = time.time()
 
     @property
     def offset(self) -> int:
@@ -103,12 +103,22 @@ class Logger:
         self.log_step += 1
 
     def start_phase(self) -> None:
-        self.phase_start = time.time()
+        self.phase_start = self.last_echo = time.time()
+
+    def heartbeat(self, iteration: int, num_iterations: int, phase: str, epoch: int, epochs: int, every_s: float = 30.0):
+        """A progress callback for world_model epochs: a line at most every `every_s` seconds inside an epoch."""
+        def callback(kind: str, step: int, metrics) -> None:
+            if time.time() - self.last_echo >= every_s:
+                self.last_echo = time.time()
+                done = epoch + 0.5  # mid-epoch: the ETA assumes half of this epoch is done
+                self.progress(iteration, num_iterations, phase, done, epochs, f"epoch {epoch + 1}: {kind} step {step + 1}")
+        return callback
 
     def progress(self, iteration: int, num_iterations: int, phase: str, done: int, total: int, extra: str = "") -> None:
         elapsed = time.time() - self.phase_start
         eta = elapsed / done * (total - done) if done else float("nan")
-        self.echo(f"[iter {iteration + 1}/{num_iterations}] {phase:<11} {done}/{total}  elapsed {elapsed:6.0f}s"
+        self.last_echo = time.time()
+        self.echo(f"[iter {iteration + 1}/{num_iterations}] {phase:<11} {done:g}/{total}  elapsed {elapsed:6.0f}s"
                   f"  eta {eta:6.0f}s  {extra}")
 
 
@@ -130,7 +140,7 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
-def _make_act(networks, temperature: float):
+def make_act(networks, temperature: float):
     """Jitted act(world, agent_params, obs uint8 [N,96,96,C], key) -> actions [N]: encoder in eval mode,
     quantise, sample from the policy at `temperature` (SPEC 5, 8.3)."""
     @jax.jit
@@ -141,7 +151,7 @@ def _make_act(networks, temperature: float):
     return act
 
 
-def _make_policy_update(config: Config, networks, optimizer):
+def make_policy_update(config: Config, networks, optimizer):
     """Jitted: encode 16 real start observations (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7)."""
     p = config.policy
 
@@ -155,7 +165,8 @@ def _make_policy_update(config: Config, networks, optimizer):
         rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
                               dream.terminals)
         params, opt_state, metrics = ppo.ppo_update(agent.params, agent.opt_state, rollout, dream.bootstrap_value,
-                                                    ppo_key, p, networks.actor_critic.apply, optimizer)
+                                                    ppo_key, p, networks.actor_critic.apply, optimizer,
+                                                    config.compute.ppo_unroll)
         metrics["imagined_reward_mean"] = jnp.mean(dream.rewards)
         return AgentState(params, opt_state), metrics
     return update
@@ -240,9 +251,9 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
         logger.write({"phase": phase, "iteration": iteration + 1, "real_steps": len(replay), **extra,
                       **{k: float(v) for k, v in metrics.items()}})
 
-    act_collect = _make_act(networks, config.env.collect_temperature)
-    act_eval = _make_act(networks, 1.0)
-    policy_update = _make_policy_update(config, networks, policy_optimizer)
+    act_collect = make_act(networks, config.env.collect_temperature)
+    act_eval = make_act(networks, 1.0)
+    policy_update = make_policy_update(config, networks, policy_optimizer)
 
     start_iteration = meta["iteration"]
     for it in range(start_iteration, s.num_iterations):
@@ -271,7 +282,8 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
         if first_phase <= WARMUP and it == 0:
             logger.start_phase()
             for epoch in range(first_unit if first_phase == WARMUP else 0, s.warmup_epochs):
-                world, metrics = wm.warmup_epoch(world, replay, unit_key(root, it, WARMUP, epoch))
+                world, metrics = wm.warmup_epoch(world, replay, unit_key(root, it, WARMUP, epoch),
+                                                 logger.heartbeat(it, s.num_iterations, "warmup", epoch, s.warmup_epochs))
                 record(it, "warmup", metrics, unit=epoch)
                 logger.progress(it, s.num_iterations, "warmup", epoch + 1, s.warmup_epochs, _short(metrics))
                 maybe_save(it, WARMUP, epoch + 1)
@@ -282,7 +294,8 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
             epochs = s.joint_epochs[it]
             for epoch in range(first_unit if first_phase == WORLD_MODEL else 0, epochs):
                 world, metrics = wm.joint_epoch(world, replay, unit_key(root, it, WORLD_MODEL, epoch),
-                                                s.vq_update_intervals[it])
+                                                s.vq_update_intervals[it],
+                                                progress=logger.heartbeat(it, s.num_iterations, "world_model", epoch, epochs))
                 for kind in ("vqvae", "dynamics"):
                     record(it, kind, metrics[kind], unit=epoch)
                 logger.progress(it, s.num_iterations, "world_model", epoch + 1, epochs,

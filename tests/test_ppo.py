@@ -160,7 +160,7 @@ def test_update_reduces_loss_on_fixed_rollout():
     returns = jax.jit(ppo.gae, static_argnums=(4, 5))(rollout.rewards, values, rollout.terminals, bootstrap,
                                                       0.99, 0.95)
     optimizer = ppo.make_optimizer(config)
-    update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer)
+    update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer, unroll=False)
 
     @jax.jit
     def full_loss(p):
@@ -195,7 +195,7 @@ def test_vmap_over_seeds_equals_separate_calls():
     config = config_lib.smoke()  # 8 x 4 = 32 samples, minibatch 16
     keys = jax.random.split(jax.random.key(3), 3)
     optimizer = ppo.make_optimizer(config)
-    update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer)
+    update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer, unroll=False)
 
     @jax.jit
     def seed_inputs(key):
@@ -240,7 +240,7 @@ def run_cartpole_ppo(seed=0, max_env_steps=300_000, target=475.0, window=20, num
     params = net.init(init_key, jnp.zeros((1, 4)))
     optimizer = ppo.make_optimizer(policy_config)
     opt_state = optimizer.init(params)
-    update = ppo.make_ppo_update(policy_config, net.apply, optimizer)
+    update = ppo.make_ppo_update(policy_config, net.apply, optimizer, unroll=False)  # an MLP: no conv grads to unroll for
 
     @jax.jit
     def act(params, observations, key):
