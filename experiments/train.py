@@ -10,7 +10,7 @@ Re-running the same command resumes from the last complete checkpoint in the wor
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("game", None, "Atari game, e.g. BankHeist, Pong, Breakout (EnvPool names).")
 flags.DEFINE_string("preset", "paper", "Config preset: paper | demo | smoke.")
@@ -58,6 +58,7 @@ def build_config():
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines would drown the progress lines
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:

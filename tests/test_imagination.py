@@ -103,7 +103,7 @@ def test_ppo_in_imagination_learns_the_rewarding_action():
 
     probe = embeddings[jax.random.randint(jax.random.key(5), (32, 6, 6), 0, 16)]
     p_before = jax.nn.softmax(agent.apply(params, probe)[0])[:, 2].mean()
-    for k in jax.random.split(jax.random.key(2), 30):
+    for k in jax.random.split(jax.random.key(2), 60):
         params, opt_state, metrics = update(params, opt_state, k)
     p_after = jax.nn.softmax(agent.apply(params, probe)[0])[:, 2].mean()
     assert p_before < 0.6
