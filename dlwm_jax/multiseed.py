@@ -45,7 +45,7 @@ from dlwm_jax.config import Config, EnvConfig, validate
 from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
 from dlwm_jax.train import (COLLECT, EVALUATE, PHASES, POLICY, WARMUP, WORLD_MODEL, AgentState, Logger,
-                            _check_workdir, _config_json, _make_act, _make_policy_update, _save_images, _short,
+                            _check_workdir, _config_json, make_act, make_policy_update, _save_images, _short,
                             derived_seed, params_hash, unit_key)
 
 ENVS_PER_SEED = 1  # train.py collects with one env per run
@@ -86,9 +86,28 @@ def _dynamics_step(state, batch, steps_key, i):
     return wm.dynamics_step(state, batch, jax.random.fold_in(steps_key, i))  # wm.joint_epoch's key of step i
 
 
-# One compilation each (per config, via WorldModelState's static fields); args [S, ...] except lr_scale / i.
-vqvae_steps = jax.jit(jax.vmap(_masked(wm._vqvae_step), in_axes=(0, 0, 0, None)))
-dynamics_steps = jax.jit(jax.vmap(_masked(_dynamics_step), in_axes=(0, 0, 0, 0, None)))
+def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple) -> Callable:
+    """jit(vmap(fn)) over the leading seed axis (in_axes 0 = per seed, None = shared); outputs per seed.
+
+    With a sharding, each device runs the vmapped fn on its own seeds (shard_map): no cross-seed communication
+    exists, and XLA's SPMD partitioner is kept away from the vmapped (grouped) convolutions, whose gradients it
+    fails to partition (feature_group_count error on XLA:CPU).
+    """
+    vmapped = jax.vmap(fn, in_axes=in_axes)
+    if sharding is None:
+        return jax.jit(vmapped)
+    seed, shared = PartitionSpec("seed"), PartitionSpec()
+    in_specs = tuple(seed if axis == 0 else shared for axis in in_axes)
+    # check_vma off: scans start from unvarying zeros (initial LSTM state) and there are no collectives.
+    return jax.jit(jax.shard_map(vmapped, mesh=sharding.mesh, in_specs=in_specs, out_specs=seed, check_vma=False))
+
+
+@functools.cache
+def world_model_programs(sharding: NamedSharding | None) -> tuple[Callable, Callable]:
+    """(vqvae_steps(active, world, batch, lr_scale), dynamics_steps(active, world, batch, steps_keys, i)), args
+    [S, ...] except lr_scale and i; one compilation each per config (WorldModelState's static fields)."""
+    return (over_seeds(_masked(wm._vqvae_step), sharding, (0, 0, 0, None)),
+            over_seeds(_masked(_dynamics_step), sharding, (0, 0, 0, 0, None)))
 
 
 # --------------------------------------------------------------------------------------------- envs
@@ -223,7 +242,8 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     seed_dirs = [os.path.join(workdir, f"seed_{seed}") for seed in seeds]
     for d in seed_dirs:
         _check_workdir(d)
-    put = (lambda tree: jax.device_put(tree, sharding)) if sharding is not None else (lambda tree: tree)
+    put = functools.partial(_put, sharding)
+    vqvae_steps, _ = world_model_programs(sharding)
 
     # Initial states exactly as train.py makes them, one seed at a time, then stacked.
     networks = make_networks(config, num_actions)
@@ -288,10 +308,10 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
         for lg in loggers:
             lg.start_phase()
 
-    act_collect = jax.jit(jax.vmap(_make_act(networks, config.env.collect_temperature), in_axes=(0, 0, 0, 0)))
-    act_eval = jax.jit(jax.vmap(_make_act(networks, 1.0), in_axes=(0, 0, 0, 0)))
-    random_act = jax.jit(jax.vmap(lambda key: jax.random.randint(key, (E,), 0, num_actions, dtype=jnp.int32)))
-    policy_updates = jax.jit(jax.vmap(_make_policy_update(config, networks, policy_optimizer)))
+    act_collect = over_seeds(make_act(networks, config.env.collect_temperature), sharding, (0, 0, 0, 0))
+    act_eval = over_seeds(make_act(networks, 1.0), sharding, (0, 0, 0, 0))
+    random_act = over_seeds(lambda key: jax.random.randint(key, (E,), 0, num_actions, dtype=jnp.int32), sharding, (0,))
+    policy_updates = over_seeds(make_policy_update(config, networks, policy_optimizer), sharding, (0, 0, 0, 0))
     seed_keys = lambda it, phase, unit=0: [unit_key(root, it, phase, unit) for root in roots]
 
     start_iteration = meta["iteration"]
@@ -304,9 +324,9 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
             steps = s_cfg.initial_steps if it == 0 else s_cfg.steps_per_iteration
             step_keys = _split_per_seed(seed_keys(it, COLLECT), steps // E)  # Collector's per-step keys
             if it == 0:
-                act = lambda obs, keys: random_act(keys)
+                act = lambda obs, keys: random_act(put(keys))
             else:
-                act = lambda obs, keys, w=world, a=agent.params: act_collect(w, a, obs, keys)
+                act = lambda obs, keys, w=world, a=agent.params: act_collect(w, a, put(obs), put(keys))
             trajectory, _ = collector.collect(_keyed_policy(act, step_keys, S), steps * S, jax.random.key(0))
             checkpoints.save_replay_chunk(meta["chunks"], trajectory._asdict())
             finished = episode_returns(running_returns, trajectory.rewards, trajectory.terminals)
@@ -346,7 +366,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
             epochs = s_cfg.joint_epochs[it]
             for epoch in range(first_unit if first_phase == WORLD_MODEL else 0, epochs):
                 world, per_seed = joint_epoch_seeds(world, replays, seed_keys(it, WORLD_MODEL, epoch),
-                                                    s_cfg.vq_update_intervals[it], put)
+                                                    s_cfg.vq_update_intervals[it], sharding)
                 for s in range(S):
                     for kind in ("vqvae", "dynamics"):
                         record(s, it, kind, per_seed[s][kind], unit=epoch)
@@ -377,7 +397,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
             save(it, EVALUATE, 0)
 
         start_phase()
-        results = evaluate_seeds(config.env, lambda obs, keys: act_eval(world, agent.params, obs, keys),
+        results = evaluate_seeds(config.env, lambda obs, keys: act_eval(world, agent.params, put(obs), put(keys)),
                                  seed_keys(it, EVALUATE), [derived_seed(root, 1 + it) for root in roots])
         host_world, host_agent = jax.device_get((world, agent))
         for s, result in enumerate(results):
@@ -416,13 +436,18 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     return {"seeds": summaries, "aggregate": result}
 
 
+def _put(sharding: NamedSharding | None, tree: Any) -> Any:
+    """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
+    return jax.device_put(tree, sharding) if sharding is not None else tree
+
+
 def _stack_batches(batches: Sequence[Any]) -> Any:
     """Per-seed ObservationBatch / SequenceBatch (numpy) -> one with a leading seed axis."""
     return type(batches[0])(*(np.stack(fields) for fields in zip(*batches)))
 
 
 def joint_epoch_seeds(world: wm.WorldModelState, replays: Sequence[Replay], keys: Sequence[jax.Array], interval: int,
-                      put: Callable = lambda x: x, lr_scale: float = 1.0
+                      sharding: NamedSharding | None = None, lr_scale: float = 1.0
                       ) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
     """wm.joint_epoch for S seeds at once (world stacked [S, ...], one replay and epoch key per seed).
 
@@ -434,6 +459,8 @@ def joint_epoch_seeds(world: wm.WorldModelState, replays: Sequence[Replay], keys
     config = world.config
     d = config.dynamics
     S = len(replays)
+    put = functools.partial(_put, sharding)
+    vqvae_steps, dynamics_steps = world_model_programs(sharding)
     split = [jax.random.split(k, 3) for k in keys]  # (vqvae order, dynamics order, dynamics steps) per seed
     vq_streams = [r.observation_batches(k[0], config.vqvae.batch_size) for r, k in zip(replays, split)]
     num_vq = {r.num_observation_batches(config.vqvae.batch_size) for r in replays}
