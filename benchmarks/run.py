@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--no-envs", action="store_true", help="skip the EnvPool figures (and collect/eval time)")
     parser.add_argument("--eval-episode-steps", type=int, default=5_000,
                         help="assumed agent steps until the last of the eval envs ends its first episode")
+    parser.add_argument("--seeds", action="store_true",
+                        help="also time 4 vmapped seeds vs 1 seed on the smoke preset (benchmarks/seeds.py; ~3 more minutes)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="config override, e.g. compute.lstm_conv=xla (repeatable)")
     args = parser.parse_args()
@@ -176,6 +178,10 @@ def main() -> None:
     else:
         figures.update(measure_envs(args.game, config.env.num_eval_envs))
     figures.update(project_hours(figures, config.env.num_eval_envs, args.eval_episode_steps))
+    if args.seeds:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import seeds
+        figures["seeds_smoke"] = seeds.measure(num_seeds=4, preset="smoke", game="Pong")
     result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in figures.items()}
     result["compile_s"] = {k: round(v, 1) for k, v in figures["compile_s"].items()}
     result.update({

@@ -74,10 +74,12 @@ class Collector:
     across chunks. `num_interactions` counts agent steps over all envs (reset steps excluded).
     """
 
-    def __init__(self, env_config: EnvConfig, num_envs: int, seed: int):
+    def __init__(self, env_config: EnvConfig, num_envs: int, seed: int | None, env: Any = None):
+        """Builds envs.make_env(env_config, num_envs, seed), or adopts `env`, an EnvPool of num_envs envs built
+        elsewhere (e.g. one pool for several seeds, multiseed.make_pooled_env)."""
         self.num_envs, self.num_stack = num_envs, env_config.frame_stack
         self.num_actions = envs.num_actions(env_config.game)
-        self.env = envs.make_env(env_config, num_envs, seed)
+        self.env = env if env is not None else envs.make_env(env_config, num_envs, seed)
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         obs, _ = self.env.reset()
         self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy

@@ -125,23 +125,10 @@ def make_pooled_env(env_config: EnvConfig, envs_per_seed: int, base_seeds: Seque
     return env
 
 
-class PooledCollector(Collector):
+def pooled_collector(env_config: EnvConfig, envs_per_seed: int, base_seeds: Sequence[int]) -> Collector:
     """collect.Collector over one pool of S x E envs (rows s*E .. s*E+E-1 belong to seed s)."""
-
-    def __init__(self, env_config: EnvConfig, envs_per_seed: int, base_seeds: Sequence[int]):
-        # Collector.__init__ with the pooled env (it builds a single-seed pool itself).
-        num_envs = envs_per_seed * len(base_seeds)
-        self.num_envs, self.num_stack = num_envs, env_config.frame_stack
-        self.num_actions = envs.num_actions(env_config.game)
-        self.env = make_pooled_env(env_config, envs_per_seed, base_seeds)
-        self._all_ids = np.arange(num_envs, dtype=np.int32)
-        obs, _ = self.env.reset()
-        self.newest_frames = envs.frames_of(obs).copy()
-        self.observations = jnp.asarray(envs.initial_stack(self.newest_frames, self.num_stack))
-        self.is_first = np.ones(num_envs, bool)
-        self.episode_returns = np.zeros(num_envs, np.float64)
-        self.episode_lengths = np.zeros(num_envs, np.int64)
-        self.num_interactions = 0
+    return Collector(env_config, envs_per_seed * len(base_seeds), None,
+                     env=make_pooled_env(env_config, envs_per_seed, base_seeds))
 
 
 def _keyed_policy(act: Callable, step_keys: jax.Array, num_seeds: int) -> Callable:
@@ -259,7 +246,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     del worlds, agents
     replays = [Replay(config.total_real_steps, E, (config.env.image_size,) * 2, config.env.frame_stack)
                for _ in range(S)]
-    collector = PooledCollector(config.env, E, [derived_seed(root, 0) for root in roots])
+    collector = pooled_collector(config.env, E, [derived_seed(root, 0) for root in roots])
     running_returns = np.zeros(S * E, np.float64)
 
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -500,7 +487,7 @@ def _zeros_like(batch: Any) -> Any:
     return type(batch)(*(np.zeros_like(x) for x in batch))
 
 
-def _fast_forward(collector: PooledCollector, num_chunks: int, checkpoints: Checkpointer) -> None:
+def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpointer) -> None:
     """train._fast_forward for the pooled env: re-step it with the stored actions of all its envs."""
     for k in range(num_chunks):
         chunk = checkpoints.load_replay_chunk(k)

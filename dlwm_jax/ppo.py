@@ -156,8 +156,8 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
     minibatches (SPEC 7.1-7.3). Returns (params, opt_state, metrics averaged over all gradient steps).
 
     unroll=True unrolls the epoch and minibatch scans (ComputeConfig.ppo_unroll): XLA:CPU runs convolution
-    gradients inside a rolled scan body ~13x slower (measured: 135 s vs 10.4 s per paper-size update);
-    the result is the same, only compile time grows.
+    gradients inside a rolled scan body an order of magnitude slower (compare `benchmarks/run.py --set
+    compute.ppo_unroll=false`); the result is the same, only compile time grows.
 
     The horizon's terminals come from the rollout producer (SPEC 7.2: all true at t = T-1 in the reference,
     which multiplies the bootstrap away). T*N samples are permuted afresh each epoch and cut into chunks of
