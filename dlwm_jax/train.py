@@ -172,24 +172,35 @@ def make_policy_update(config: Config, networks, optimizer):
     return update
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_mean(decoder, decoder_params, z_q: jax.Array) -> jax.Array:
+    """Latents [B, 6, 6, D] -> the continuous Bernoulli mean [B, 96, 96, C] (images only, SPEC 3.6)."""
+    return continuous_bernoulli_mean(decoder.apply({"params": decoder_params}, z_q))
+
+
+_dream = jax.jit(imagine, static_argnames=("dynamics", "actor_critic", "horizon"))
+
+
 def _save_images(workdir: str, iteration: int, world: wm.WorldModelState, agent: AgentState, replay: Replay,
                  networks, config: Config, key: jax.Array) -> None:
     """Reconstructions with code maps, and a decoded dream (the reference's latent analysis and dreams)."""
     obs_key, start_key, dream_key = jax.random.split(key, 3)
     n = min(6, len(replay))
     observations = replay.sample_observations(obs_key, n)
-    decoder = lambda z: continuous_bernoulli_mean(networks.decoder.apply({"params": world.decoder_params}, z))
     indices, z_q = wm.encode(world, observations)
-    recon = jax.jit(decoder)(z_q)
+    recon = _decode_mean(networks.decoder, world.decoder_params, z_q)
     grid = viz.reconstruction_grid(observations, np.asarray(recon), np.asarray(indices), config.vqvae.num_codes)
     viz.save_png(os.path.join(workdir, f"reconstructions_iter{iteration + 1}.png"), grid)
 
     start = replay.sample_observations(start_key, min(4, len(replay)))
     start_indices, _ = wm.encode(world, start)
-    dream = jax.jit(functools.partial(imagine, networks.dynamics, networks.actor_critic, horizon=config.policy.horizon))(
-        {"params": world.dynamics_params}, agent.params, world.codebook.embeddings, start_indices, dream_key)
+    dream = _dream(dynamics=networks.dynamics, actor_critic=networks.actor_critic,
+                   dynamics_params={"params": world.dynamics_params}, policy_params=agent.params,
+                   embeddings=world.codebook.embeddings, start_indices=start_indices, key=dream_key,
+                   horizon=config.policy.horizon)
     t, b = dream.indices.shape[:2]
-    frames = jax.jit(decoder)(world.codebook.embeddings[dream.indices.reshape(t * b, *dream.indices.shape[2:])])
+    frames = _decode_mean(networks.decoder, world.decoder_params,
+                          world.codebook.embeddings[dream.indices.reshape(t * b, *dream.indices.shape[2:])])
     frames = np.asarray(frames[..., -1]).reshape(t, b, *frames.shape[1:3])
     viz.save_gif(os.path.join(workdir, f"dream_iter{iteration + 1}.gif"), viz.dream_frames(frames, np.asarray(dream.rewards)))
 
