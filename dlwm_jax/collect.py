@@ -149,15 +149,22 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
     """
     num_envs = num_envs or env_config.num_eval_envs
     max_steps = max_steps or env_config.eval_max_steps
-    num_act = envs.num_actions(env_config.game)
     env = envs.make_env(env_config, num_envs, seed)
+    returns, lengths, finished = first_episodes(env, env_config, policy_fn, list(jax.random.split(key, max_steps)))
+    return episode_stats(returns, lengths, finished)
+
+
+def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: list) -> tuple[np.ndarray, ...]:
+    """Resets `env` (N envs) and acts until every env finished its first episode or len(step_keys) steps were
+    taken (step t acts with step_keys[t]); closes it. Returns (returns f64 [N], lengths i64 [N], finished [N])."""
+    num_act = envs.num_actions(env_config.game)
     obs, _ = env.reset()
     observations = jnp.asarray(envs.initial_stack(envs.frames_of(obs), env_config.frame_stack))
+    num_envs = observations.shape[0]
     returns, lengths = np.zeros(num_envs, np.float64), np.zeros(num_envs, np.int64)
     finished = np.zeros(num_envs, bool)
-    step_keys = list(jax.random.split(key, max_steps))
-    for t in range(max_steps):
-        actions = _actions(policy_fn, observations, step_keys[t], num_act)
+    for step_key in step_keys:
+        actions = _actions(policy_fn, observations, step_key, num_act)
         obs, reward, terminated, truncated, _ = env.step(actions)
         active = ~finished
         returns += np.where(active, reward, 0.0)
@@ -168,7 +175,12 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
         # After a done EnvPool's next step resets; finished envs' data are ignored, so no special care here.
         observations = _push_frame(observations, envs.frames_of(obs).copy(), np.zeros(num_envs, bool))
     env.close()
-    pick = finished if finished.any() else np.ones(num_envs, bool)
+    return returns, lengths, finished
+
+
+def episode_stats(returns: np.ndarray, lengths: np.ndarray, finished: np.ndarray) -> dict[str, float]:
+    """evaluate's result dict for one group of envs [N]: over finished episodes, or all if none finished."""
+    pick = finished if finished.any() else np.ones(len(finished), bool)
     return dict(return_mean=float(returns[pick].mean()), return_std=float(returns[pick].std()),
                 return_min=float(returns[pick].min()), return_max=float(returns[pick].max()),
-                length_mean=float(lengths[pick].mean()), num_finished=int(finished.sum()), num_envs=num_envs)
+                length_mean=float(lengths[pick].mean()), num_finished=int(finished.sum()), num_envs=len(finished))

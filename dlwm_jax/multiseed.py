@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dlwm_jax import envs, ppo, viz
 from dlwm_jax import world_model as wm
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
-from dlwm_jax.collect import Collector, _actions, _push_frame
+from dlwm_jax.collect import Collector, episode_stats, first_episodes
 from dlwm_jax.config import Config, EnvConfig, validate
 from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
@@ -166,32 +166,11 @@ def evaluate_seeds(env_config: EnvConfig, act: Callable, keys: Sequence[jax.Arra
     """collect.evaluate for S seeds in one pool of S x num_eval_envs envs: seed s gets the envs, step keys and
     result dict its own `evaluate(env_config, ..., keys[s], base_seeds[s])` would. act(obs [S, E, ...], keys [S])."""
     num_seeds, num_envs, max_steps = len(keys), env_config.num_eval_envs, env_config.eval_max_steps
-    num_act = envs.num_actions(env_config.game)
-    env = make_pooled_env(env_config, num_envs, base_seeds)
-    obs, _ = env.reset()
-    observations = jnp.asarray(envs.initial_stack(envs.frames_of(obs), env_config.frame_stack))
-    total = num_seeds * num_envs
-    returns, lengths, finished = np.zeros(total, np.float64), np.zeros(total, np.int64), np.zeros(total, bool)
-    policy = _keyed_policy(act, _split_per_seed(keys, max_steps), num_seeds)
-    for _ in range(max_steps):
-        actions = _actions(policy, observations, None, num_act)
-        obs, reward, terminated, truncated, _ = env.step(actions)
-        active = ~finished
-        returns += np.where(active, reward, 0.0)
-        lengths += active
-        finished |= terminated | truncated
-        if finished.all():  # single runs may stop earlier; their later steps' data would be ignored anyway
-            break
-        observations = _push_frame(observations, envs.frames_of(obs).copy(), np.zeros(total, bool))
-    env.close()
-    results = []
-    for r, l, f in zip(returns.reshape(num_seeds, num_envs), lengths.reshape(num_seeds, num_envs),
-                       finished.reshape(num_seeds, num_envs)):
-        pick = f if f.any() else np.ones(num_envs, bool)
-        results.append(dict(return_mean=float(r[pick].mean()), return_std=float(r[pick].std()),
-                            return_min=float(r[pick].min()), return_max=float(r[pick].max()),
-                            length_mean=float(l[pick].mean()), num_finished=int(f.sum()), num_envs=num_envs))
-    return results
+    policy = _keyed_policy(act, _split_per_seed(keys, max_steps), num_seeds)  # per-seed keys live in the policy
+    returns, lengths, finished = first_episodes(make_pooled_env(env_config, num_envs, base_seeds), env_config,
+                                                policy, [None] * max_steps)
+    per_seed = lambda x: x.reshape(num_seeds, num_envs)
+    return [episode_stats(*group) for group in zip(per_seed(returns), per_seed(lengths), per_seed(finished))]
 
 
 def aggregate(values: Sequence[float]) -> dict[str, float]:
