@@ -8,7 +8,7 @@ from dlwm_jax import config as config_lib
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.convlstm import ConvLSTMCell
 from dlwm_jax.networks.dynamics import initial_state
-from dlwm_jax.networks.layers import PatchConv, im2col_conv, patch_index
+from dlwm_jax.networks.layers import PatchConv, im2col_conv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -17,14 +17,6 @@ def _plain_conv(x, kernel, padding):
     pad = ((padding, padding), (padding, padding))
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST)
-
-
-def test_patch_index_lists_the_taps_of_each_output_position():
-    index = patch_index(6, 6, 5, 10)
-    assert index.shape == (36, 25)
-    # Output (0, 0) reads the padded grid's top-left 5x5 block; output (5, 5) its bottom-right block.
-    assert list(index[0, :6]) == [0, 1, 2, 3, 4, 10]
-    assert index[35, 0] == 5 * 10 + 5 and index[35, -1] == 9 * 10 + 9
 
 
 @pytest.mark.parametrize("size,kernel,padding,cin,cout", [(6, 5, 2, 7, 12), (6, 3, 1, 5, 4), (5, 3, 0, 3, 6)])

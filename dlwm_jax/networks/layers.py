@@ -2,6 +2,7 @@
 PyTorch-style batch norm (SPEC 3.1/12.1), layer norm over (H, W, C), and the 2x upsampling layer."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -31,28 +32,53 @@ def conv(features: int, kernel: int, padding: int, stride: int = 1, bias: bool =
                    use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
-def patch_index(out_height: int, out_width: int, kernel: int, padded_width: int) -> np.ndarray:
-    """Gather index [H'*W', k*k] into a flattened padded grid of width `padded_width`: row (y, x) lists the
-    k*k taps (y + i, x + j) of output position (y, x), taps in row-major (i, j) order (stride 1)."""
+def _patch_index(out_height: int, out_width: int, kernel: int, padded_width: int) -> np.ndarray:
+    """Gather index [H'*W'*k*k] into a flattened padded grid of width `padded_width`: for each output position
+    (y, x), its k*k taps (y + i, x + j) in row-major (i, j) order (stride 1)."""
     y, x, i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), np.arange(kernel), np.arange(kernel),
                              indexing="ij")
-    return ((y + i) * padded_width + (x + j)).reshape(out_height * out_width, kernel * kernel).astype(np.int32)
+    return ((y + i) * padded_width + (x + j)).reshape(-1).astype(np.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _patches(padded: jax.Array, kernel: int, out_size: tuple[int, int]) -> jax.Array:
+    """Patches [B, H', W', k*k*C] of a padded input [B, Hp, Wp, C] (stride 1), from k*k static slices."""
+    out_h, out_w = out_size
+    return jnp.concatenate([padded[:, i:i + out_h, j:j + out_w] for i in range(kernel) for j in range(kernel)], -1)
+
+
+def _patches_fwd(padded, kernel, out_size):
+    return _patches(padded, kernel, out_size), padded.shape
+
+
+def _patches_bwd(kernel, out_size, shape, cotangent):
+    # The transpose as one scatter-add over a constant index: in XLA:CPU's unrolled dynamics gradient this is
+    # much faster than the k*k pads that autodiff of the slices would produce.
+    b, hp, wp, c = shape
+    index = _patch_index(*out_size, kernel, wp)
+    grad = jnp.zeros((b, hp * wp, c), cotangent.dtype).at[:, index].add(cotangent.reshape(b, -1, c))
+    return (grad.reshape(shape),)
+
+
+_patches.defvjp(_patches_fwd, _patches_bwd)
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """Stride-1 convolution [B, H, W, Cin] * [k, k, Cin, Cout] -> [B, H', W', Cout] as ONE matmul over
-    gathered patches [B*H'*W', k*k*Cin]. On the 6x6 latent grid XLA:CPU runs this (and its gradient, a
-    scatter-add plus two matmuls) 2-3x faster than its generic convolution; tests/test_fast_ops.py checks
-    that it equals lax.conv_general_dilated."""
+    patches [B*H'*W', k*k*Cin] (taps in row-major (i, j) order, matching the kernel's layout). On the 6x6
+    latent grid XLA:CPU runs this (and its gradient: a scatter-add plus two matmuls) 2-3x faster than its
+    generic convolution. Patches are built from static slices (faster than an index gather) and their
+    gradient is a scatter-add (faster than the slices' pads); see benchmarks/README.md.
+    tests/test_fast_ops.py checks outputs and gradients against lax.conv_general_dilated."""
     b, h, w, cin = x.shape
     k, cout = kernel.shape[0], kernel.shape[-1]
     out_h, out_w = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     if k == 1 and padding == 0:
         return (x.reshape(b * h * w, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
-    index = patch_index(out_h, out_w, k, w + 2 * padding)  # a trace-time constant
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).reshape(b, -1, cin)
-    patches = padded[:, index].reshape(b * out_h * out_w, k * k * cin)
-    return (patches @ kernel.reshape(k * k * cin, cout)).reshape(b, out_h, out_w, cout)
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    patches = _patches(padded, k, (out_h, out_w))
+    return (patches.reshape(b * out_h * out_w, k * k * cin) @ kernel.reshape(k * k * cin, cout)).reshape(
+        b, out_h, out_w, cout)
 
 
 class PatchConv(nn.Module):
