@@ -104,6 +104,7 @@ class ComputeConfig:
     lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "xla"
     policy_conv: str = "im2col"    # actor-critic convs: "im2col" | "xla" (XLA:CPU's conv grad inside PPO's scans is ~10x slower)
     imagination_unroll: int = 1
+    vqvae_ynnpack: bool = False    # XLA:CPU's YNNPACK for the VQ-VAE step's convs (False: Eigen, ~25% faster here)
     ppo_unroll: bool = True        # unroll PPO's epochs x minibatches scans (conv grads in a rolled scan are very slow on CPU)
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
 

@@ -86,7 +86,8 @@ def _dynamics_step(state, batch, steps_key, i):
     return wm.dynamics_step(state, batch, jax.random.fold_in(steps_key, i))  # wm.joint_epoch's key of step i
 
 
-def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple) -> Callable:
+def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple,
+               compiler_options: dict[str, str] | None = None) -> Callable:
     """jit(vmap(fn)) over the leading seed axis (in_axes 0 = per seed, None = shared); outputs per seed.
 
     With a sharding, each device runs the vmapped fn on its own seeds (shard_map): no cross-seed communication
@@ -95,18 +96,23 @@ def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple) -> 
     """
     vmapped = jax.vmap(fn, in_axes=in_axes)
     if sharding is None:
-        return jax.jit(vmapped)
+        return jax.jit(vmapped, compiler_options=compiler_options)
     seed, shared = PartitionSpec("seed"), PartitionSpec()
     in_specs = tuple(seed if axis == 0 else shared for axis in in_axes)
     # check_vma off: scans start from unvarying zeros (initial LSTM state) and there are no collectives.
-    return jax.jit(jax.shard_map(vmapped, mesh=sharding.mesh, in_specs=in_specs, out_specs=seed, check_vma=False))
+    return jax.jit(jax.shard_map(vmapped, mesh=sharding.mesh, in_specs=in_specs, out_specs=seed, check_vma=False),
+                   compiler_options=compiler_options)
+
+
+def world_model_programs(config, sharding: NamedSharding | None) -> tuple[Callable, Callable]:
+    """(vqvae_steps(active, world, batch, lr_scale), dynamics_steps(active, world, batch, steps_keys, i)), args
+    [S, ...] except lr_scale and i; one compilation each per config (WorldModelState's static fields)."""
+    return _world_model_programs(tuple(wm.vqvae_compiler_options(config).items()), sharding)
 
 
 @functools.cache
-def world_model_programs(sharding: NamedSharding | None) -> tuple[Callable, Callable]:
-    """(vqvae_steps(active, world, batch, lr_scale), dynamics_steps(active, world, batch, steps_keys, i)), args
-    [S, ...] except lr_scale and i; one compilation each per config (WorldModelState's static fields)."""
-    return (over_seeds(_masked(wm._vqvae_step), sharding, (0, 0, 0, None)),
+def _world_model_programs(vqvae_options: tuple, sharding: NamedSharding | None) -> tuple[Callable, Callable]:
+    return (over_seeds(_masked(wm.vqvae_step_unjitted), sharding, (0, 0, 0, None), dict(vqvae_options)),
             over_seeds(_masked(_dynamics_step), sharding, (0, 0, 0, 0, None)))
 
 
@@ -209,7 +215,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     for d in seed_dirs:
         _check_workdir(d)
     put = functools.partial(_put, sharding)
-    vqvae_steps, _ = world_model_programs(sharding)
+    vqvae_steps, _ = world_model_programs(config, sharding)
 
     # Initial states exactly as train.py makes them, one seed at a time, then stacked.
     networks = make_networks(config, num_actions)
@@ -426,7 +432,7 @@ def joint_epoch_seeds(world: wm.WorldModelState, replays: Sequence[Replay], keys
     d = config.dynamics
     S = len(replays)
     put = functools.partial(_put, sharding)
-    vqvae_steps, dynamics_steps = world_model_programs(sharding)
+    vqvae_steps, dynamics_steps = world_model_programs(config, sharding)
     split = [jax.random.split(k, 3) for k in keys]  # (vqvae order, dynamics order, dynamics steps) per seed
     vq_streams = [r.observation_batches(k[0], config.vqvae.batch_size) for r, k in zip(replays, split)]
     num_vq = {r.num_observation_batches(config.vqvae.batch_size) for r in replays}

@@ -110,3 +110,28 @@ def test_actor_critic_im2col_equals_xla_outputs_and_gradients():
 def test_config_rejects_unknown_conv_impl(field):
     with pytest.raises(ValueError, match=field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})
+
+
+def test_vqvae_step_same_with_and_without_ynnpack():
+    """ComputeConfig.vqvae_ynnpack only picks XLA:CPU's kernels: the step's results agree to float rounding."""
+    from dlwm_jax import world_model as wm
+    from dlwm_jax.replay import ObservationBatch
+    configs = {flag: config_lib.override(config_lib.smoke(), {"compute.vqvae_ynnpack": str(flag)}) for flag in (True, False)}
+    assert wm.vqvae_compiler_options(configs[True]) == {}
+    if jax.default_backend() == "cpu":
+        assert wm.vqvae_compiler_options(configs[False]) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    observations = jax.random.randint(jax.random.key(13), (6, 96, 96, 4), 0, 256).astype(jnp.uint8)
+    batch = ObservationBatch(observations, jnp.ones(6, bool))
+    state = wm.init_world_model(configs[True], 4, jax.random.key(14))
+    params = {"encoder": state.encoder_params, "decoder": state.decoder_params}
+    results = {}
+    for flag, cfg in configs.items():  # the loss gradient, compiled as the step compiles it
+        grad_fn = jax.jit(jax.grad(wm.vqvae_loss, has_aux=True), compiler_options=wm.vqvae_compiler_options(cfg))
+        grads, (metrics, z_e, _, batch_stats) = grad_fn(params, state.replace(config=cfg), batch)
+        results[flag] = (grads, metrics["loss"], z_e, batch_stats)
+    for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+        # summed over 6 x 96 x 96 x 4 pixels through batch norm: float32 accumulation order shows at 1e-4
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
+    # and the step itself runs under the options
+    new_state, metrics = wm.vqvae_step(state.replace(config=configs[False]), batch)
+    np.testing.assert_allclose(metrics["loss"], results[False][1], rtol=1e-5)
