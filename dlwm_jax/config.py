@@ -102,11 +102,25 @@ class ComputeConfig:
     upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
     dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
     lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "xla"
-    policy_conv: str = "im2col"    # actor-critic convs: "im2col" | "xla" (XLA:CPU's conv grad inside PPO's scans is ~10x slower)
+    policy_conv: str = "xla"       # actor-critic convs: "xla" | "im2col" (faster only with YNNPACK kernels in PPO)
     imagination_unroll: int = 1
-    vqvae_ynnpack: bool = False    # XLA:CPU's YNNPACK for the VQ-VAE step's convs (False: Eigen, ~25% faster here)
     ppo_unroll: bool = True        # unroll PPO's epochs x minibatches scans (conv grads in a rolled scan are very slow on CPU)
+    vqvae_ynnpack: bool = False    # XLA:CPU's YNNPACK for the VQ-VAE step (False: its Eigen kernels, ~25% faster here)
+    ppo_ynnpack: bool = False      # the same for the PPO update (with policy_conv "xla": ~40% faster here)
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
+
+    def compiler_options(self, program: str) -> dict[str, str]:
+        """XLA options for a jitted program ("vqvae_step" | "ppo_update"); empty off CPU or with YNNPACK on.
+
+        XLA:CPU sends dots and convolutions to YNNPACK fusions by default. For the VQ-VAE step (large spatial
+        convolutions) and the PPO update (5x5 conv gradients at batch 256) its Eigen kernels are faster on the
+        CPU measured here; the ConvLSTM programs (small matmuls at batch 4-16) are faster with YNNPACK.
+        """
+        import jax
+        ynnpack = {"vqvae_step": self.vqvae_ynnpack, "ppo_update": self.ppo_ynnpack}[program]
+        if ynnpack or jax.default_backend() != "cpu":
+            return {}
+        return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,7 @@ def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple,
 def world_model_programs(config, sharding: NamedSharding | None) -> tuple[Callable, Callable]:
     """(vqvae_steps(active, world, batch, lr_scale), dynamics_steps(active, world, batch, steps_keys, i)), args
     [S, ...] except lr_scale and i; one compilation each per config (WorldModelState's static fields)."""
-    return _world_model_programs(tuple(wm.vqvae_compiler_options(config).items()), sharding)
+    return _world_model_programs(tuple(config.compute.compiler_options("vqvae_step").items()), sharding)
 
 
 @functools.cache
@@ -283,7 +283,8 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     act_collect = over_seeds(make_act(networks, config.env.collect_temperature), sharding, (0, 0, 0, 0))
     act_eval = over_seeds(make_act(networks, 1.0), sharding, (0, 0, 0, 0))
     random_act = over_seeds(lambda key: jax.random.randint(key, (E,), 0, num_actions, dtype=jnp.int32), sharding, (0,))
-    policy_updates = over_seeds(make_policy_update(config, networks, policy_optimizer), sharding, (0, 0, 0, 0))
+    policy_updates = make_policy_update(config, networks, policy_optimizer,
+                                        lambda fn, n, options: over_seeds(fn, sharding, (0,) * n, options))
     seed_keys = lambda it, phase, unit=0: [unit_key(root, it, phase, unit) for root in roots]
 
     start_iteration = meta["iteration"]

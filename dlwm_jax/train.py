@@ -151,12 +151,17 @@ def make_act(networks, temperature: float):
     return act
 
 
-def make_policy_update(config: Config, networks, optimizer):
-    """Jitted: encode 16 real start observations (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7)."""
+def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):
+    """update(world, agent, start_observations, key) -> (agent, metrics): encode 16 real start observations
+    (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7).
+
+    Two compiled programs, so each gets its own XLA options (ComputeConfig.compiler_options): the dream and
+    the PPO update. compile_fn(fn, num_args, compiler_options) compiles each (default: jax.jit); multiseed
+    passes its vmapping one.
+    """
     p = config.policy
 
-    @jax.jit
-    def update(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+    def dream(world: wm.WorldModelState, agent: AgentState, start_observations, key):
         dream_key, ppo_key = jax.random.split(key)
         start_indices, _ = wm.encode(world, start_observations)
         dream = imagine(networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
@@ -164,11 +169,22 @@ def make_policy_update(config: Config, networks, optimizer):
                         unroll=config.compute.imagination_unroll)
         rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
                               dream.terminals)
-        params, opt_state, metrics = ppo.ppo_update(agent.params, agent.opt_state, rollout, dream.bootstrap_value,
+        return rollout, dream.bootstrap_value, ppo_key, jnp.mean(dream.rewards)
+
+    def improve(agent: AgentState, rollout: ppo.Rollout, bootstrap_value, ppo_key):
+        params, opt_state, metrics = ppo.ppo_update(agent.params, agent.opt_state, rollout, bootstrap_value,
                                                     ppo_key, p, networks.actor_critic.apply, optimizer,
                                                     config.compute.ppo_unroll)
-        metrics["imagined_reward_mean"] = jnp.mean(dream.rewards)
         return AgentState(params, opt_state), metrics
+
+    compile_fn = compile_fn or (lambda fn, num_args, options: jax.jit(fn, compiler_options=options))
+    dream_program = compile_fn(dream, 4, {})
+    improve_program = compile_fn(improve, 4, config.compute.compiler_options("ppo_update"))
+
+    def update(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+        rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, start_observations, key)
+        agent, metrics = improve_program(agent, rollout, bootstrap_value, ppo_key)
+        return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
     return update
 
 

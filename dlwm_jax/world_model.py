@@ -164,20 +164,8 @@ def vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Ar
     (one compilation for both). batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
     Returns (new state, scalar metrics).
     """
-    step = _jitted_vqvae_step(tuple(vqvae_compiler_options(state.config).items()))
+    step = _jitted_vqvae_step(tuple(state.config.compute.compiler_options("vqvae_step").items()))
     return step(state, batch, jnp.asarray(lr_scale, jnp.float32))
-
-
-def vqvae_compiler_options(config: Config) -> dict[str, str]:
-    """XLA options for programs that run the VQ-VAE step (ComputeConfig.vqvae_ynnpack).
-
-    XLA:CPU sends dots and convolutions to YNNPACK fusions by default; for the VQ-VAE step (large spatial
-    convolutions and their gradients) its own Eigen kernels are ~25% faster on the CPU measured here, while
-    the ConvLSTM and PPO programs (small matmuls) are faster with YNNPACK. Empty off CPU.
-    """
-    if config.compute.vqvae_ynnpack or jax.default_backend() != "cpu":
-        return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
