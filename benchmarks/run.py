@@ -84,7 +84,7 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
     start_indices, _ = wm.encode(world, start_obs)
     dream_fn = jax.jit(lambda params, key: imagine(
-        networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
+        networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
         world.codebook.embeddings, start_indices, key, p.horizon, p.bootstrap_at_horizon,
         unroll=config.compute.imagination_unroll))
     t, c = _timed(lambda: dream_fn(params, key).actions, repeats)

@@ -101,7 +101,8 @@ class ComputeConfig:
     """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test."""
     upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
     dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
-    lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "xla"
+    lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "rows" | "xla"
+    dream_lstm_conv: str = "rows"  # the same in imagination (forward only): "rows" skips all-padding kernel rows
     policy_conv: str = "xla"       # actor-critic convs: "xla" | "im2col" (faster only with YNNPACK kernels in PPO)
     imagination_unroll: int = 1
     ppo_unroll: bool = True        # unroll PPO's epochs x minibatches scans (conv grads in a rolled scan are very slow on CPU)
@@ -147,9 +148,9 @@ def validate(config: Config) -> Config:
         if len(getattr(s, name)) != s.num_iterations:
             raise ValueError(f"schedule.{name} has {len(getattr(s, name))} entries, "
                              f"need num_iterations={s.num_iterations}")
-    for name in ("lstm_conv", "policy_conv"):
-        if getattr(config.compute, name) not in ("im2col", "xla"):
-            raise ValueError(f"compute.{name} must be 'im2col' or 'xla', got {getattr(config.compute, name)!r}")
+    for name in ("lstm_conv", "dream_lstm_conv", "policy_conv"):
+        if getattr(config.compute, name) not in ("im2col", "rows", "xla"):
+            raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(config.compute, name)!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,

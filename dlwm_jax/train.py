@@ -164,7 +164,7 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
     def dream(world: wm.WorldModelState, agent: AgentState, start_observations, key):
         dream_key, ppo_key = jax.random.split(key)
         start_indices, _ = wm.encode(world, start_observations)
-        dream = imagine(networks.dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
+        dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
                         world.codebook.embeddings, start_indices, dream_key, p.horizon, p.bootstrap_at_horizon,
                         unroll=config.compute.imagination_unroll)
         rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
@@ -210,7 +210,7 @@ def _save_images(workdir: str, iteration: int, world: wm.WorldModelState, agent:
 
     start = replay.sample_observations(start_key, min(4, len(replay)))
     start_indices, _ = wm.encode(world, start)
-    dream = _dream(dynamics=networks.dynamics, actor_critic=networks.actor_critic,
+    dream = _dream(dynamics=networks.dream_dynamics, actor_critic=networks.actor_critic,
                    dynamics_params={"params": world.dynamics_params}, policy_params=agent.params,
                    embeddings=world.codebook.embeddings, start_indices=start_indices, key=dream_key,
                    horizon=config.policy.horizon)

@@ -8,7 +8,7 @@ from dlwm_jax import config as config_lib
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.convlstm import ConvLSTMCell
 from dlwm_jax.networks.dynamics import initial_state
-from dlwm_jax.networks.layers import PatchConv, im2col_conv
+from dlwm_jax.networks.layers import PatchConv, im2col_conv, rows_conv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -19,17 +19,22 @@ def _plain_conv(x, kernel, padding):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize("size,kernel,padding,cin,cout", [(6, 5, 2, 7, 12), (6, 3, 1, 5, 4), (5, 3, 0, 3, 6)])
-def test_im2col_conv_equals_xla_conv_with_gradients(size, kernel, padding, cin, cout):
+@pytest.mark.parametrize("conv", [im2col_conv, rows_conv])
+@pytest.mark.parametrize("size,kernel,padding,cin,cout", [(6, 5, 2, 7, 12), (6, 3, 1, 5, 4), (5, 3, 0, 3, 6), (4, 5, 2, 3, 5)])
+def test_fast_conv_equals_xla_conv_with_gradients(conv, size, kernel, padding, cin, cout):
+    if conv is rows_conv and kernel != 2 * padding + 1:
+        with pytest.raises(ValueError, match="same"):
+            rows_conv(jnp.zeros((1, size, size, cin)), jnp.zeros((kernel, kernel, cin, cout)), padding)
+        return
     key_x, key_w, key_t = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (3, size, size, cin))
     w = jax.random.normal(key_w, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
-    y_fast, y_plain = im2col_conv(x, w, padding), _plain_conv(x, w, padding)
+    y_fast, y_plain = conv(x, w, padding), _plain_conv(x, w, padding)
     assert y_fast.shape == y_plain.shape
     np.testing.assert_allclose(y_fast, y_plain, **TOL)
     target = jax.random.normal(key_t, y_plain.shape)
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, padding)) * target)
-    for g_fast, g_plain in zip(jax.grad(loss(im2col_conv), (0, 1))(x, w), jax.grad(loss(_plain_conv), (0, 1))(x, w)):
+    for g_fast, g_plain in zip(jax.grad(loss(conv), (0, 1))(x, w), jax.grad(loss(_plain_conv), (0, 1))(x, w)):
         np.testing.assert_allclose(g_fast, g_plain, **TOL)
 
 
@@ -69,9 +74,10 @@ def test_convlstm_cell_im2col_equals_xla_outputs_and_gradients():
         np.testing.assert_allclose(a, b, **TOL)
 
 
-def test_dynamics_unrolled_loss_gradient_same_for_both_conv_impls():
-    """Three recurrent steps of the smoke-sized dynamics network under grad (BPTT through the im2col convs)."""
-    configs = {impl: config_lib.override(config_lib.smoke(), {"compute.lstm_conv": impl}) for impl in ("im2col", "xla")}
+@pytest.mark.parametrize("fast", ["im2col", "rows"])
+def test_dynamics_unrolled_loss_gradient_same_for_fast_and_xla_convs(fast):
+    """Three recurrent steps of the smoke-sized dynamics network under grad (BPTT through the fast convs)."""
+    configs = {impl: config_lib.override(config_lib.smoke(), {"compute.lstm_conv": impl}) for impl in (fast, "xla")}
     nets = {impl: make_networks(cfg, num_actions=5) for impl, cfg in configs.items()}
     params = init_variables(nets["xla"], configs["xla"], jax.random.key(6))["dynamics"]
     d = configs["xla"].vqvae.code_dim
@@ -86,8 +92,8 @@ def test_dynamics_unrolled_loss_gradient_same_for_both_conv_impls():
         return total
 
     values = {impl: jax.value_and_grad(lambda p, n=n: loss(n.dynamics, p))(params) for impl, n in nets.items()}
-    np.testing.assert_allclose(values["im2col"][0], values["xla"][0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(values["im2col"][1]), jax.tree.leaves(values["xla"][1])):
+    np.testing.assert_allclose(values[fast][0], values["xla"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(values[fast][1]), jax.tree.leaves(values["xla"][1])):
         np.testing.assert_allclose(a, b, **TOL)
 
 
@@ -106,7 +112,7 @@ def test_actor_critic_im2col_equals_xla_outputs_and_gradients():
         np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize("field", ["lstm_conv", "policy_conv"])
+@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv"])
 def test_config_rejects_unknown_conv_impl(field):
     with pytest.raises(ValueError, match=field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})
@@ -158,3 +164,10 @@ def test_ppo_loss_gradient_same_with_and_without_ynnpack():
         results[flag] = grad_fn(params)
     for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_dream_dynamics_is_the_dynamics_network_with_its_own_conv_impl():
+    config = config_lib.override(config_lib.smoke(), {"compute.dream_lstm_conv": "rows"})
+    nets = make_networks(config, num_actions=5)
+    assert nets.dream_dynamics.conv_impl == "rows" and nets.dynamics.conv_impl == config.compute.lstm_conv
+    assert nets.dream_dynamics.clone(conv_impl=nets.dynamics.conv_impl) == nets.dynamics

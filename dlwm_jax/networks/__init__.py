@@ -17,6 +17,7 @@ class Networks(NamedTuple):
     decoder: Decoder
     dynamics: Dynamics
     actor_critic: ActorCritic
+    dream_dynamics: Dynamics  # the same network and parameters, convolutions as imagination computes them
 
 
 def make_networks(config: Config, num_actions: int) -> Networks:
@@ -28,6 +29,9 @@ def make_networks(config: Config, num_actions: int) -> Networks:
                           d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
                           config.compute.lstm_conv),
         actor_critic=ActorCritic(num_actions, p.conv_channels, p.hidden, p.layer_norm_epsilon, config.compute.policy_conv),
+        dream_dynamics=Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
+                                d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
+                                config.compute.dream_lstm_conv),
     )
 
 

@@ -32,19 +32,20 @@ def conv(features: int, kernel: int, padding: int, stride: int = 1, bias: bool =
                    use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
-def _patch_index(out_height: int, out_width: int, kernel: int, padded_width: int) -> np.ndarray:
-    """Gather index [H'*W'*k*k] into a flattened padded grid of width `padded_width`: for each output position
-    (y, x), its k*k taps (y + i, x + j) in row-major (i, j) order (stride 1)."""
-    y, x, i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), np.arange(kernel), np.arange(kernel),
+def _patch_index(out_height: int, out_width: int, kernel: tuple[int, int], padded_width: int) -> np.ndarray:
+    """Gather index [H'*W'*kh*kw] into a flattened padded grid of width `padded_width`: for each output
+    position (y, x), its taps (y + i, x + j) in row-major (i, j) order (stride 1)."""
+    y, x, i, j = np.meshgrid(np.arange(out_height), np.arange(out_width), np.arange(kernel[0]), np.arange(kernel[1]),
                              indexing="ij")
     return ((y + i) * padded_width + (x + j)).reshape(-1).astype(np.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _patches(padded: jax.Array, kernel: int, out_size: tuple[int, int]) -> jax.Array:
-    """Patches [B, H', W', k*k*C] of a padded input [B, Hp, Wp, C] (stride 1), from k*k static slices."""
+def _patches(padded: jax.Array, kernel: tuple[int, int], out_size: tuple[int, int]) -> jax.Array:
+    """Patches [B, H', W', kh*kw*C] of a padded input [B, Hp, Wp, C] (stride 1), from kh*kw static slices."""
     out_h, out_w = out_size
-    return jnp.concatenate([padded[:, i:i + out_h, j:j + out_w] for i in range(kernel) for j in range(kernel)], -1)
+    return jnp.concatenate([padded[:, i:i + out_h, j:j + out_w] for i in range(kernel[0]) for j in range(kernel[1])],
+                           -1)
 
 
 def _patches_fwd(padded, kernel, out_size):
@@ -53,7 +54,7 @@ def _patches_fwd(padded, kernel, out_size):
 
 def _patches_bwd(kernel, out_size, shape, cotangent):
     # The transpose as one scatter-add over a constant index: in XLA:CPU's unrolled dynamics gradient this is
-    # much faster than the k*k pads that autodiff of the slices would produce.
+    # much faster than the pads that autodiff of the slices would produce.
     b, hp, wp, c = shape
     index = _patch_index(*out_size, kernel, wp)
     grad = jnp.zeros((b, hp * wp, c), cotangent.dtype).at[:, index].add(cotangent.reshape(b, -1, c))
@@ -76,9 +77,29 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     if k == 1 and padding == 0:
         return (x.reshape(b * h * w, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    patches = _patches(padded, k, (out_h, out_w))
+    patches = _patches(padded, (k, k), (out_h, out_w))
     return (patches.reshape(b * out_h * out_w, k * k * cin) @ kernel.reshape(k * k * cin, cout)).reshape(
         b, out_h, out_w, cout)
+
+
+def rows_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """'Same' stride-1 convolution [B, H, W, Cin] * [k, k, Cin, Cout] (k = 2 * padding + 1) that skips the
+    kernel rows reading only zero padding: for each kernel row i, a matmul over row patches [B*rows*W, k*Cin]
+    of the output rows where input row y + i - padding exists. On the 6x6 grid with k = 5 that is 24 of 30
+    row products (80% of im2col_conv's FLOPs). Equal to im2col_conv (tests/test_fast_ops.py)."""
+    b, h, w, cin = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    if k != 2 * padding + 1:
+        raise ValueError(f"rows_conv needs 'same' padding, got kernel {k} padding {padding}")
+    padded = jnp.pad(x, ((0, 0), (0, 0), (padding, padding), (0, 0)))
+    out = 0.0
+    for i in range(k):
+        shift = i - padding
+        first, last = max(0, -shift), min(h, h - shift)  # output rows whose input row y + shift exists
+        patches = _patches(padded[:, first + shift:last + shift], (1, k), (last - first, w))
+        part = patches.reshape(-1, k * cin) @ kernel[i].reshape(k * cin, cout)
+        out = out + jnp.pad(part.reshape(b, last - first, w, cout), ((0, 0), (first, h - last), (0, 0), (0, 0)))
+    return out
 
 
 class PatchConv(nn.Module):
@@ -97,6 +118,8 @@ class PatchConv(nn.Module):
                             (k, k, cin, self.features))
         if self.impl == "im2col":
             y = im2col_conv(x, kernel, self.padding)
+        elif self.impl == "rows":
+            y = rows_conv(x, kernel, self.padding)
         elif self.impl == "xla":
             pad = ((self.padding, self.padding), (self.padding, self.padding))
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
