@@ -22,16 +22,15 @@ class Networks(NamedTuple):
 
 def make_networks(config: Config, num_actions: int) -> Networks:
     v, d, p = config.vqvae, config.dynamics, config.policy
+    dynamics = Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
+                        d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
+                        config.compute.lstm_conv)
     return Networks(
         encoder=Encoder(v.code_dim, v.channels, v.batch_norm_momentum, v.batch_norm_epsilon),
         decoder=Decoder(config.env.frame_stack, v.channels, config.compute.upsample),
-        dynamics=Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
-                          d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
-                          config.compute.lstm_conv),
+        dynamics=dynamics,
         actor_critic=ActorCritic(num_actions, p.conv_channels, p.hidden, p.layer_norm_epsilon, config.compute.policy_conv),
-        dream_dynamics=Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
-                                d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
-                                config.compute.dream_lstm_conv),
+        dream_dynamics=dynamics.clone(conv_impl=config.compute.dream_lstm_conv),
     )
 
 
