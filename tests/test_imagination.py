@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import ppo
@@ -24,12 +25,14 @@ def _setup():
     return nets, variables, embeddings, start
 
 
-def test_scan_equals_step_by_step_python_loop():
+@pytest.mark.parametrize("dynamics_name,unroll", [("dynamics", 1), ("dream_dynamics", 4)])
+def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
     nets, v, embeddings, start = _setup()
+    dynamics = getattr(nets, dynamics_name)
     horizon, key = 6, jax.random.key(3)
-    dream = jax.jit(lambda s, k: imagine(nets.dynamics, nets.actor_critic, v["dynamics"], v["actor_critic"],
-                                         embeddings, s, k, horizon))(start, key)
-    step = jax.jit(lambda c, k: imagination_step(nets.dynamics, nets.actor_critic, v["dynamics"], v["actor_critic"],
+    dream = jax.jit(lambda s, k: imagine(dynamics, nets.actor_critic, v["dynamics"], v["actor_critic"],
+                                         embeddings, s, k, horizon, unroll=unroll))(start, key)
+    step = jax.jit(lambda c, k: imagination_step(dynamics, nets.actor_critic, v["dynamics"], v["actor_critic"],
                                                  embeddings, c, k))
     carry = Carry(start, initial_state(4, CONFIG.dynamics.hidden_channels))
     for t, k in enumerate(jax.random.split(key, horizon)):
