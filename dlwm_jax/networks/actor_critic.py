@@ -11,7 +11,7 @@ from dlwm_jax.networks.layers import PatchConv, dense, leaky_relu, spatial_layer
 class ActorCritic(nn.Module):
     """z_q [B, 6, 6, D] -> (policy logits [B, A], value [B]). Temperature is applied by the caller.
 
-    `conv_impl` ("im2col" | "xla", ComputeConfig.policy_conv) only picks how the convolutions are computed.
+    `conv_impl` ("im2col" | "rows" | "xla", ComputeConfig.policy_conv) only picks how the convolutions are computed.
     """
     num_actions: int
     conv_channels: int = 64

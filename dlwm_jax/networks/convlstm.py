@@ -15,7 +15,7 @@ class ConvLSTMCell(nn.Module):
 
     Gates [i | f | g | o] = LN_x(conv_x(inputs)) + LN_h(conv_h(h)) + per-channel biases; input and forget
     gates peep at the old cell state, the output gate at the new one; the forget gate gets +forget_bias.
-    `conv_impl` ("im2col" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
+    `conv_impl` ("im2col" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
     """
     hidden_channels: int = 128
     kernel_size: int = 5

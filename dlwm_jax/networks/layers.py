@@ -118,7 +118,7 @@ rows_conv.defvjp(_rows_conv_fwd, _rows_conv_bwd)
 
 class PatchConv(nn.Module):
     """Drop-in for `conv(...)` (stride 1): same parameters ("kernel" [k, k, Cin, Cout], optional "bias") and
-    init, computed by `im2col_conv` when impl == "im2col" or by lax.conv_general_dilated when impl == "xla"."""
+    init, computed by `im2col_conv` (impl "im2col"), `rows_conv` ("rows") or lax.conv_general_dilated ("xla")."""
     features: int
     kernel_size: int
     padding: int
