@@ -71,7 +71,7 @@ def main() -> None:
 
     gflop = {
         "vqvae_step": _gflop(wm.vqvae_step_unjitted, world, observations, jnp.float32(1.0)),
-        "dynamics_step": _gflop(wm.dynamics_step, world, sequences, jax.random.key(1)),
+        "dynamics_step": _gflop(wm.dynamics_step_unjitted, world, sequences, jax.random.key(1)),
         "imagination_step": _gflop(dream, params, jax.random.key(0)),  # the scan body, counted once
         "ppo_epochs": _gflop(update, params, opt_state, rollout, jax.random.key(2)),
     }

@@ -96,6 +96,10 @@ class ScheduleConfig:
     ppo_updates: tuple[int, ...] = (1000,) * 7 + (2000,) + (1000,) * 3 + (2000,) + (1000,) * 2 + (3000,)
 
 
+# XLA:CPU's YNNPACK fusion types per ComputeConfig.*_ynnpack value ("" = none; "all" = XLA's default list).
+_YNN_FUSION_TYPES = {"reduce": "LIBRARY_FUSION_TYPE_REDUCE", "none": ""}
+
+
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
     """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test."""
@@ -106,22 +110,25 @@ class ComputeConfig:
     policy_conv: str = "xla"       # actor-critic convs: "xla" | "im2col" (faster only with YNNPACK kernels in PPO)
     imagination_unroll: int = 5    # lax.scan unroll of the 50-step imagination: 5 lets XLA share per-step work (~4% faster here)
     ppo_unroll: bool = True        # unroll PPO's epochs x minibatches scans (conv grads in a rolled scan are very slow on CPU)
-    vqvae_ynnpack: bool = False    # XLA:CPU's YNNPACK for the VQ-VAE step (False: its Eigen kernels, ~25% faster here)
-    ppo_ynnpack: bool = False      # the same for the PPO update (with policy_conv "xla": ~40% faster here)
+    vqvae_ynnpack: str = "reduce"  # which XLA:CPU ops the VQ-VAE step sends to YNNPACK: "all" | "reduce" | "none"
+    ppo_ynnpack: str = "reduce"    # the same for the PPO update ("reduce": Eigen dots/convs, YNNPACK reductions)
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
 
     def compiler_options(self, program: str) -> dict[str, str]:
-        """XLA options for a jitted program ("vqvae_step" | "ppo_update"); empty off CPU or with YNNPACK on.
+        """XLA options for a jitted program: "vqvae_step" (also the dynamics step's encoder pass) or
+        "ppo_update"; empty off CPU or with "all".
 
-        XLA:CPU sends dots and convolutions to YNNPACK fusions by default. For the VQ-VAE step (large spatial
-        convolutions) and the PPO update (5x5 conv gradients at batch 256) its Eigen kernels are faster on the
-        CPU measured here; the ConvLSTM programs (small matmuls at batch 4-16) are faster with YNNPACK.
+        XLA:CPU sends dots, convolutions, reductions and elementwise ops to YNNPACK fusions by default. For the
+        VQ-VAE step (large spatial convolutions) and the PPO update (5x5 conv gradients at batch 256) its Eigen
+        kernels are faster for dots and convolutions on the CPU measured here, while YNNPACK's reductions (batch
+        norm statistics, bias gradients) are several times faster than Eigen's; the ConvLSTM programs (small
+        matmuls at batch 4-16) are fastest with everything on YNNPACK.
         """
         import jax
-        ynnpack = {"vqvae_step": self.vqvae_ynnpack, "ppo_update": self.ppo_ynnpack}[program]
-        if ynnpack or jax.default_backend() != "cpu":
+        choice = {"vqvae_step": self.vqvae_ynnpack, "ppo_update": self.ppo_ynnpack}[program]
+        if choice == "all" or jax.default_backend() != "cpu":
             return {}
-        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+        return {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES[choice]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,9 @@ def validate(config: Config) -> Config:
     for name in ("lstm_conv", "dream_lstm_conv", "policy_conv"):
         if getattr(config.compute, name) not in ("im2col", "rows", "xla"):
             raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(config.compute, name)!r}")
+    for name in ("vqvae_ynnpack", "ppo_ynnpack"):
+        if getattr(config.compute, name) not in ("all", "reduce", "none"):
+            raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(config.compute, name)!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,

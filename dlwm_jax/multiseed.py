@@ -83,7 +83,7 @@ def _masked(step: Callable) -> Callable:
 
 
 def _dynamics_step(state, batch, steps_key, i):
-    return wm.dynamics_step(state, batch, jax.random.fold_in(steps_key, i))  # wm.joint_epoch's key of step i
+    return wm.dynamics_step_unjitted(state, batch, jax.random.fold_in(steps_key, i))  # wm.joint_epoch's key of step i
 
 
 def over_seeds(fn: Callable, sharding: NamedSharding | None, in_axes: tuple,

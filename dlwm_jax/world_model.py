@@ -304,21 +304,40 @@ def dynamics_latent_step(state: WorldModelState, indices: jax.Array, actions: ja
     return _dynamics_update(state, indices, actions, rewards, terminals, valid, key)
 
 
-@jax.jit
 def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
     """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]).
 
     The T*B frames are encoded in one batch with BN in TRAIN mode and no gradient; as in the reference
     (SPEC 3.8, 11.2.3) this also updates the BN running statistics in state.encoder_batch_stats. Encoder,
-    decoder and codebook are otherwise untouched. Returns (new state, scalar metrics).
+    decoder and codebook are otherwise untouched. Two compiled programs: the encoder pass gets the VQ-VAE
+    step's XLA options (ComputeConfig.compiler_options), the ConvLSTM update XLA's defaults.
+    Returns (new state, scalar metrics).
     """
     chex.assert_rank(batch.observations, 5)
-    t, b = batch.observations.shape[:2]
-    z_e, batch_stats = _encode_train(state, state.encoder_params, batch.observations.reshape(t * b, *batch.observations.shape[2:]))
-    indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
-    state = state.replace(encoder_batch_stats=batch_stats)
-    return _dynamics_update(state, indices.reshape(t, b, *indices.shape[1:]), batch.actions, batch.rewards,
+    encode_program = _jitted_encode_sequences(tuple(state.config.compute.compiler_options("vqvae_step").items()))
+    indices, batch_stats = encode_program(state, batch.observations)
+    return dynamics_latent_step(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions,
+                                batch.rewards, batch.terminals, batch.valid, key)
+
+
+def dynamics_step_unjitted(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
+    """`dynamics_step` as one function before jit (for callers that jit or vmap it themselves, e.g. multiseed)."""
+    indices, batch_stats = _encode_sequences(state, batch.observations)
+    return _dynamics_update(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions, batch.rewards,
                             batch.terminals, batch.valid, key)
+
+
+def _encode_sequences(state: WorldModelState, observations: jax.Array) -> tuple[jax.Array, Any]:
+    """Train-mode encoder pass without gradient: uint8 [T, B, 96, 96, C] -> (indices [T, B, 6, 6], batch_stats)."""
+    t, b = observations.shape[:2]
+    z_e, batch_stats = _encode_train(state, state.encoder_params, observations.reshape(t * b, *observations.shape[2:]))
+    indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
+    return indices.reshape(t, b, *indices.shape[1:]), batch_stats
+
+
+@functools.cache
+def _jitted_encode_sequences(compiler_options: tuple[tuple[str, str], ...]) -> Callable:
+    return jax.jit(_encode_sequences, compiler_options=dict(compiler_options))
 
 
 # --------------------------------------------------------------------------------------------- schedule

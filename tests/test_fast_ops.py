@@ -118,37 +118,51 @@ def test_config_rejects_unknown_conv_impl(field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})
 
 
-def test_vqvae_step_same_with_and_without_ynnpack():
+YNNPACK_CHOICES = ("all", "reduce", "none")
+
+
+def test_config_rejects_unknown_ynnpack_choice():
+    with pytest.raises(ValueError, match="vqvae_ynnpack"):
+        config_lib.override(config_lib.smoke(), {"compute.vqvae_ynnpack": "true"})
+
+
+def test_ynnpack_choices_become_xla_cpu_options():
+    options = {c: config_lib.override(config_lib.smoke(), {"compute.ppo_ynnpack": c}).compute.compiler_options("ppo_update")
+               for c in YNNPACK_CHOICES}
+    assert options["all"] == {}
+    if jax.default_backend() == "cpu":
+        assert options["none"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+        assert options["reduce"] == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def test_vqvae_step_same_for_every_ynnpack_choice():
     """ComputeConfig.vqvae_ynnpack only picks XLA:CPU's kernels: the step's results agree to float rounding."""
     from dlwm_jax import world_model as wm
     from dlwm_jax.replay import ObservationBatch
-    configs = {flag: config_lib.override(config_lib.smoke(), {"compute.vqvae_ynnpack": str(flag)}) for flag in (True, False)}
-    options = {flag: cfg.compute.compiler_options("vqvae_step") for flag, cfg in configs.items()}
-    assert options[True] == {}
-    if jax.default_backend() == "cpu":
-        assert options[False] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    configs = {c: config_lib.override(config_lib.smoke(), {"compute.vqvae_ynnpack": c}) for c in YNNPACK_CHOICES}
     observations = jax.random.randint(jax.random.key(13), (6, 96, 96, 4), 0, 256).astype(jnp.uint8)
     batch = ObservationBatch(observations, jnp.ones(6, bool))
-    state = wm.init_world_model(configs[True], 4, jax.random.key(14))
+    state = wm.init_world_model(configs["all"], 4, jax.random.key(14))
     params = {"encoder": state.encoder_params, "decoder": state.decoder_params}
     results = {}
-    for flag, cfg in configs.items():  # the loss gradient, compiled as the step compiles it
-        grad_fn = jax.jit(jax.grad(wm.vqvae_loss, has_aux=True), compiler_options=options[flag])
+    for choice, cfg in configs.items():  # the loss gradient, compiled as the step compiles it
+        grad_fn = jax.jit(jax.grad(wm.vqvae_loss, has_aux=True),
+                          compiler_options=cfg.compute.compiler_options("vqvae_step"))
         grads, (metrics, z_e, _, batch_stats) = grad_fn(params, state.replace(config=cfg), batch)
-        results[flag] = (grads, metrics["loss"], z_e, batch_stats)
-    for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
-        # summed over 6 x 96 x 96 x 4 pixels through batch norm: float32 accumulation order shows at 1e-4
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
+        results[choice] = (grads, metrics["loss"], z_e, batch_stats)
+    for choice in ("reduce", "none"):
+        for a, b in zip(jax.tree.leaves(results[choice]), jax.tree.leaves(results["all"])):
+            # summed over 6 x 96 x 96 x 4 pixels through batch norm: float32 accumulation order shows at 1e-4
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
     # and the step itself runs under the options
-    new_state, metrics = wm.vqvae_step(state.replace(config=configs[False]), batch)
-    np.testing.assert_allclose(metrics["loss"], results[False][1], rtol=1e-5)
+    new_state, metrics = wm.vqvae_step(state.replace(config=configs["reduce"]), batch)
+    np.testing.assert_allclose(metrics["loss"], results["reduce"][1], rtol=1e-5)
 
 
-def test_ppo_loss_gradient_same_with_and_without_ynnpack():
+def test_ppo_loss_gradient_same_for_every_ynnpack_choice():
     """ComputeConfig.ppo_ynnpack only picks XLA:CPU's kernels for the PPO update program."""
     from dlwm_jax import ppo
     from dlwm_jax.networks.actor_critic import ActorCritic
-    configs = {flag: config_lib.override(config_lib.smoke(), {"compute.ppo_ynnpack": str(flag)}) for flag in (True, False)}
     net = ActorCritic(5, 16, 32)
     keys = jax.random.split(jax.random.key(15), 4)
     z_q = jax.random.normal(keys[0], (40, 6, 6, 8))
@@ -156,14 +170,14 @@ def test_ppo_loss_gradient_same_with_and_without_ynnpack():
     batch = ppo.Minibatch(z_q, jax.random.randint(keys[2], (40,), 0, 5), jnp.full((40,), -1.6), jnp.zeros(40),
                           jax.random.normal(keys[3], (40,)), jax.random.normal(keys[3], (40,)) * 2)
     results = {}
-    for flag, cfg in configs.items():
-        options = cfg.compute.compiler_options("ppo_update")
-        assert (options == {}) == (flag or jax.default_backend() != "cpu")
+    for choice in YNNPACK_CHOICES:
+        cfg = config_lib.override(config_lib.smoke(), {"compute.ppo_ynnpack": choice})
         grad_fn = jax.jit(jax.grad(lambda p: ppo.ppo_loss(p, net.apply, batch, jnp.ones(40, bool), cfg)[0]),
-                          compiler_options=options)
-        results[flag] = grad_fn(params)
-    for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+                          compiler_options=cfg.compute.compiler_options("ppo_update"))
+        results[choice] = grad_fn(params)
+    for choice in ("reduce", "none"):
+        for a, b in zip(jax.tree.leaves(results[choice]), jax.tree.leaves(results["all"])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
 def test_dream_dynamics_is_the_dynamics_network_with_its_own_conv_impl():

@@ -220,6 +220,20 @@ def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, in
     assert 0.5 * math.log(3) < float(metrics["reward_loss"]) < 2 * math.log(3)
 
 
+def test_dynamics_step_two_programs_equal_one(atari, initial):
+    """dynamics_step (encoder pass and ConvLSTM update compiled apart, each with its XLA options) computes
+    what dynamics_step_unjitted does as one program."""
+    replay, _ = atari
+    batch = next(replay.sequence_batches(jax.random.key(9), CFG.dynamics.batch_size))
+    split_state, split_metrics = wm.dynamics_step(initial, batch, jax.random.key(10))
+    one_state, one_metrics = jax.jit(wm.dynamics_step_unjitted)(initial, batch, jax.random.key(10))
+    for a, b in zip(jax.tree.leaves((split_state, split_metrics)), jax.tree.leaves((one_state, one_metrics))):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(float(jnp.max(jnp.abs(b))), 1e-6))
+        elif not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_joint_epoch_schedule_and_key_determinism(atari, initial):
     replay, _ = atari
     interval = 2
