@@ -164,9 +164,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from dlwm_jax import config as config_lib, envs
-    config = config_lib.override(config_lib.paper(), dict(s.split("=", 1) for s in args.set))
+    bad = [s for s in args.set if "=" not in s]
+    if bad:
+        sys.exit(f"error: --set takes FIELD=VALUE, got {bad[0]!r}")
+    try:
+        config = config_lib.override(config_lib.paper(), dict(s.split("=", 1) for s in args.set))
+        num_actions = envs.num_actions(args.game)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
-    num_actions = envs.num_actions(args.game)
     load_start = os.getloadavg()
     start = time.perf_counter()
 
