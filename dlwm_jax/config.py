@@ -159,7 +159,7 @@ def validate(config: Config) -> Config:
         if getattr(config.compute, name) not in ("im2col", "rows", "xla"):
             raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(config.compute, name)!r}")
     for name in ("vqvae_ynnpack", "ppo_ynnpack"):
-        if getattr(config.compute, name) not in ("all", "reduce", "none"):
+        if getattr(config.compute, name) not in ("all", *_YNN_FUSION_TYPES):
             raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(config.compute, name)!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")

@@ -164,13 +164,18 @@ def vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Ar
     (one compilation for both). batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
     Returns (new state, scalar metrics).
     """
-    step = _jitted_vqvae_step(tuple(state.config.compute.compiler_options("vqvae_step").items()))
+    step = _compiled(vqvae_step_unjitted, state.config, "vqvae_step")
     return step(state, batch, jnp.asarray(lr_scale, jnp.float32))
 
 
+def _compiled(fn: Callable, config: Config, program: str) -> Callable:
+    """jax.jit(fn) with config.compute.compiler_options(program), compiled once per (fn, options)."""
+    return _jit_with_options(fn, tuple(config.compute.compiler_options(program).items()))
+
+
 @functools.cache
-def _jitted_vqvae_step(compiler_options: tuple[tuple[str, str], ...]) -> Callable:
-    return jax.jit(vqvae_step_unjitted, compiler_options=dict(compiler_options))
+def _jit_with_options(fn: Callable, compiler_options: tuple[tuple[str, str], ...]) -> Callable:
+    return jax.jit(fn, compiler_options=dict(compiler_options))
 
 
 def vqvae_step_unjitted(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Array):
@@ -314,8 +319,7 @@ def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
     Returns (new state, scalar metrics).
     """
     chex.assert_rank(batch.observations, 5)
-    encode_program = _jitted_encode_sequences(tuple(state.config.compute.compiler_options("vqvae_step").items()))
-    indices, batch_stats = encode_program(state, batch.observations)
+    indices, batch_stats = _compiled(_encode_sequences, state.config, "vqvae_step")(state, batch.observations)
     return dynamics_latent_step(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions,
                                 batch.rewards, batch.terminals, batch.valid, key)
 
@@ -333,11 +337,6 @@ def _encode_sequences(state: WorldModelState, observations: jax.Array) -> tuple[
     z_e, batch_stats = _encode_train(state, state.encoder_params, observations.reshape(t * b, *observations.shape[2:]))
     indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
     return indices.reshape(t, b, *indices.shape[1:]), batch_stats
-
-
-@functools.cache
-def _jitted_encode_sequences(compiler_options: tuple[tuple[str, str], ...]) -> Callable:
-    return jax.jit(_encode_sequences, compiler_options=dict(compiler_options))
 
 
 # --------------------------------------------------------------------------------------------- schedule
