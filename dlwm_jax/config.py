@@ -250,3 +250,41 @@ def override(config: Config, updates: dict[str, Any]) -> Config:
             new = dataclasses.replace(node, **{name: new})
         config = new
     return validate(config)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """The inverse of `dataclasses.asdict(config)`, also after a JSON round trip (lists become tuples again).
+
+    Used to rebuild a run's config from its checkpoint (meta["config"]). A field missing from `d` keeps its
+    default (a checkpoint written before the field existed); an unknown field or a value of the wrong kind raises
+    ValueError (one line). The result is validated.
+    """
+    return validate(_dataclass_from_dict(Config, d, ""))
+
+
+def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:
+    import typing
+    if not isinstance(d, dict):
+        raise ValueError(f"config{' field ' + prefix[:-1] if prefix else ''} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config field {prefix + unknown[0]!r}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _dataclass_from_dict(hint, value, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"config field {prefix + name!r} must be a list, got {value!r}")
+            kwargs[name] = tuple(value)
+        else:
+            ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise ValueError(f"config field {prefix + name!r} must be {hint.__name__}, got {value!r}")
+            kwargs[name] = value
+    return cls(**kwargs)

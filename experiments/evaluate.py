@@ -1,0 +1,428 @@
+"""Evaluates a trained run's latest checkpoint (or the random agent) and writes a real-vs-dream GIF.
+
+    python experiments/evaluate.py --workdir=runs/Pong-0                      # 32 fresh episodes, JSON on stdout
+    python experiments/evaluate.py --workdir=runs/Pong-0x5 --seed_index=all   # every seed of a multi-seed run
+    python experiments/evaluate.py --workdir=runs/Pong-0 --protocol=last_eval # redo the run's own last evaluation
+    python experiments/evaluate.py --policy=random --game=Pong                # the random baseline, same protocol
+
+Protocol (collect.evaluate, SPEC 9): `--episodes` fresh envs seeded env_seed, env_seed+1, ...; each env plays
+from reset until its first episode ends or `--max_steps` agent steps were taken; the agent acts as train.py
+evaluates it (train.make_act: encoder in eval mode, actions sampled at temperature 1). Statistics are
+collect.episode_stats': over the finished episodes, or over the partial returns at the cap if none finished.
+
+  --protocol=fresh (default): envs seeded --env_seed (default 12345, a seed no training run derives: train.py's
+      env seeds are 31-bit hashes of the run's root key), policy key jax.random.key(env_seed); the same for every
+      seed of a multi-seed run, so seeds are compared on the same envs.
+  --protocol=last_eval: the key, env seed, env count and step cap of the run's own last evaluation
+      (train.py: key unit_key(root, it, EVALUATE), envs derived_seed(root, 1 + it)). For a single-seed run this
+      reproduces that evaluation exactly; a multi-seed run evaluated all seeds in one vmapped program, which
+      agrees with this single-seed program to float tolerance (see dlwm_jax/multiseed.py).
+
+Output: ONE JSON object on stdout (per-episode returns, lengths, finished flags, statistics, checkpoint step and
+iteration, game, env seed, parameter hashes as in summary.json); with --seed_index=all one object whose "seeds"
+lists one such record per seed plus "aggregate" over seeds. Progress goes to stderr. Bad input: one line
+`error: ...` on stderr and exit code 1. Nothing in the workdir is written except the video.
+
+Video (--video, default <workdir>/play.gif, '' disables; the agent only): env 0 of the (first) evaluated seed
+for up to --video_steps frames, beside a dream of the same length imagined from the encoding of its first
+observation with the agent's policy, decoded with the decoder's continuous Bernoulli mean (newest frame of the
+stack). A green (red) bar under a half marks a positive (negative) reward of that step; the caption gives the
+step and each side's return so far.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py (single or multi-seed).")
+flags.DEFINE_string("seed_index", "0", "Which seed of a multi-seed run (0 .. num_seeds-1), or 'all'.")
+flags.DEFINE_enum("policy", "agent", ["agent", "random"], "The trained agent, or uniform random actions.")
+flags.DEFINE_enum("protocol", "fresh", ["fresh", "last_eval"],
+                  "fresh: --episodes envs seeded --env_seed; last_eval: the run's own last evaluation (keys, envs).")
+flags.DEFINE_string("game", None, "Without --workdir (random policy only): the Atari game.")
+flags.DEFINE_string("preset", "paper", "Without --workdir: the config preset whose env settings apply.")
+flags.DEFINE_integer("episodes", None, "Number of evaluation envs, one episode each (default env.num_eval_envs).")
+flags.DEFINE_integer("env_seed", 12345, "Env i is seeded env_seed + i; the policy key is jax.random.key(env_seed).")
+flags.DEFINE_integer("max_steps", None, "Cap on agent steps per env (default env.eval_max_steps).")
+flags.DEFINE_string("video", None, "GIF of a real episode beside a dream (default <workdir>/play.gif; '' = none).")
+flags.DEFINE_integer("video_steps", 300, "At most this many frames in the video.")
+flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
+                    "Directory of JAX's persistent compilation cache ('' disables it).")
+FLAGS = flags.FLAGS
+
+FRESH_KEY_PURPOSE_DREAM = 2**31  # the fresh protocol's dream key: fold_in(key(env_seed), this), apart from acting
+SEPARATOR = 2      # pixels between real and dream
+SEPARATOR_RGB = (40, 110, 230)  # blue: apart from the gray frames and the green/red reward bars
+CAPTION = 12       # pixels of caption under each frame
+
+
+class InputError(ValueError):
+    """Bad flags or workdir: reported as one line."""
+
+
+def echo(message: str) -> None:
+    print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+def read_meta(workdir: str) -> tuple[int, dict]:
+    """(latest checkpoint step, its meta) of a train.py / multiseed.py workdir, read without writing anything."""
+    if not os.path.isdir(workdir):
+        raise InputError(f"workdir {workdir!r} does not exist")
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise InputError(f"no checkpoint in workdir {workdir!r} (no checkpoints/ directory)")
+    import orbax.checkpoint as ocp
+    from dlwm_jax.checkpoint import CheckpointError
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+        logging.set_verbosity(verbosity)
+    step = manager.latest_step()
+    if step is None:
+        raise InputError(f"no checkpoint in workdir {workdir!r} ({directory} holds no complete checkpoint)")
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(meta, dict) or "config" not in meta or "iteration" not in meta:
+        raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} has no run meta (config, iteration)")
+    return step, meta
+
+
+def initial_state(config, num_actions: int, seed: int):
+    """(world, agent) exactly as train.train_and_evaluate builds them for `seed` (before any restore)."""
+    import jax
+    import jax.numpy as jnp
+    from dlwm_jax import ppo, world_model as wm
+    from dlwm_jax.networks import make_networks
+    from dlwm_jax.train import AgentState
+    root = jax.random.key(seed)
+    networks = make_networks(config, num_actions)
+    init_key, agent_key = jax.random.split(jax.random.fold_in(root, 2**31))
+    world = wm.init_world_model(config, num_actions, init_key)
+    agent_params = jax.jit(networks.actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
+    return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
+
+
+def restore_state(workdir: str, step: int, config, num_actions: int, num_seeds: int | None):
+    """The checkpoint's (world, agent); stacked [S, ...] as multiseed.py saves it when num_seeds is not None."""
+    import jax
+    from dlwm_jax.checkpoint import Checkpointer
+    from dlwm_jax.multiseed import stack
+
+    def template():
+        if num_seeds is None:
+            return initial_state(config, num_actions, config.seed)
+        states = [initial_state(config, num_actions, config.seed + s) for s in range(num_seeds)]
+        return stack([w for w, _ in states]), stack([a for _, a in states])
+    # Shapes only: restore needs the tree structure and ShapeDtypeStructs, not the initial values.
+    state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(step, jax.eval_shape(template))
+    return state
+
+
+def last_evaluated_iteration(meta: dict, step: int) -> int:
+    """0-based iteration whose evaluation saw exactly this checkpoint's state; InputError if none did."""
+    from dlwm_jax.train import COLLECT, EVALUATE, PHASES
+    iteration, phase = meta["iteration"], meta["phase"]
+    if phase == COLLECT and iteration >= 1:
+        return iteration - 1  # saved right after iteration's evaluation, before the next collection
+    if phase == EVALUATE:
+        return iteration
+    raise InputError(f"--protocol=last_eval: checkpoint {step} was saved in phase {PHASES[phase]} of iteration "
+                     f"{iteration + 1}, after its state changed since the last evaluation; use --protocol=fresh")
+
+
+# ------------------------------------------------------------------------------------------ playing
+
+class EnvTap:
+    """Passes an EnvPool through to collect.first_episodes; prints progress and keeps env 0's first episode
+    (newest frames [T] and rewards [T], frame t = observation t's, reward t = the step taken from it) for at
+    most `record_frames` frames."""
+
+    def __init__(self, env, record_frames: int, max_steps: int, label: str, every_s: float = 20.0):
+        self.env, self.record_frames, self.max_steps = env, record_frames, max_steps
+        self.label, self.every_s = label, every_s
+        self.frames, self.rewards = [], []
+        self.recording = record_frames > 0
+        self.steps, self.start = 0, time.time()
+        self.last_echo = self.start
+        self.finished = None
+
+    def reset(self):
+        from dlwm_jax import envs
+        obs, info = self.env.reset()
+        self.finished = None
+        if self.recording:
+            self.frames.append(envs.frames_of(obs)[0].copy())
+        return obs, info
+
+    def step(self, actions):
+        import numpy as np
+        from dlwm_jax import envs
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        done = terminated | truncated
+        self.finished = done.copy() if self.finished is None else self.finished | done
+        if self.recording:
+            self.rewards.append(float(reward[0]))
+            if done[0] or len(self.frames) == self.record_frames:
+                self.recording = False
+            else:
+                self.frames.append(envs.frames_of(obs)[0].copy())
+        self.steps += 1
+        if time.time() - self.last_echo >= self.every_s:
+            self.last_echo = time.time()
+            echo(f"{self.label}: step {self.steps}/{self.max_steps}, {int(np.sum(self.finished))}/{len(done)} "
+                 f"episodes finished, {time.time() - self.start:.0f}s")
+        return obs, reward, terminated, truncated, info
+
+    def close(self):
+        self.env.close()
+
+
+def play(config, policy_fn, key, env_seed: int, num_envs: int, max_steps: int, record_frames: int, label: str):
+    """collect.evaluate's protocol, per episode: (first_episodes' (returns, lengths, finished, ...) [N],
+    episode_stats' dict, EnvTap).
+
+    The same calls as collect.evaluate (make_env(seed), step keys split(key, max_steps), first_episodes,
+    episode_stats), kept open to return the per-episode arrays and env 0's frames."""
+    import jax
+    from dlwm_jax import envs
+    from dlwm_jax.collect import episode_stats, first_episodes
+    tap = EnvTap(envs.make_env(config.env, num_envs, env_seed), record_frames, max_steps, label)
+    per_episode = first_episodes(tap, config.env, policy_fn, list(jax.random.split(key, max_steps)))
+    return per_episode, episode_stats(*per_episode), tap
+
+
+# ------------------------------------------------------------------------------------------ video
+
+def dream_of(world, agent, networks, start_frame, horizon: int, key):
+    """Imagines `horizon` steps from the encoding of an episode's first observation (start_frame [96, 96]
+    replicated as collect does); returns (decoded newest frames [T, 96, 96] in [0, 1], rewards [T])."""
+    import numpy as np
+    from dlwm_jax import envs, world_model as wm
+    from dlwm_jax.train import _decode_mean, _dream
+    start = envs.initial_stack(start_frame[None], world.config.env.frame_stack)
+    start_indices, _ = wm.encode(world, start)
+    dream = _dream(dynamics=networks.dream_dynamics, actor_critic=networks.actor_critic,
+                   dynamics_params={"params": world.dynamics_params}, policy_params=agent.params,
+                   embeddings=world.codebook.embeddings, start_indices=start_indices, key=key, horizon=horizon)
+    decoded = _decode_mean(networks.decoder, world.decoder_params, world.codebook.embeddings[dream.indices[:, 0]])
+    return np.asarray(decoded[..., -1]), np.asarray(dream.rewards[:, 0])
+
+
+def side_by_side(real, real_rewards, dream, dream_rewards):
+    """real uint8 [T, 96, 96], dream float [T, 96, 96] in [0, 1], rewards [T] -> GIF frames uint8
+    [T, 96 + CAPTION, 2 * 96 + SEPARATOR, 3]: real | dream with viz.dream_frames' reward bars, and a caption
+    with the step and both returns so far (it also keeps consecutive frames distinct, so none are merged)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+    from dlwm_jax import viz
+    t, h, w = real.shape
+    # +0.5 so that dream_frames' float -> uint8 truncation gives back the exact real pixel values
+    halves = viz.dream_frames(np.stack([(real + 0.5) / 255.0, dream], 1), np.stack([real_rewards, dream_rewards], 1))
+    halves = halves.reshape(t, h, 2, w, 3)
+    separator = np.broadcast_to(np.array(SEPARATOR_RGB, np.uint8), (t, h, SEPARATOR, 3))
+    frames = np.concatenate([halves[:, :, 0], separator, halves[:, :, 1]], 2)
+    font = ImageFont.load_default()
+    real_returns, dream_returns = np.cumsum(real_rewards), np.cumsum(dream_rewards)
+    captions = []
+    for i in range(t):
+        caption = Image.new("RGB", (frames.shape[2], CAPTION))
+        ImageDraw.Draw(caption).text((2, 0), f"{i + 1}/{t}  real {real_returns[i]:+g}  dream {dream_returns[i]:+g}",
+                                     fill=(255, 255, 255), font=font)
+        captions.append(np.asarray(caption))
+    return np.concatenate([frames, np.stack(captions)], 1)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def check_flags() -> None:
+    """Flag values that are wrong whatever the workdir holds."""
+    if FLAGS.episodes is not None and FLAGS.episodes < 1:
+        raise InputError(f"--episodes must be >= 1, got {FLAGS.episodes}")
+    if FLAGS.max_steps is not None and FLAGS.max_steps < 1:
+        raise InputError(f"--max_steps must be >= 1, got {FLAGS.max_steps}")
+    if FLAGS.video_steps < 1:
+        raise InputError(f"--video_steps must be >= 1, got {FLAGS.video_steps}")
+    if FLAGS.protocol == "last_eval" and any(FLAGS[name].present for name in ("episodes", "env_seed", "max_steps")):
+        raise InputError("--protocol=last_eval uses the run's own envs, seed and step cap; "
+                         "drop --episodes/--env_seed/--max_steps or use --protocol=fresh")
+    if FLAGS.policy == "random" and FLAGS.video:
+        raise InputError("--video shows the agent and its dream; it needs --policy=agent")
+    if FLAGS.workdir is None:
+        if FLAGS.policy == "agent":
+            raise InputError("--workdir is required for --policy=agent")
+        if FLAGS.protocol == "last_eval":
+            raise InputError("--protocol=last_eval needs --workdir")
+        if not FLAGS.game:
+            raise InputError("--policy=random without --workdir needs --game (and --preset, default paper)")
+    elif FLAGS.game or FLAGS["preset"].present:
+        raise InputError("--game/--preset are taken from the checkpoint when --workdir is given")
+
+
+def load_run():
+    """(config, step, meta, num_seeds, JSON header): from the workdir's latest checkpoint, or (random policy
+    without a workdir) from --game and --preset with step, meta and num_seeds None."""
+    from dlwm_jax import config as config_lib, envs
+    from dlwm_jax.train import PHASES
+    if FLAGS.workdir is None:
+        config = config_lib.override(config_lib.get_preset(FLAGS.preset), {"env.game": FLAGS.game})
+        return config, None, None, None, {"game": envs.check_game(config.env.game), "preset": FLAGS.preset}
+    step, meta = read_meta(FLAGS.workdir)
+    config = config_lib.from_dict(meta["config"])
+    num_seeds = meta.get("num_seeds")  # written by multiseed.py only
+    s = config.schedule
+    header = {"game": envs.check_game(config.env.game), "workdir": os.path.abspath(FLAGS.workdir),
+              "checkpoint_step": step, "iterations_completed": meta["iteration"], "next_phase": PHASES[meta["phase"]],
+              "real_steps": s.initial_steps + s.steps_per_iteration * (meta["chunks"] - 1) if meta["chunks"] else 0}
+    echo(f"checkpoint {step} of {FLAGS.workdir}: {config.env.game}, {meta['iteration']}/{s.num_iterations} "
+         f"iterations done" + (f", {num_seeds} seeds" if num_seeds else ""))
+    return config, step, meta, num_seeds, header
+
+
+def seed_indices(num_seeds: int) -> list[int]:
+    if FLAGS.seed_index == "all":
+        return list(range(num_seeds))
+    try:
+        index = int(FLAGS.seed_index)
+    except ValueError:
+        raise InputError(f"--seed_index must be an integer or 'all', got {FLAGS.seed_index!r}") from None
+    if not 0 <= index < num_seeds:
+        raise InputError(f"--seed_index={index} is out of range: the run has {num_seeds} seed(s), "
+                         f"indices 0..{num_seeds - 1}")
+    return [index]
+
+
+def protocol(config, seed: int, evaluated_iteration: int | None) -> dict:
+    """The evaluation's policy key, env seed, env count and step cap, and the dream's key, for one seed."""
+    import jax
+    from dlwm_jax.train import EVALUATE, derived_seed, unit_key
+    if evaluated_iteration is not None:  # train.py's evaluation of that iteration
+        root = jax.random.key(seed)
+        return dict(key=unit_key(root, evaluated_iteration, EVALUATE),
+                    env_seed=derived_seed(root, 1 + evaluated_iteration),
+                    num_envs=config.env.num_eval_envs, max_steps=config.env.eval_max_steps,
+                    dream_key=unit_key(root, evaluated_iteration, EVALUATE, 2))  # unit 1: train.py's images
+    key = jax.random.key(FLAGS.env_seed)
+    return dict(key=key, env_seed=FLAGS.env_seed, num_envs=FLAGS.episodes or config.env.num_eval_envs,
+                max_steps=FLAGS.max_steps or config.env.eval_max_steps,
+                dream_key=jax.random.fold_in(key, FRESH_KEY_PURPOSE_DREAM))
+
+
+def write_video(path: str, tap: EnvTap, world, agent, networks, dream_key) -> dict:
+    import numpy as np
+    from dlwm_jax import viz
+    real_rewards = np.asarray(tap.rewards, np.float32)
+    real = np.stack(tap.frames[:len(real_rewards)])  # at the step cap the last frame has no step
+    dream, dream_rewards = dream_of(world, agent, networks, real[0], len(real), dream_key)
+    viz.save_gif(path, side_by_side(real, real_rewards, dream, dream_rewards))
+    echo(f"video: {len(real)} frames (real | dream) -> {path}")
+    return {"path": os.path.abspath(path), "frames": len(real), "real_return": float(real_rewards.sum()),
+            "dream_return": float(dream_rewards.sum())}
+
+
+def evaluate_run() -> dict:
+    import jax
+    from dlwm_jax import envs
+    from dlwm_jax.collect import random_policy
+    from dlwm_jax.multiseed import aggregate, unstack
+    from dlwm_jax.networks import make_networks
+    from dlwm_jax.train import make_act, params_hash
+
+    check_flags()
+    config, step, meta, num_seeds, header = load_run()
+    jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)  # as train.py: same keys
+    num_actions = envs.num_actions(config.env.game)
+    seeds = [config.seed + i for i in range(num_seeds or 1)]
+    indices = seed_indices(len(seeds))
+    evaluated = last_evaluated_iteration(meta, step) if FLAGS.protocol == "last_eval" else None
+    agent_policy = FLAGS.policy == "agent"
+    video = FLAGS.video if FLAGS.video is not None else (
+        os.path.join(FLAGS.workdir, "play.gif") if agent_policy else "")
+    if video and not os.path.isdir(os.path.dirname(os.path.abspath(video))):  # fail before minutes of evaluation
+        raise InputError(f"--video={video!r}: directory {os.path.dirname(os.path.abspath(video))!r} does not exist")
+    if agent_policy:
+        echo("restoring the agent")
+        state = restore_state(FLAGS.workdir, step, config, num_actions, num_seeds)
+        networks = make_networks(config, num_actions)
+        act = make_act(networks, 1.0)
+
+    records, video_info = [], None
+    for index in indices:
+        p = protocol(config, seeds[index], evaluated)
+        record = {"seed_index": index, "seed": seeds[index], "env_seed": p["env_seed"], "episodes": p["num_envs"],
+                  "max_steps": p["max_steps"]}
+        if evaluated is not None:
+            record["evaluated_iteration"] = evaluated + 1
+            history = meta["eval_histories"][index] if num_seeds else meta["eval_history"]
+            if evaluated < len(history):  # [real steps, return mean, return std] the run logged for it
+                record["run_return_mean"] = history[evaluated][1]
+        if agent_policy:
+            world, agent = state if num_seeds is None else unstack(state, index)
+            policy_fn = lambda obs, key, w=world, a=agent.params: act(w, a, obs, key)
+            record["hashes"] = {"encoder": params_hash((world.encoder_params, world.encoder_batch_stats)),
+                                "decoder": params_hash(world.decoder_params), "codebook": params_hash(world.codebook),
+                                "dynamics": params_hash(world.dynamics_params), "policy": params_hash(agent.params)}
+        else:
+            policy_fn = random_policy(num_actions)
+        label = f"seed {seeds[index]}" if num_seeds else "run"
+        echo(f"{label}: {p['num_envs']} episodes, at most {p['max_steps']} steps each, envs seeded {p['env_seed']}..")
+        started = time.time()
+        want_video = bool(video) and video_info is None  # the first evaluated seed's env 0
+        per_episode, stats, tap = play(config, policy_fn, p["key"], p["env_seed"], p["num_envs"], p["max_steps"],
+                                       FLAGS.video_steps if want_video else 0, label)
+        echo(f"{label}: return {stats['return_mean']:.2f} +- {stats['return_std']:.2f} "
+             f"({stats['num_finished']}/{p['num_envs']} episodes finished) in {time.time() - started:.1f}s")
+        returns, lengths, finished = per_episode[:3]  # first_episodes' (returns, lengths, finished, ...)
+        record.update(returns=returns.tolist(), lengths=lengths.tolist(), finished=finished.tolist())
+        record.update(stats)
+        if want_video:
+            video_info = {**write_video(video, tap, world, agent, networks, p["dream_key"]), "seed_index": index}
+        records.append(record)
+
+    result = {"policy": FLAGS.policy, "protocol": FLAGS.protocol, **header}
+    if FLAGS.seed_index == "all" and num_seeds:
+        result.update(seeds=records, aggregate=aggregate([r["return_mean"] for r in records]))
+    else:
+        result.update(records[0])
+    result["video"] = video_info
+    return result
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.compilation_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from dlwm_jax.checkpoint import CheckpointError
+    try:
+        result = evaluate_run()
+    except (ValueError, OSError, CheckpointError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(json.dumps(result), flush=True)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
