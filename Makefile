@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 GAME ?= BankHeist
 
-.PHONY: setup demo test test-slow bench params
+.PHONY: setup demo evidence test test-slow bench params
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -11,6 +11,11 @@ setup: .venv/.installed
 
 demo: setup
 	$(PY) experiments/train.py --game=$(GAME) --preset=demo
+
+# Evidence run: preset `short`, 3 vmapped seeds; rerun to resume. Writes results/short/$(GAME).json.
+evidence: setup
+	$(PY) experiments/train.py --game=$(GAME) --preset=short --num_seeds=3 --workdir=runs/short/$(GAME)
+	mkdir -p results/short && cp runs/short/$(GAME)/results.json results/short/$(GAME).json
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

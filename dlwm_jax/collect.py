@@ -145,29 +145,32 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
     Runs num_envs (default env.num_eval_envs) envs from reset until each has finished its first episode
     (finished envs keep stepping, their data ignored) or max_steps (default env.eval_max_steps) steps were taken.
     Returns return_mean/std (population)/min/max and length_mean over the finished episodes; if none finished,
-    over the partial returns at the cap. num_finished says how many of num_envs episodes ended.
+    over the partial returns at the cap. num_finished says how many of num_envs episodes ended; `returns`,
+    `lengths` and `finished` are the per-env lists.
     """
     num_envs = num_envs or env_config.num_eval_envs
     max_steps = max_steps or env_config.eval_max_steps
     env = envs.make_env(env_config, num_envs, seed)
-    returns, lengths, finished = first_episodes(env, env_config, policy_fn, list(jax.random.split(key, max_steps)))
-    return episode_stats(returns, lengths, finished)
+    return episode_stats(*first_episodes(env, env_config, policy_fn, list(jax.random.split(key, max_steps))))
 
 
 def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: list) -> tuple[np.ndarray, ...]:
     """Resets `env` (N envs) and acts until every env finished its first episode or len(step_keys) steps were
-    taken (step t acts with step_keys[t]); closes it. Returns (returns f64 [N], lengths i64 [N], finished [N])."""
+    taken (step t acts with step_keys[t]); closes it. Returns (returns f64 [N], lengths i64 [N], finished [N],
+    clipped returns f64 [N]: the sum of sign(reward), the reward classes the world model predicts)."""
     num_act = envs.num_actions(env_config.game)
     obs, _ = env.reset()
     observations = jnp.asarray(envs.initial_stack(envs.frames_of(obs), env_config.frame_stack))
     num_envs = observations.shape[0]
     returns, lengths = np.zeros(num_envs, np.float64), np.zeros(num_envs, np.int64)
+    clipped = np.zeros(num_envs, np.float64)
     finished = np.zeros(num_envs, bool)
     for step_key in step_keys:
         actions = _actions(policy_fn, observations, step_key, num_act)
         obs, reward, terminated, truncated, _ = env.step(actions)
         active = ~finished
         returns += np.where(active, reward, 0.0)
+        clipped += np.where(active, np.sign(reward), 0.0)
         lengths += active
         finished |= terminated | truncated
         if finished.all():
@@ -175,12 +178,16 @@ def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: l
         # After a done EnvPool's next step resets; finished envs' data are ignored, so no special care here.
         observations = _push_frame(observations, envs.frames_of(obs).copy(), np.zeros(num_envs, bool))
     env.close()
-    return returns, lengths, finished
+    return returns, lengths, finished, clipped
 
 
-def episode_stats(returns: np.ndarray, lengths: np.ndarray, finished: np.ndarray) -> dict[str, float]:
-    """evaluate's result dict for one group of envs [N]: over finished episodes, or all if none finished."""
+def episode_stats(returns: np.ndarray, lengths: np.ndarray, finished: np.ndarray, clipped: np.ndarray) -> dict:
+    """evaluate's result dict for one group of envs [N]: statistics over finished episodes, or all if none
+    finished; plus the raw per-env lists `returns`, `lengths`, `finished` and `clipped_returns` (unfinished:
+    partial values at the cap)."""
     pick = finished if finished.any() else np.ones(len(finished), bool)
     return dict(return_mean=float(returns[pick].mean()), return_std=float(returns[pick].std()),
                 return_min=float(returns[pick].min()), return_max=float(returns[pick].max()),
-                length_mean=float(lengths[pick].mean()), num_finished=int(finished.sum()), num_envs=len(finished))
+                length_mean=float(lengths[pick].mean()), num_finished=int(finished.sum()), num_envs=len(finished),
+                returns=[float(r) for r in returns], lengths=[int(n) for n in lengths],
+                finished=[bool(f) for f in finished], clipped_returns=[float(c) for c in clipped])

@@ -94,6 +94,7 @@ class ScheduleConfig:
     joint_epochs: tuple[int, ...] = (140, 32, 24, 20, 16, 14, 12, 11, 10, 9, 8, 8, 7, 7, 6)
     vq_update_intervals: tuple[int, ...] = (2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3)
     ppo_updates: tuple[int, ...] = (1000,) * 7 + (2000,) + (1000,) * 3 + (2000,) + (1000,) * 2 + (3000,)
+    diagnostic_windows: int = 128  # real windows per iteration for the world-model diagnostics (0 = none)
 
 
 # XLA:CPU's YNNPACK fusion types per ComputeConfig.*_ynnpack value ("" = none; "all" = XLA's default list).
@@ -139,6 +140,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     compute: ComputeConfig = ComputeConfig()
+    preset: str = "paper"  # the name of the preset these values started from (reports group runs by it)
     seed: int = 0
     checkpoint_every_s: float = 600.0  # inside long phases, save at the next unit boundary after this long
 
@@ -182,17 +184,33 @@ def paper() -> Config:
 def demo() -> Config:
     """A short real run: full-size networks, 2 iterations on 3,000 real steps, ~15 minutes on 2 CPU cores."""
     return override(Config(), {
-        "env.num_eval_envs": 8, "env.eval_max_steps": 2_000,
+        "preset": "demo", "env.num_eval_envs": 8, "env.eval_max_steps": 2_000,
         "schedule.num_iterations": 2, "schedule.initial_steps": 2_000, "schedule.steps_per_iteration": 1_000,
         "schedule.warmup_epochs": 4, "schedule.joint_epochs": (2, 2), "schedule.vq_update_intervals": (2, 2),
         "schedule.ppo_updates": (20, 20),
     })
 
 
+def short() -> Config:
+    """The paper's schedule shape scaled down to under 1 h per seed on 2 CPU cores (full-size networks).
+
+    16,000 real steps over 4 iterations (6,400 random, then 3 x 3,200 with the agent), 5 warm-up epochs (800
+    VQ-VAE steps at 10x lr), joint epochs giving ~870-1,450 dynamics steps per iteration (the paper: ~14,000),
+    150-250 PPO updates per iteration (the paper: 1,000-3,000). Episodes are capped at 10,000 agent steps so that an agent stuck without dying cannot
+    make an evaluation run for hours; the random baseline in results/ uses the same cap.
+    """
+    return override(Config(), {
+        "preset": "short", "env.num_eval_envs": 16, "env.max_episode_steps": 10_000, "env.eval_max_steps": 10_000,
+        "schedule.num_iterations": 4, "schedule.initial_steps": 6_400, "schedule.steps_per_iteration": 3_200,
+        "schedule.warmup_epochs": 5, "schedule.joint_epochs": (10, 4, 3, 3), "schedule.vq_update_intervals": (2, 3, 3, 3),
+        "schedule.ppo_updates": (150, 150, 150, 250),
+    })
+
+
 def smoke() -> Config:
     """Every phase and output once, with narrow networks: for tests."""
     return override(Config(), {
-        "env.num_eval_envs": 2, "env.eval_max_steps": 60,
+        "preset": "smoke", "env.num_eval_envs": 2, "env.eval_max_steps": 60, "schedule.diagnostic_windows": 3,
         "vqvae.channels": (4, 8, 8, 16), "vqvae.code_dim": 8, "vqvae.num_codes": 16, "vqvae.batch_size": 8,
         "dynamics.hidden_channels": 8, "dynamics.reward_hidden": 16, "dynamics.reward_conv_channels": 4,
         "policy.conv_channels": 8, "policy.hidden": 16, "policy.num_envs": 4, "policy.horizon": 8,
@@ -203,7 +221,7 @@ def smoke() -> Config:
     })
 
 
-PRESETS = {"paper": paper, "demo": demo, "smoke": smoke}
+PRESETS = {"paper": paper, "short": short, "demo": demo, "smoke": smoke}
 
 
 def get_preset(name: str) -> Config:

@@ -44,9 +44,11 @@ from dlwm_jax.collect import Collector, episode_stats, first_episodes
 from dlwm_jax.config import Config, EnvConfig, validate
 from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
-from dlwm_jax.train import (COLLECT, EVALUATE, PHASES, POLICY, WARMUP, WORLD_MODEL, AgentState, Logger,
-                            _check_workdir, _config_json, make_act, make_policy_update, _save_images, _short,
-                            derived_seed, params_hash, unit_key)
+from dlwm_jax.train import (COLLECT, DIAGNOSTICS, EVALUATE, HOLDOUT_ENV, PHASES, POLICY, WARMUP, WORLD_MODEL,
+                            AgentState, Logger, _check_workdir, _config_json, diagnostic_batch, evaluation_line,
+                            evaluation_record, git_commit, holdout_steps, imagined_returns, make_act,
+                            make_policy_update, _save_images, _short, derived_seed, params_hash, unit_key,
+                            write_results)
 
 ENVS_PER_SEED = 1  # train.py collects with one env per run
 
@@ -173,10 +175,8 @@ def evaluate_seeds(env_config: EnvConfig, act: Callable, keys: Sequence[jax.Arra
     result dict its own `evaluate(env_config, ..., keys[s], base_seeds[s])` would. act(obs [S, E, ...], keys [S])."""
     num_seeds, num_envs, max_steps = len(keys), env_config.num_eval_envs, env_config.eval_max_steps
     policy = _keyed_policy(act, _split_per_seed(keys, max_steps), num_seeds)  # per-seed keys live in the policy
-    returns, lengths, finished = first_episodes(make_pooled_env(env_config, num_envs, base_seeds), env_config,
-                                                policy, [None] * max_steps)
-    per_seed = lambda x: x.reshape(num_seeds, num_envs)
-    return [episode_stats(*group) for group in zip(per_seed(returns), per_seed(lengths), per_seed(finished))]
+    per_episode = first_episodes(make_pooled_env(env_config, num_envs, base_seeds), env_config, policy, [None] * max_steps)
+    return [episode_stats(*group) for group in zip(*(x.reshape(num_seeds, num_envs) for x in per_episode))]
 
 
 def aggregate(values: Sequence[float]) -> dict[str, float]:
@@ -258,13 +258,16 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
                for d, off, step in zip(seed_dirs, meta["metrics_offsets"], meta["log_steps"])]
     loggers[0].echo = echo  # progress lines: seed 0's clock and metrics
     progress = loggers[0].progress
-    last_save = time.time()
+    last_save = started = time.time()
+    elapsed = lambda: meta.get("elapsed_s", 0.0) + time.time() - started  # wall time over all resumptions
+    meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
 
     def save(iteration: int, phase: int, unit: int) -> None:
-        nonlocal last_save
+        nonlocal last_save, started
         meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offsets=[lg.offset for lg in loggers],
                     log_steps=[lg.log_step for lg in loggers], config=_config_json(config), num_seeds=S,
-                    save_index=meta["save_index"] + 1)
+                    save_index=meta["save_index"] + 1, elapsed_s=elapsed())
+        started = time.time()
         checkpoints.save(meta["save_index"], jax.device_get((world, agent)), meta)
         last_save = time.time()
 
@@ -286,6 +289,36 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     policy_updates = make_policy_update(config, networks, policy_optimizer,
                                         lambda fn, n, options: over_seeds(fn, sharding, (0,) * n, options))
     seed_keys = lambda it, phase, unit=0: [unit_key(root, it, phase, unit) for root in roots]
+    diagnostics_fn = over_seeds(wm.world_model_diagnostics, sharding, (0,) * 5)
+    imagined_fn = over_seeds(functools.partial(imagined_returns, networks, config), sharding, (0,) * 4)
+
+    def diagnose(it: int, datas: Sequence[Replay], first_step: int) -> None:
+        """train.py's diagnose for every seed: the same windows and keys, one vmapped program."""
+        keys = [jax.random.split(k) for k in seed_keys(it, DIAGNOSTICS)]  # (window key, unroll key) per seed
+        batches = [diagnostic_batch(config, data, first_step, k[0]) if s_cfg.diagnostic_windows else None
+                   for data, k in zip(datas, keys)]
+        if any(b is None for b in batches):
+            return
+        width = min(b.actions.shape[1] for b in batches)  # equal widths to stack (differ only on tiny data)
+        fields = [np.stack([x[:, :width] for x in xs]) for xs in
+                  zip(*((b.observations, b.actions, b.rewards) for b in batches))]
+        metrics = jax.device_get(diagnostics_fn(world, *map(put, fields), put(jnp.stack([k[1] for k in keys]))))
+        for s in range(S):
+            record(s, it, "diagnostics", unstack(metrics, s), windows=width, model_iteration=max(it, 1))
+        echo(f"[iter {it + 1}/{s_cfg.num_iterations}] diagnostics world model of iteration {max(it, 1)} on "
+             f"{'held-back random' if it == 0 else 'fresh'} data, seed 0: {wm.diagnostic_summary(unstack(metrics, 0))}")
+
+    def holdout() -> list[Replay]:
+        """train.py's holdout for every seed, from one pool of envs with the single runs' seeds and keys."""
+        steps = holdout_steps(config)
+        pool = pooled_collector(config.env, E, [derived_seed(root, HOLDOUT_ENV) for root in roots])
+        step_keys = _split_per_seed([unit_key(root, 0, DIAGNOSTICS, 1) for root in roots], steps // E)
+        trajectory, _ = pool.collect(_keyed_policy(lambda obs, keys: random_act(put(keys)), step_keys, S), steps * S,
+                                     jax.random.key(0))
+        datas = [Replay(steps, E, (config.env.image_size,) * 2, config.env.frame_stack) for _ in range(S)]
+        for s, data in enumerate(datas):
+            data.add(*(x[s * E:(s + 1) * E] for x in trajectory))
+        return datas
 
     start_iteration = meta["iteration"]
     for it in range(start_iteration, s_cfg.num_iterations):
@@ -337,7 +370,10 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
         if first_phase <= WORLD_MODEL:
             start_phase()
             epochs = s_cfg.joint_epochs[it]
-            for epoch in range(first_unit if first_phase == WORLD_MODEL else 0, epochs):
+            first_epoch = first_unit if first_phase == WORLD_MODEL else 0
+            if it > 0 and first_epoch == 0:  # the last world model on the chunk it has not trained on yet
+                diagnose(it, replays, len(replays[0]) - s_cfg.steps_per_iteration)
+            for epoch in range(first_epoch, epochs):
                 world, per_seed = joint_epoch_seeds(world, replays, seed_keys(it, WORLD_MODEL, epoch),
                                                     s_cfg.vq_update_intervals[it], sharding)
                 for s in range(S):
@@ -346,6 +382,8 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
                 progress(it, s_cfg.num_iterations, "world_model", epoch + 1, epochs,
                          "seed 0: " + _short({**per_seed[0]["vqvae"], **per_seed[0]["dynamics"]}))
                 maybe_save(it, WORLD_MODEL, epoch + 1)
+            if it == 0 and s_cfg.diagnostic_windows:
+                diagnose(it, holdout(), 0)
             save(it, POLICY, 0)
 
         if first_phase <= POLICY:
@@ -372,10 +410,17 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
         start_phase()
         results = evaluate_seeds(config.env, lambda obs, keys: act_eval(world, agent.params, put(obs), put(keys)),
                                  seed_keys(it, EVALUATE), [derived_seed(root, 1 + it) for root in roots])
+        dream_keys = [jax.random.split(k) for k in seed_keys(it, DIAGNOSTICS, 2)]  # (start key, dream key) per seed
+        starts = np.stack([r.sample_observations(k[0], p.num_envs) for r, k in zip(replays, dream_keys)])
+        imagined = np.asarray(imagined_fn(world, agent.params, put(starts), put(jnp.stack([k[1] for k in dream_keys]))))
         host_world, host_agent = jax.device_get((world, agent))
         for s, result in enumerate(results):
-            record(s, it, "evaluate", {f"eval_{k}": v for k, v in result.items()})
+            metrics = evaluation_record(result, imagined[s], p.horizon)
+            record(s, it, "evaluate", metrics, wall_time_s=round(elapsed(), 1))
+            if s == 0:
+                echo(f"[iter {it + 1}/{s_cfg.num_iterations}] seed 0: {evaluation_line(metrics, p.horizon)}")
             meta["eval_histories"][s].append([len(replays[s]), result["return_mean"], result["return_std"]])
+            meta.setdefault("last_evals", [None] * S)[s] = result
             _save_images(seed_dirs[s], it, unstack(host_world, s), unstack(host_agent, s), replays[s], networks,
                          config, unit_key(roots[s], it, EVALUATE, 1))
             steps_, means, stds = zip(*meta["eval_histories"][s])
@@ -406,6 +451,14 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
               "final_eval_return_per_seed": finals}
     with open(os.path.join(workdir, "aggregate.json"), "w") as f:
         json.dump(result, f, indent=1)
+    last = s_cfg.num_iterations - 1
+    echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps)")
+    random_eval_act = over_seeds(lambda key: jax.random.randint(key, (config.env.num_eval_envs,), 0, num_actions,
+                                                                dtype=jnp.int32), sharding, (0,))  # collect.random_policy
+    baselines = evaluate_seeds(config.env, lambda obs, keys: random_eval_act(put(keys)), seed_keys(last, EVALUATE),
+                               [derived_seed(root, 1 + last) for root in roots])
+    write_results(os.path.join(workdir, "results.json"), config, game, seeds, seed_dirs, meta["last_evals"], baselines,
+                  meta)
     return {"seeds": summaries, "aggregate": result}
 
 

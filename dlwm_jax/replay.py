@@ -208,6 +208,22 @@ class Replay:
         for i in range(0, len(starts), batch_size):
             yield self.sequences(starts[i:i + batch_size], length)._replace(valid=valid[i:i + batch_size])
 
+    def window_starts_from(self, key: jax.Array, count: int, length: int, first_step: int = 0) -> np.ndarray:
+        """Up to `count` distinct random starts of `length`-step windows that begin at or after `first_step`, lie
+        in one trajectory and cross no episode end (no terminal among their first length-1 steps): int64 [<= count].
+
+        The diagnostics' windows of data the world model has not trained on (first_step = start of a fresh chunk).
+        """
+        starts = np.arange(first_step, self._size - length + 1, dtype=np.int64)
+        if len(starts) == 0:
+            return starts
+        trajectory = np.searchsorted(self._trajectory_starts, np.arange(self._size), side="right") - 1
+        ends_before = np.concatenate([[0], np.cumsum(self._terminals[:self._size])])  # terminals in [0, i)
+        ok = (trajectory[starts] == trajectory[starts + length - 1]) & \
+             (ends_before[starts + length - 1] == ends_before[starts])
+        candidates = starts[ok]
+        return np.sort(_generator(key).choice(candidates, min(count, len(candidates)), replace=False))
+
     def sample_observations(self, key: jax.Array, n: int = 16) -> np.ndarray:
         """n distinct steps uniformly from the whole buffer -> uint8 [n, H, W, C] (start states, SPEC 2, 6)."""
         if n > self._size:

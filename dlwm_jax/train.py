@@ -22,6 +22,9 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -42,6 +45,9 @@ from dlwm_jax import world_model as wm
 
 PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
 COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
+DIAGNOSTICS = len(PHASES)   # key namespace of the diagnostics (not a phase: they change no state)
+HOLDOUT_ENV = 10_000        # derived_seed purpose of iteration 1's held-back random env
+RESULTS_FORMAT = "dlwm-jax-results/1"
 
 
 class NonFiniteError(RuntimeError):
@@ -149,6 +155,45 @@ def make_act(networks, temperature: float):
         logits, _ = networks.actor_critic.apply(agent_params, z_q)
         return ppo.sample_action(logits, key, temperature)
     return act
+
+
+def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,
+                     key: jax.Array) -> jax.Array:
+    """The policy's return in its own dreams: start observations uint8 [N, 96, 96, C] -> summed imagined rewards
+    [N] over one horizon (SPEC 6), to set beside the real evaluation's clipped return per horizon."""
+    start_indices, _ = wm.encode(world, start_observations)
+    dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent_params,
+                    world.codebook.embeddings, start_indices, key, config.policy.horizon,
+                    config.policy.bootstrap_at_horizon, unroll=config.compute.imagination_unroll)
+    return jnp.sum(dream.rewards, axis=0)
+
+
+def diagnostic_batch(config: Config, replay: Replay, first_step: int, key: jax.Array):
+    """Up to schedule.diagnostic_windows windows (SequenceBatch [T, B]) of steps >= first_step, or None."""
+    length = wm.diagnostic_window_length(config)
+    starts = replay.window_starts_from(key, config.schedule.diagnostic_windows, length, first_step)
+    return replay.sequences(starts, length) if len(starts) else None
+
+
+def holdout_steps(config: Config) -> int:
+    """Random steps held back in iteration 1 for the diagnostics: one window length per diagnostic window."""
+    return config.schedule.diagnostic_windows * wm.diagnostic_window_length(config)
+
+
+def evaluation_record(result: dict, imagined: np.ndarray, horizon: int) -> dict:
+    """The scalars logged at evaluation: eval_* statistics, the imagined return per dream [N] and the real return
+    per `horizon` steps, clipped to reward classes as the dream's (all envs, partial episodes included)."""
+    record = {f"eval_{k}": v for k, v in result.items() if not isinstance(v, list)}
+    record.update(imagined_return_mean=float(np.mean(imagined)), imagined_return_std=float(np.std(imagined)),
+                  real_return_per_horizon=float(np.sum(result["clipped_returns"]) / max(np.sum(result["lengths"]), 1)
+                                                * horizon))
+    return record
+
+
+def evaluation_line(record: dict, horizon: int) -> str:
+    return (f"return {record['eval_return_mean']:.1f} +- {record['eval_return_std']:.1f} "
+            f"({record['eval_num_finished']:.0f}/{record['eval_num_envs']:.0f} episodes finished); clipped return "
+            f"per {horizon} steps: imagined {record['imagined_return_mean']:.2f}, real {record['real_return_per_horizon']:.2f}")
 
 
 def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):
@@ -261,12 +306,16 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
         if meta["iteration"] < config.schedule.num_iterations:
             _fast_forward(collector, meta["chunks"], checkpoints)
     logger = Logger(workdir, meta["metrics_offset"], meta["log_step"], echo)
-    last_save = time.time()
+    last_save = started = time.time()
+    elapsed = lambda: meta.get("elapsed_s", 0.0) + time.time() - started  # wall time over all resumptions
+    meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
 
     def save(iteration: int, phase: int, unit: int) -> None:
-        nonlocal last_save
+        nonlocal last_save, started
         meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offset=logger.offset,
-                    log_step=logger.log_step, config=_config_json(config), save_index=meta["save_index"] + 1)
+                    log_step=logger.log_step, config=_config_json(config), save_index=meta["save_index"] + 1,
+                    elapsed_s=elapsed())
+        started = time.time()
         checkpoints.save(meta["save_index"], (world, agent), meta)
         last_save = time.time()
 
@@ -281,6 +330,28 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     act_collect = make_act(networks, config.env.collect_temperature)
     act_eval = make_act(networks, 1.0)
     policy_update = make_policy_update(config, networks, policy_optimizer)
+    diagnostics_fn = jax.jit(wm.world_model_diagnostics)
+    imagined_fn = jax.jit(functools.partial(imagined_returns, networks, config))
+
+    def diagnose(it: int, data: Replay, first_step: int) -> None:
+        """World-model diagnostics on real windows it has not trained on (steps >= first_step of `data`)."""
+        window_key, unroll_key = jax.random.split(unit_key(root, it, DIAGNOSTICS))
+        batch = diagnostic_batch(config, data, first_step, window_key) if s.diagnostic_windows else None
+        if batch is None:
+            return
+        metrics = jax.device_get(diagnostics_fn(world, batch.observations, batch.actions, batch.rewards, unroll_key))
+        record(it, "diagnostics", metrics, windows=int(batch.actions.shape[1]), model_iteration=max(it, 1))
+        logger.echo(f"[iter {it + 1}/{s.num_iterations}] diagnostics world model of iteration {max(it, 1)} on "
+                    f"{'held-back random' if it == 0 else 'fresh'} data: {wm.diagnostic_summary(metrics)}")
+
+    def holdout() -> Replay:
+        """Iteration 1's held-back data: random steps from an env of its own (the training stream is untouched)."""
+        steps = holdout_steps(config)
+        trajectory, _ = Collector(config.env, 1, derived_seed(root, HOLDOUT_ENV)).collect(
+            random_policy(num_actions), steps, unit_key(root, 0, DIAGNOSTICS, 1))
+        data = Replay(steps, 1, (config.env.image_size,) * 2, config.env.frame_stack)
+        data.add(*trajectory)
+        return data
 
     start_iteration = meta["iteration"]
     for it in range(start_iteration, s.num_iterations):
@@ -319,7 +390,10 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
         if first_phase <= WORLD_MODEL:
             logger.start_phase()
             epochs = s.joint_epochs[it]
-            for epoch in range(first_unit if first_phase == WORLD_MODEL else 0, epochs):
+            first_epoch = first_unit if first_phase == WORLD_MODEL else 0
+            if it > 0 and first_epoch == 0:  # the last world model on the chunk it has not trained on yet
+                diagnose(it, replay, len(replay) - s.steps_per_iteration)
+            for epoch in range(first_epoch, epochs):
                 world, metrics = wm.joint_epoch(world, replay, unit_key(root, it, WORLD_MODEL, epoch),
                                                 s.vq_update_intervals[it],
                                                 progress=logger.heartbeat(it, s.num_iterations, "world_model", epoch, epochs))
@@ -328,6 +402,8 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
                 logger.progress(it, s.num_iterations, "world_model", epoch + 1, epochs,
                                 _short({**metrics["vqvae"], **metrics["dynamics"]}))
                 maybe_save(it, WORLD_MODEL, epoch + 1)
+            if it == 0 and s.diagnostic_windows:
+                diagnose(it, holdout(), 0)
             save(it, POLICY, 0)
 
         if first_phase <= POLICY:
@@ -353,12 +429,14 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
         eval_key = unit_key(root, it, EVALUATE)
         result = evaluate(config.env, lambda obs, key: act_eval(world, agent.params, obs, key), eval_key,
                           derived_seed(root, 1 + it))
-        metrics = {f"eval_{k}": v for k, v in result.items()}
-        record(it, "evaluate", metrics)
+        start_key, dream_key = jax.random.split(unit_key(root, it, DIAGNOSTICS, 2))
+        imagined = np.asarray(imagined_fn(world, agent.params, replay.sample_observations(start_key, p.num_envs),
+                                          dream_key))
+        metrics = evaluation_record(result, imagined, p.horizon)
+        record(it, "evaluate", metrics, wall_time_s=round(elapsed(), 1))
         meta["eval_history"].append([len(replay), result["return_mean"], result["return_std"]])
-        logger.progress(it, s.num_iterations, "evaluate", 1, 1,
-                        f"return {result['return_mean']:.1f} +- {result['return_std']:.1f} "
-                        f"({result['num_finished']}/{result['num_envs']} episodes finished)")
+        meta["last_eval"] = result
+        logger.progress(it, s.num_iterations, "evaluate", 1, 1, evaluation_line(metrics, p.horizon))
         _save_images(workdir, it, world, agent, replay, networks, config, unit_key(root, it, EVALUATE, 1))
         steps_, means, stds = zip(*meta["eval_history"])
         viz.save_learning_curve(os.path.join(workdir, "learning_curve.png"), list(steps_), list(means), list(stds),
@@ -373,7 +451,68 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     logger.writer.close()
+    last = s.num_iterations - 1
+    echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps)")
+    baseline = evaluate(config.env, random_policy(num_actions), unit_key(root, last, EVALUATE), derived_seed(root, 1 + last))
+    write_results(os.path.join(workdir, "results.json"), config, game, [config.seed], [workdir], [meta["last_eval"]], [baseline],
+                  meta)
     return summary
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, '+dirty' if tracked files differ; 'unknown' outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_results(path: str, config: Config, game: str, seeds: list[int], seed_dirs: list[str], final_evals: list[dict],
+                  random_evals: list[dict], meta: dict) -> dict:
+    """Writes the run's raw results (format dlwm-jax-results/1, read by experiments/report.py) and returns them.
+
+    Per seed: every iteration's evaluation and world-model diagnostics (read back from its metrics.jsonl), and
+    the final evaluation's per-episode returns. Beside them the uniform random agent evaluated under the same
+    protocol (the final evaluation's envs, seeds and caps), the full config, git commit(s), machine, wall time.
+    """
+    per_seed = []
+    for seed, seed_dir, final in zip(seeds, seed_dirs, final_evals):
+        with open(os.path.join(seed_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        diagnostics = {r["iteration"]: {k: v for k, v in r.items() if k not in ("phase", "iteration", "real_steps")}
+                       for r in records if r["phase"] == "diagnostics"}
+        iterations = [{**{k: v for k, v in r.items() if k != "phase"}, "diagnostics": diagnostics.get(r["iteration"])}
+                      for r in records if r["phase"] == "evaluate"]
+        per_seed.append({"seed": seed, "final_eval_return": final["return_mean"], "final_eval_returns": final["returns"],
+                         "final_eval_finished": final["finished"], "final_eval_lengths": final["lengths"],
+                         "iterations": iterations})
+    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
+                             for r in random_evals])
+    results = {
+        "format": RESULTS_FORMAT, "game": game, "preset": config.preset,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commits": meta.get("git_commits", []),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "wall_time_s": round(meta.get("elapsed_s", 0.0), 1),
+        "protocol": {"num_eval_envs": config.env.num_eval_envs, "max_episode_steps": config.env.max_episode_steps,
+                     "eval_max_steps": config.env.eval_max_steps, "actions": "sampled at temperature 1",
+                     "eval_return": "mean over the finished episodes (partial returns at the cap only if none finished)"},
+        "config": _config_json(config),
+        "seeds": per_seed,
+        "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_evals])),
+                         "return_std": float(np.std(pooled)),
+                         "per_seed": [{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]},
+    }
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
 
 
 def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpointer) -> None:

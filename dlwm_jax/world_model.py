@@ -228,17 +228,20 @@ class DynamicsUnroll(NamedTuple):
 
 
 def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
-                    rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array) -> DynamicsUnroll:
+                    rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array,
+                    context_length: int | None = None) -> DynamicsUnroll:
     """The loop of SPEC 4.6 step 3, on latent indices (the seam that lets tests bypass the encoder).
 
     indices int32 [T, B, 6, 6] (true codes z*), actions int32 [T, B], rewards float [T, B], terminals bool [T, B],
     valid bool [B]. Inputs are the true embeddings for t < context and the embeddings of the indices sampled at
     step t-1 afterwards (no gradient through samples); the recurrent state is zeroed after step t where
-    terminal_t. One key per step, split once here.
+    terminal_t. One key per step, split once here. context_length (static) defaults to dynamics.context_length;
+    the diagnostics pass T to teacher-force every step.
     """
     chex.assert_rank(indices, 4)
     chex.assert_equal_shape([actions, rewards, terminals])
     d = state.config.dynamics
+    context_length = d.context_length if context_length is None else context_length
     num_steps, batch_size = indices.shape[0] - 1, indices.shape[1]
     embeddings = state.codebook.embeddings
     dynamics = state.networks.dynamics
@@ -247,7 +250,7 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
     def step(carry, x):
         recurrent, sampled = carry
         t, true_index, target, action, terminal, reward_target, step_key = x
-        inputs = jnp.where(t < d.context_length, embeddings[true_index], embeddings[sampled])
+        inputs = jnp.where(t < context_length, embeddings[true_index], embeddings[sampled])
         logits, reward_logits, recurrent = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent)
         sampled = jax.random.categorical(step_key, jax.lax.stop_gradient(logits)).astype(jnp.int32)
         keep = 1.0 - terminal.astype(jnp.float32)
@@ -337,6 +340,59 @@ def _encode_sequences(state: WorldModelState, observations: jax.Array) -> tuple[
     z_e, batch_stats = _encode_train(state, state.encoder_params, observations.reshape(t * b, *observations.shape[2:]))
     indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
     return indices.reshape(t, b, *indices.shape[1:]), batch_stats
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+DIAGNOSTIC_HORIZONS = (1, 5, 10)      # open-loop steps after the context at which latent accuracy is reported
+REWARD_CLASS_NAMES = ("neg", "zero", "pos")
+
+
+def diagnostic_window_length(config: Config) -> int:
+    """Steps per diagnostic window: the dynamics context plus the longest open-loop horizon (4 + 10 = 14)."""
+    return config.dynamics.context_length + max(DIAGNOSTIC_HORIZONS)
+
+
+def world_model_diagnostics(state: WorldModelState, observations: jax.Array, actions: jax.Array, rewards: jax.Array,
+                            key: jax.Array) -> Metrics:
+    """How well the world model predicts real windows it has not trained on (none crosses an episode end).
+
+    observations uint8 [T, B, 96, 96, C] with T = diagnostic_window_length, actions int32 [T, B], rewards float
+    [T, B]. Codes come from the eval-mode encoder, as a dream's start does. Returns scalars:
+      latent_acc_<k>: fraction of the 36 codes sampled k steps after the context equal to the true codes; open
+        loop: after `context_length` true frames the model reads its own samples, as in a dream (k = 1, 5, 10);
+      copy_acc_<k>: the same for the trivial prediction "the last context frame again" (what is static);
+      reward_<true>_as_<pred>: counts of the teacher-forced (true codes at every step) arg-max reward class per
+        true class (neg / zero / pos) over all T-1 steps: the reward head on states the data really visited.
+    """
+    chex.assert_rank(observations, 5)
+    t, b = observations.shape[:2]
+    context = state.config.dynamics.context_length
+    indices, _ = encode(state, observations.reshape(t * b, *observations.shape[2:]))
+    indices = indices.reshape(t, b, *indices.shape[1:])
+    no_ends, valid = jnp.zeros((t, b), bool), jnp.ones((b,), bool)
+    open_loop = dynamics_unroll(state.dynamics_params, state, indices, actions, rewards, no_ends, valid, key)
+    forced = dynamics_unroll(state.dynamics_params, state, indices, actions, rewards, no_ends, valid, key,
+                             context_length=t)
+    metrics = {}
+    for k in DIAGNOSTIC_HORIZONS:  # prediction k targets frame context-1+k, made at scan step context-2+k
+        metrics[f"latent_acc_{k}"] = jnp.mean(open_loop.next_latent_acc[context - 2 + k])
+        metrics[f"copy_acc_{k}"] = jnp.mean(indices[context - 1] == indices[context - 1 + k])
+    for c, true_name in enumerate(REWARD_CLASS_NAMES):
+        for p, pred_name in enumerate(REWARD_CLASS_NAMES):
+            metrics[f"reward_{true_name}_as_{pred_name}"] = jnp.sum((forced.reward_class == c) & (forced.reward_pred == p))
+    return metrics
+
+
+def diagnostic_summary(metrics: dict[str, float]) -> str:
+    """The diagnostics in one progress-line fragment: open-loop accuracy (copy baseline) and reward recall."""
+    acc = "/".join(f"{metrics[f'latent_acc_{k}']:.2f}" for k in DIAGNOSTIC_HORIZONS)
+    copy = "/".join(f"{metrics[f'copy_acc_{k}']:.2f}" for k in DIAGNOSTIC_HORIZONS)
+    recall = lambda name: f"{metrics[f'reward_{name}_as_{name}']:.0f}/" \
+                          f"{sum(metrics[f'reward_{name}_as_{p}'] for p in REWARD_CLASS_NAMES):.0f}"
+    false_pos = sum(metrics[f"reward_zero_as_{p}"] for p in ("neg", "pos"))
+    return (f"latent acc @1/5/10 {acc} (copy {copy}); reward recall +{recall('pos')} -{recall('neg')}, "
+            f"false +/- {false_pos:.0f}")
 
 
 # --------------------------------------------------------------------------------------------- schedule

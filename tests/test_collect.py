@@ -90,7 +90,8 @@ def test_evaluate_respects_the_cap_and_reports_finished_episodes():
     capped = collect.evaluate(EnvConfig(game="Breakout"), policy, jax.random.key(0), seed=0, num_envs=2,
                               max_steps=20)
     assert capped["num_finished"] == 0 and capped["num_envs"] == 2 and capped["length_mean"] == 20
-    assert all(np.isfinite(v) for v in capped.values())
+    assert all(np.isfinite(v) for v in capped.values() if not isinstance(v, list))
+    assert capped["lengths"] == [20, 20] and capped["finished"] == [False, False] and len(capped["returns"]) == 2
     short = EnvConfig(game="Breakout", max_episode_steps=15, num_eval_envs=3, eval_max_steps=100)
     done = collect.evaluate(short, policy, jax.random.key(0), seed=0)
     assert done["num_finished"] == 3 and done["length_mean"] == 15

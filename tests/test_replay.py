@@ -255,3 +255,22 @@ def test_state_dict_round_trip():
     np.testing.assert_array_equal(replay.observations(np.arange(120)), restored.observations(np.arange(120)))
     with pytest.raises(ValueError):
         replay_lib.Replay(50, 2, SHAPE, 4).load_state_dict(state)
+
+
+def test_diagnostic_windows_stay_in_a_trajectory_after_first_step_and_cross_no_episode_end():
+    rng = np.random.default_rng(3)
+    replay = replay_lib.Replay(2_000, 2, SHAPE)
+    fill(replay, rng, [300, 200], terminal_prob=0.05)
+    length, first = 14, 600  # steps >= 600: the second chunk's two trajectories (600..799, 800..999)
+    starts = replay.window_starts_from(jax.random.key(0), 50, length, first)
+    assert len(starts) == 50 and len(set(starts.tolist())) == 50 and starts.min() >= first
+    trajectory = np.searchsorted(replay._trajectory_starts, np.arange(len(replay)), side="right") - 1
+    for s in starts:
+        assert trajectory[s] == trajectory[s + length - 1]
+        assert not replay._terminals[s:s + length - 1].any()  # obs s+length-1 continues the same episode
+    # Exhaustive: asking for more than exist returns every valid start once.
+    every = replay.window_starts_from(jax.random.key(1), 10_000, length, first)
+    brute = [s for s in range(first, len(replay) - length + 1)
+             if trajectory[s] == trajectory[s + length - 1] and not replay._terminals[s:s + length - 1].any()]
+    assert every.tolist() == brute
+    assert len(replay.window_starts_from(jax.random.key(0), 5, length, len(replay) - 3)) == 0

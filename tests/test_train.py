@@ -37,7 +37,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_every_output(smoke_run):
     workdir, proc = smoke_run
     files = os.listdir(workdir)
-    for name in ("metrics.jsonl", "summary.json", "learning_curve.png", "reconstructions_iter1.png",
+    for name in ("metrics.jsonl", "summary.json", "results.json", "learning_curve.png", "reconstructions_iter1.png",
                  "reconstructions_iter2.png", "dream_iter1.gif", "dream_iter2.gif", "checkpoints"):
         assert name in files, name
     assert any(f.startswith("events.out.tfevents") for f in files)
@@ -53,6 +53,22 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert "eta" in proc.stdout and "[iter 2/2] evaluate" in proc.stdout
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["real_steps"] == 144 and set(summary["hashes"]) == {"encoder", "decoder", "codebook", "dynamics", "policy"}
+    # Diagnostics: iteration 1 on held-back data after training, iteration 2 on the fresh chunk before training on it.
+    diagnostics = [r for r in records if r["phase"] == "diagnostics"]
+    assert [(r["iteration"], r["model_iteration"]) for r in diagnostics] == [(1, 1), (2, 1)]
+    order = [r["phase"] for r in records if r["iteration"] == 2]
+    assert order.index("diagnostics") < order.index("dynamics")
+    for r in diagnostics:
+        assert r["windows"] == 3 and sum(v for k, v in r.items() if k.startswith("reward_")) == 3 * 13
+    assert all({"imagined_return_mean", "real_return_per_horizon", "wall_time_s"} <= set(r) for r in evals)
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["format"] == "dlwm-jax-results/1" and results["game"] == "Pong" and results["preset"] == "smoke"
+    [seed] = results["seeds"]
+    assert seed["final_eval_return"] == evals[-1]["eval_return_mean"] and len(seed["final_eval_returns"]) == 2
+    assert [it["diagnostics"]["model_iteration"] for it in seed["iterations"]] == [1, 1]
+    random_agent = results["random_agent"]["per_seed"][0]
+    assert random_agent["num_envs"] == 2 and random_agent["lengths"] == [60, 60]  # the same cap as the agent's
+    assert results["config"]["env"]["game"] == "Pong" and results["wall_time_s"] > 0 and results["git_commits"]
 
 
 def test_killed_run_resumes_to_identical_parameters(smoke_run, tmp_path):

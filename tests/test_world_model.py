@@ -249,3 +249,31 @@ def test_joint_epoch_schedule_and_key_determinism(atari, initial):
                                                CFG.dynamics.sequence_length, CFG.dynamics.max_offset)
     assert int(state_a.dynamics_steps) == num_dynamics == metrics_a["dynamics"]["steps"]
     assert int(state_a.vqvae_steps) == num_dynamics // interval + 1 == metrics_a["vqvae"]["steps"]
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+def test_diagnostics_count_every_reward_step_and_read_only_the_context_before_the_first_prediction(atari, initial):
+    replay, _ = atari
+    length = wm.diagnostic_window_length(CFG)
+    assert length == CFG.dynamics.context_length + 10
+    starts = replay.window_starts_from(jax.random.key(0), 6, length)
+    batch = replay.sequences(starts, length)
+    diagnose = jax.jit(wm.world_model_diagnostics)
+    metrics = jax.device_get(diagnose(initial, batch.observations, batch.actions, batch.rewards, jax.random.key(1)))
+    names = wm.REWARD_CLASS_NAMES
+    classes = np.asarray(wm.reward_class(batch.rewards[:-1]))
+    for c, true in enumerate(names):  # every step of every window is counted once, under its true class
+        assert sum(metrics[f"reward_{true}_as_{p}"] for p in names) == np.sum(classes == c)
+    for k in wm.DIAGNOSTIC_HORIZONS:
+        assert 0 <= metrics[f"latent_acc_{k}"] <= 1 and 0 <= metrics[f"copy_acc_{k}"] <= 1
+    # The first open-loop prediction sees only the context: frames after it may change, latent_acc_1 may not.
+    context = CFG.dynamics.context_length
+    other = replay.sequences(starts[::-1], length).observations
+    changed = np.concatenate([batch.observations[:context + 1], other[context + 1:]])
+    again = jax.device_get(diagnose(initial, changed, batch.actions, batch.rewards, jax.random.key(1)))
+    assert again["latent_acc_1"] == metrics["latent_acc_1"] and again["copy_acc_1"] == metrics["copy_acc_1"]
+    # A static window is perfectly predicted by the copy baseline.
+    static = np.broadcast_to(batch.observations[:1], batch.observations.shape)
+    frozen = jax.device_get(diagnose(initial, static, batch.actions, batch.rewards, jax.random.key(1)))
+    assert all(frozen[f"copy_acc_{k}"] == 1.0 for k in wm.DIAGNOSTIC_HORIZONS)
