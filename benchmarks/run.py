@@ -1,12 +1,15 @@
 """Hot-path benchmarks of the real training code at `paper` sizes, and the projected wall time of a paper run.
 
 Usage: python benchmarks/run.py [--json] [--repeats 5] [--game BankHeist] [--no-envs] [--set compute.lstm_conv=xla]
+                                [--preset paper|short|demo]
 
 Every figure is the median of `repeats` timed calls after one compiling call (compile time reported apart).
 The functions timed are the ones train.py runs: world_model.vqvae_step (batch 40), world_model.dynamics_step
 (4 windows x 11 steps, train-mode encoder pass included), imagination.imagine (16 envs x 50 steps, policy
 sampling included), the policy update of train.py (encode 16 starts + imagine + ppo.ppo_update with 4 epochs),
-the Collector (1 env, as in training) and raw EnvPool stepping. The projection formula is in benchmarks/README.md.
+the Collector (1 env, as in training) and raw EnvPool stepping. The projected wall time of a whole run of the
+preset (`projected_run_hours`) multiplies them by the preset's step counts (`schedule_counts`); the formula is in
+benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -22,13 +25,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# SPEC 8.4 totals for the paper schedule.
-PAPER_DYNAMICS_STEPS = 241_096
-PAPER_VQVAE_STEPS = 105_521           # joint steps + 16,000 warm-up steps
-PAPER_PPO_UPDATES = 19_000
-PAPER_RANDOM_STEPS = 12_800           # iteration 1: uniform random agent
-PAPER_AGENT_STEPS = 89_600            # iterations 2..15: encoder + policy act on every step
-PAPER_EVALUATIONS = 15
+
+def schedule_counts(config) -> dict[str, int]:
+    """Expected step counts of a whole run of `config`'s schedule (SPEC 8.3 rules, as in SPEC 8.4's table).
+
+    One collection chunk per iteration is one trajectory (1 env); an epoch's dynamics windows are
+    floor((length - offset) / sequence_length) per trajectory, with the random offset at its mean (max_offset / 2);
+    a joint epoch has ceil(windows / batch) dynamics steps and floor(D / interval) + 1 VQ-VAE steps (at most one
+    pass over the frames). Paper: 241,151 dynamics and 105,708 VQ-VAE steps (SPEC 8.4: 241,096 and 105,521).
+    """
+    s, d, v = config.schedule, config.dynamics, config.vqvae
+    chunks, dynamics, vqvae = [], 0, s.warmup_epochs * -(-s.initial_steps // v.batch_size)
+    for it in range(s.num_iterations):
+        chunks.append(s.initial_steps if it == 0 else s.steps_per_iteration)
+        windows = sum((n - d.max_offset // 2) // d.sequence_length for n in chunks if n >= d.sequence_length)
+        per_epoch = -(-windows // d.batch_size)
+        dynamics += s.joint_epochs[it] * per_epoch
+        vqvae += s.joint_epochs[it] * min(per_epoch // s.vq_update_intervals[it] + 1, -(-sum(chunks) // v.batch_size))
+    return {"vqvae_steps": vqvae, "dynamics_steps": dynamics, "ppo_updates": sum(s.ppo_updates),
+            "random_steps": s.initial_steps, "agent_steps": config.total_real_steps - s.initial_steps,
+            "evaluations": s.num_iterations}
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -133,20 +149,21 @@ def measure_envs(game: str, num_eval_envs: int) -> dict:
             f"raw_envpool_steps_per_s_{num_eval_envs}_envs": by_n[str(num_eval_envs)]["raw_envpool_steps_per_s"]}
 
 
-def project_hours(f: dict, num_eval_envs: int, eval_episode_steps: int) -> dict:
-    """Wall time of a full paper run from the measured figures (formula in benchmarks/README.md)."""
+def project_hours(f: dict, counts: dict[str, int], num_eval_envs: int, eval_episode_steps: int) -> dict:
+    """Wall time of a whole run with `counts` (schedule_counts) from the measured figures (benchmarks/README.md)."""
     parts = {
-        "vqvae": PAPER_VQVAE_STEPS * (f["vqvae_step_ms"] + f["host_vqvae_batch_ms"]) / 1e3,
-        "dynamics": PAPER_DYNAMICS_STEPS * (f["dynamics_step_ms"] + f["host_dynamics_batch_ms"]) / 1e3,
-        "policy": PAPER_PPO_UPDATES * f["ppo_update_ms"] / 1e3,
+        "vqvae": counts["vqvae_steps"] * (f["vqvae_step_ms"] + f["host_vqvae_batch_ms"]) / 1e3,
+        "dynamics": counts["dynamics_steps"] * (f["dynamics_step_ms"] + f["host_dynamics_batch_ms"]) / 1e3,
+        "policy": counts["ppo_updates"] * f["ppo_update_ms"] / 1e3,
     }
     if f.get("collector_steps_per_s"):
-        parts["collect"] = (PAPER_RANDOM_STEPS / f["collector_steps_per_s"]
-                            + PAPER_AGENT_STEPS * (1 / f["collector_steps_per_s"] + f["act_batch1_ms"] / 1e3))
+        parts["collect"] = (counts["random_steps"] / f["collector_steps_per_s"]
+                            + counts["agent_steps"] * (1 / f["collector_steps_per_s"] + f["act_batch1_ms"] / 1e3))
         per_eval_step = num_eval_envs / f[f"collector_steps_per_s_{num_eval_envs}_envs"] + f[f"act_batch{num_eval_envs}_ms"] / 1e3
-        parts["evaluate"] = PAPER_EVALUATIONS * eval_episode_steps * per_eval_step
+        parts["evaluate"] = counts["evaluations"] * eval_episode_steps * per_eval_step
     hours = {k: round(v / 3600, 2) for k, v in parts.items()}
-    return {"projected_paper_run_hours": round(sum(parts.values()) / 3600, 1), "projected_hours_by_phase": hours}
+    return {"projected_run_hours": round(sum(parts.values()) / 3600, 2), "projected_hours_by_phase": hours,
+            "schedule_counts": counts}
 
 
 def main() -> None:
@@ -154,6 +171,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--preset", default="paper", help="config preset whose sizes are timed and whose whole run "
+                        "is projected: paper | short | demo")
     parser.add_argument("--no-envs", action="store_true", help="skip the EnvPool figures (and collect/eval time)")
     parser.add_argument("--eval-episode-steps", type=int, default=5_000,
                         help="assumed agent steps until the last of the eval envs ends its first episode")
@@ -168,7 +187,7 @@ def main() -> None:
     if bad:
         sys.exit(f"error: --set takes FIELD=VALUE, got {bad[0]!r}")
     try:
-        config = config_lib.override(config_lib.paper(), dict(s.split("=", 1) for s in args.set))
+        config = config_lib.override(config_lib.get_preset(args.preset), dict(s.split("=", 1) for s in args.set))
         num_actions = envs.num_actions(args.game)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -183,7 +202,8 @@ def main() -> None:
                         "envs_skipped_reason": "--no-envs"})
     else:
         figures.update(measure_envs(args.game, config.env.num_eval_envs))
-    figures.update(project_hours(figures, config.env.num_eval_envs, args.eval_episode_steps))
+    figures.update(project_hours(figures, schedule_counts(config), config.env.num_eval_envs,
+                                 min(args.eval_episode_steps, config.env.eval_max_steps)))
     if args.seeds:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import seeds
@@ -191,7 +211,7 @@ def main() -> None:
     result = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in figures.items()}
     result["compile_s"] = {k: round(v, 1) for k, v in figures["compile_s"].items()}
     result.update({
-        "preset": "paper", "game": args.game, "num_actions": num_actions, "repeats": args.repeats,
+        "preset": args.preset, "game": args.game, "num_actions": num_actions, "repeats": args.repeats,
         "eval_episode_steps_assumed": args.eval_episode_steps, "overrides": args.set,
         "compute": {k: getattr(config.compute, k) for k in config.compute.__dataclass_fields__},
         "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
