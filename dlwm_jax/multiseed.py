@@ -294,6 +294,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
 
     def diagnose(it: int, datas: Sequence[Replay], first_step: int) -> None:
         """train.py's diagnose for every seed: the same windows and keys, one vmapped program."""
+        began = time.time()
         keys = [jax.random.split(k) for k in seed_keys(it, DIAGNOSTICS)]  # (window key, unroll key) per seed
         batches = [diagnostic_batch(config, data, first_step, k[0]) if s_cfg.diagnostic_windows else None
                    for data, k in zip(datas, keys)]
@@ -304,7 +305,8 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
                   zip(*((b.observations, b.actions, b.rewards) for b in batches))]
         metrics = jax.device_get(diagnostics_fn(world, *map(put, fields), put(jnp.stack([k[1] for k in keys]))))
         for s in range(S):
-            record(s, it, "diagnostics", unstack(metrics, s), windows=width, model_iteration=max(it, 1))
+            record(s, it, "diagnostics", unstack(metrics, s), windows=width, model_iteration=max(it, 1),
+                   seconds=round(time.time() - began, 2))
         echo(f"[iter {it + 1}/{s_cfg.num_iterations}] diagnostics world model of iteration {max(it, 1)} on "
              f"{'held-back random' if it == 0 else 'fresh'} data, seed 0: {wm.diagnostic_summary(unstack(metrics, 0))}")
 
@@ -354,10 +356,12 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
                 streams = [r.observation_batches(k, config.vqvae.batch_size)
                            for r, k in zip(replays, seed_keys(it, WARMUP, epoch))]
                 history = []
-                for batches in zip(*streams, strict=True):  # equal replay sizes: equal batch counts
+                heartbeat = loggers[0].heartbeat(it, s_cfg.num_iterations, "warmup", epoch, s_cfg.warmup_epochs)
+                for i, batches in enumerate(zip(*streams, strict=True)):  # equal replay sizes: equal batch counts
                     world, metrics = vqvae_steps(all_active, world, put(_stack_batches(batches)),
                                                  jnp.asarray(config.vqvae.warmup_lr_multiplier, jnp.float32))
                     history.append(metrics)
+                    heartbeat("vqvae", i, metrics)
                 history = jax.device_get(history)
                 per_seed = [wm.average_metrics([unstack(m, s) for m in history]) for s in range(S)]
                 for s in range(S):
@@ -374,8 +378,9 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
             if it > 0 and first_epoch == 0:  # the last world model on the chunk it has not trained on yet
                 diagnose(it, replays, len(replays[0]) - s_cfg.steps_per_iteration)
             for epoch in range(first_epoch, epochs):
-                world, per_seed = joint_epoch_seeds(world, replays, seed_keys(it, WORLD_MODEL, epoch),
-                                                    s_cfg.vq_update_intervals[it], sharding)
+                world, per_seed = joint_epoch_seeds(
+                    world, replays, seed_keys(it, WORLD_MODEL, epoch), s_cfg.vq_update_intervals[it], sharding,
+                    progress=loggers[0].heartbeat(it, s_cfg.num_iterations, "world_model", epoch, epochs))
                 for s in range(S):
                     for kind in ("vqvae", "dynamics"):
                         record(s, it, kind, per_seed[s][kind], unit=epoch)
@@ -473,8 +478,8 @@ def _stack_batches(batches: Sequence[Any]) -> Any:
 
 
 def joint_epoch_seeds(world: wm.WorldModelState, replays: Sequence[Replay], keys: Sequence[jax.Array], interval: int,
-                      sharding: NamedSharding | None = None, lr_scale: float = 1.0
-                      ) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
+                      sharding: NamedSharding | None = None, lr_scale: float = 1.0,
+                      progress: wm.Progress | None = None) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
     """wm.joint_epoch for S seeds at once (world stacked [S, ...], one replay and epoch key per seed).
 
     Seed s does exactly its own joint_epoch's steps in order: at i = 0, 1, ..., D_s a VQ-VAE step if i % interval
@@ -516,6 +521,8 @@ def joint_epoch_seeds(world: wm.WorldModelState, replays: Sequence[Replay], keys
                                             put(_stack_batches([dyn_filler if b is None else b for b in batches])),
                                             steps_keys, i)
             dyn_history.append((dyn_active, metrics))
+            if progress is not None:
+                progress("dynamics", i, metrics)
     vq_history, dyn_history = jax.device_get((vq_history, dyn_history))
     per_seed = lambda history, s: wm.average_metrics([unstack(m, s) for on, m in history if on[s]])
     return world, [{"vqvae": per_seed(vq_history, s), "dynamics": per_seed(dyn_history, s)} for s in range(S)]

@@ -335,12 +335,14 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
 
     def diagnose(it: int, data: Replay, first_step: int) -> None:
         """World-model diagnostics on real windows it has not trained on (steps >= first_step of `data`)."""
+        began = time.time()
         window_key, unroll_key = jax.random.split(unit_key(root, it, DIAGNOSTICS))
         batch = diagnostic_batch(config, data, first_step, window_key) if s.diagnostic_windows else None
         if batch is None:
             return
         metrics = jax.device_get(diagnostics_fn(world, batch.observations, batch.actions, batch.rewards, unroll_key))
-        record(it, "diagnostics", metrics, windows=int(batch.actions.shape[1]), model_iteration=max(it, 1))
+        record(it, "diagnostics", metrics, windows=int(batch.actions.shape[1]), model_iteration=max(it, 1),
+               seconds=round(time.time() - began, 2))
         logger.echo(f"[iter {it + 1}/{s.num_iterations}] diagnostics world model of iteration {max(it, 1)} on "
                     f"{'held-back random' if it == 0 else 'fresh'} data: {wm.diagnostic_summary(metrics)}")
 
