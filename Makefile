@@ -12,10 +12,9 @@ setup: .venv/.installed
 demo: setup
 	$(PY) experiments/train.py --game=$(GAME) --preset=demo
 
-# Evidence run: preset `short`, 3 vmapped seeds; rerun to resume. Writes results/short/$(GAME).json.
+# Evidence run: preset `short`, seeds 0-2 as separate processes; rerun to resume. Writes results/short/$(GAME).json.
 evidence: setup
-	$(PY) experiments/train.py --game=$(GAME) --preset=short --num_seeds=3 --workdir=runs/short/$(GAME)
-	mkdir -p results/short && cp runs/short/$(GAME)/results.json results/short/$(GAME).json
+	$(PY) experiments/evidence.py --game=$(GAME)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -46,9 +46,9 @@ from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
 from dlwm_jax.train import (COLLECT, DIAGNOSTICS, EVALUATE, HOLDOUT_ENV, PHASES, POLICY, WARMUP, WORLD_MODEL,
                             AgentState, Logger, _check_workdir, _config_json, diagnostic_batch, evaluation_line,
-                            evaluation_record, git_commit, holdout_steps, imagined_returns, make_act,
-                            make_policy_update, _save_images, _short, derived_seed, params_hash, unit_key,
-                            write_results)
+                            evaluation_record, holdout_steps, imagined_returns, lock_workdir, make_act,
+                            make_policy_update, _save_images, _short, derived_seed, params_hash, unit_key)
+from dlwm_jax.results import git_commit, write_results
 
 ENVS_PER_SEED = 1  # train.py collects with one env per run
 
@@ -207,6 +207,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
     sharding = seed_sharding(num_seeds, devices)
     _check_workdir(workdir)
+    lock = lock_workdir(workdir)  # noqa: F841 (held until return)
     s_cfg, p = config.schedule, config.policy
     S, E = num_seeds, ENVS_PER_SEED
     seeds = [config.seed + s for s in range(S)]

@@ -22,9 +22,6 @@ import hashlib
 import json
 import math
 import os
-import platform
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
@@ -41,13 +38,13 @@ from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.distributions import continuous_bernoulli_mean
 from dlwm_jax.replay import Replay
+from dlwm_jax.results import git_commit, write_results
 from dlwm_jax import world_model as wm
 
 PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
 COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
 DIAGNOSTICS = len(PHASES)   # key namespace of the diagnostics (not a phase: they change no state)
 HOLDOUT_ENV = 10_000        # derived_seed purpose of iteration 1's held-back random env
-RESULTS_FORMAT = "dlwm-jax-results/1"
 
 
 class NonFiniteError(RuntimeError):
@@ -135,6 +132,19 @@ def _check_workdir(workdir: str) -> None:
         raise OSError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise OSError(f"workdir {workdir!r} is not writable")
+
+
+def lock_workdir(workdir: str):
+    """An exclusive lock on workdir/.lock for this process's lifetime (keep the returned file open): a second
+    process on the same workdir would interleave checkpoints. Raises OSError (one line) if it is held."""
+    import fcntl
+    lock = open(os.path.join(workdir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise OSError(f"workdir {workdir!r} is in use by another running process") from None
+    return lock
 
 
 def _config_json(config: Config) -> dict:
@@ -278,6 +288,7 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     num_actions = envs.num_actions(game)
     jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
     _check_workdir(workdir)
+    lock = lock_workdir(workdir)  # noqa: F841 (held until return)
     s, p = config.schedule, config.policy
 
     root = jax.random.key(config.seed)
@@ -459,62 +470,6 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     write_results(os.path.join(workdir, "results.json"), config, game, [config.seed], [workdir], [meta["last_eval"]], [baseline],
                   meta)
     return summary
-
-
-def git_commit() -> str:
-    """HEAD of the checkout this code runs from, '+dirty' if tracked files differ; 'unknown' outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode:
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def write_results(path: str, config: Config, game: str, seeds: list[int], seed_dirs: list[str], final_evals: list[dict],
-                  random_evals: list[dict], meta: dict) -> dict:
-    """Writes the run's raw results (format dlwm-jax-results/1, read by experiments/report.py) and returns them.
-
-    Per seed: every iteration's evaluation and world-model diagnostics (read back from its metrics.jsonl), and
-    the final evaluation's per-episode returns. Beside them the uniform random agent evaluated under the same
-    protocol (the final evaluation's envs, seeds and caps), the full config, git commit(s), machine, wall time.
-    """
-    per_seed = []
-    for seed, seed_dir, final in zip(seeds, seed_dirs, final_evals):
-        with open(os.path.join(seed_dir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-        diagnostics = {r["iteration"]: {k: v for k, v in r.items() if k not in ("phase", "iteration", "real_steps")}
-                       for r in records if r["phase"] == "diagnostics"}
-        iterations = [{**{k: v for k, v in r.items() if k != "phase"}, "diagnostics": diagnostics.get(r["iteration"])}
-                      for r in records if r["phase"] == "evaluate"]
-        per_seed.append({"seed": seed, "final_eval_return": final["return_mean"], "final_eval_returns": final["returns"],
-                         "final_eval_finished": final["finished"], "final_eval_lengths": final["lengths"],
-                         "iterations": iterations})
-    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
-                             for r in random_evals])
-    results = {
-        "format": RESULTS_FORMAT, "game": game, "preset": config.preset,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commits": meta.get("git_commits", []),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
-        "wall_time_s": round(meta.get("elapsed_s", 0.0), 1),
-        "protocol": {"num_eval_envs": config.env.num_eval_envs, "max_episode_steps": config.env.max_episode_steps,
-                     "eval_max_steps": config.env.eval_max_steps, "actions": "sampled at temperature 1",
-                     "eval_return": "mean over the finished episodes (partial returns at the cap only if none finished)"},
-        "config": _config_json(config),
-        "seeds": per_seed,
-        "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_evals])),
-                         "return_std": float(np.std(pooled)),
-                         "per_seed": [{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]},
-    }
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    return results
 
 
 def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpointer) -> None:

@@ -1,0 +1,104 @@
+"""Raw results of finished runs (format dlwm-jax-results/1, read by experiments/report.py): writing one run's,
+merging the single-seed runs of one evidence run (experiments/evidence.py).
+
+A results file holds per seed every iteration's evaluation (per-episode returns) and world-model diagnostics,
+the uniform random agent under the same protocol, the full config, git commit(s), machine and wall time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from dlwm_jax.config import Config
+
+RESULTS_FORMAT = "dlwm-jax-results/1"
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, '+dirty' if tracked files differ; 'unknown' outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_results(path: str, config: Config, game: str, seeds: list[int], seed_dirs: list[str], final_evals: list[dict],
+                  random_evals: list[dict], meta: dict) -> dict:
+    """Writes the run's raw results (format dlwm-jax-results/1, read by experiments/report.py) and returns them.
+
+    Per seed: every iteration's evaluation and world-model diagnostics (read back from its metrics.jsonl), and
+    the final evaluation's per-episode returns. Beside them the uniform random agent evaluated under the same
+    protocol (the final evaluation's envs, seeds and caps), the full config, git commit(s), machine, wall time.
+    """
+    per_seed = []
+    for seed, seed_dir, final in zip(seeds, seed_dirs, final_evals):
+        with open(os.path.join(seed_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        diagnostics = {r["iteration"]: {k: v for k, v in r.items() if k not in ("phase", "iteration", "real_steps")}
+                       for r in records if r["phase"] == "diagnostics"}
+        iterations = [{**{k: v for k, v in r.items() if k != "phase"}, "diagnostics": diagnostics.get(r["iteration"])}
+                      for r in records if r["phase"] == "evaluate"]
+        per_seed.append({"seed": seed, "final_eval_return": final["return_mean"], "final_eval_returns": final["returns"],
+                         "final_eval_finished": final["finished"], "final_eval_lengths": final["lengths"],
+                         "iterations": iterations})
+    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
+                             for r in random_evals])
+    results = {
+        "format": RESULTS_FORMAT, "game": game, "preset": config.preset,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commits": meta.get("git_commits", []),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "wall_time_s": round(meta.get("elapsed_s", 0.0), 1),
+        "protocol": {"num_eval_envs": config.env.num_eval_envs, "max_episode_steps": config.env.max_episode_steps,
+                     "eval_max_steps": config.env.eval_max_steps, "actions": "sampled at temperature 1",
+                     "eval_return": "mean over the finished episodes (partial returns at the cap only if none finished)"},
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "seeds": per_seed,
+        "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_evals])),
+                         "return_std": float(np.std(pooled)),
+                         "per_seed": [{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]},
+    }
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def merge_results(parts: list[dict], command: str) -> dict:
+    """One results dict from the results of single runs of one game and config that differ only in the seed.
+
+    Seeds, their random-agent evaluations, commits and wall times are concatenated (wall_time_s: the longest, as
+    the seeds ran side by side; wall_time_s_per_seed: each). Raises ValueError (one line) on mismatched runs.
+    """
+    if not parts:
+        raise ValueError("no results to merge")
+    strip = lambda r: {**r["config"], "seed": None}
+    for part in parts[1:]:
+        if part["game"] != parts[0]["game"] or strip(part) != strip(parts[0]):
+            raise ValueError(f"cannot merge runs of different games or configs ({parts[0]['game']}, seed "
+                             f"{parts[0]['seeds'][0]['seed']} vs {part['game']}, seed {part['seeds'][0]['seed']})")
+    seeds = [s for part in parts for s in part["seeds"]]
+    if len({s["seed"] for s in seeds}) != len(seeds):
+        raise ValueError(f"seed given twice: {sorted(s['seed'] for s in seeds)}")
+    random_per_seed = [s for part in parts for s in part["random_agent"]["per_seed"]]
+    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
+                             for r in random_per_seed])
+    return {**parts[0], "command": command, "git_commits": sorted({c for part in parts for c in part["git_commits"]}),
+            "wall_time_s": max(part["wall_time_s"] for part in parts),
+            "wall_time_s_per_seed": [part["wall_time_s"] for part in parts],
+            "seeds": seeds,
+            "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_per_seed])),
+                             "return_std": float(np.std(pooled)), "per_seed": random_per_seed}}

@@ -1,0 +1,68 @@
+"""experiments/evidence.py and dlwm_jax/results.py: seeds as processes, merged raw results, the workdir lock."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dlwm_jax.results import merge_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
+
+
+def part(seed, game="Pong", gamma=0.99, returns=(1.0, 3.0)):
+    return {"format": "dlwm-jax-results/1", "game": game, "preset": "short", "command": "x", "git_commits": [f"c{seed}"],
+            "wall_time_s": 100.0 + seed, "config": {"seed": seed, "policy": {"gamma": gamma}},
+            "seeds": [{"seed": seed, "final_eval_return": 2.0 + seed, "iterations": []}],
+            "random_agent": {"return_mean": float(sum(returns)) / 2, "return_std": 1.0,
+                             "per_seed": [{"seed": seed, "return_mean": float(sum(returns)) / 2,
+                                           "returns": list(returns), "finished": [True, True]}]}}
+
+
+def test_merge_concatenates_seeds_and_random_baselines_and_rejects_mismatches():
+    merged = merge_results([part(0), part(1, returns=(5.0, 7.0))], "cmd")
+    assert [s["seed"] for s in merged["seeds"]] == [0, 1] and merged["command"] == "cmd"
+    assert merged["random_agent"]["return_mean"] == 4.0 and merged["random_agent"]["return_std"] == pytest.approx(2.236, 1e-3)
+    assert merged["wall_time_s"] == 101.0 and merged["wall_time_s_per_seed"] == [100.0, 101.0]
+    assert merged["git_commits"] == ["c0", "c1"]
+    for bad, needle in [([part(0), part(1, game="Seaquest")], "different games"), ([part(0), part(1, gamma=0.9)], "configs"),
+                        ([part(0), part(0)], "seed given twice"), ([], "no results")]:
+        with pytest.raises(ValueError, match=needle):
+            merge_results(bad, "cmd")
+
+
+def run_evidence(tmp_path, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "evidence.py"), "--game=Pong",
+                           "--preset=smoke", "--num_seeds=2", f"--runs_dir={tmp_path}/runs",
+                           f"--results_dir={tmp_path}/results", "--progress_every_s=5", *extra],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path):
+    proc = run_evidence(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.load(open(tmp_path / "results" / "Pong.json"))
+    assert [s["seed"] for s in results["seeds"]] == [0, 1] and results["preset"] == "smoke"
+    for s in (0, 1):
+        single = json.load(open(tmp_path / "runs" / f"Pong-{s}" / "results.json"))
+        assert results["seeds"][s] == single["seeds"][0]
+        assert results["random_agent"]["per_seed"][s] == single["random_agent"]["per_seed"][0]
+    again = run_evidence(tmp_path)  # finished seeds are not rerun; the merge is the same
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 2
+    assert json.load(open(tmp_path / "results" / "Pong.json"))["seeds"] == results["seeds"]
+
+
+def test_a_workdir_in_use_is_refused_in_one_line(tmp_path):
+    from dlwm_jax.train import lock_workdir
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    held = lock_workdir(str(workdir))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--game=Pong", "--preset=smoke",
+                           f"--workdir={workdir}", f"--compilation_cache={CACHE}"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    held.close()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "in use by another running process" in errors[0]
+    assert os.listdir(workdir) == [".lock"]  # nothing was written
