@@ -24,7 +24,6 @@ runs to float tolerance, not bit for bit (see tests/test_multiseed.py for what i
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -43,7 +42,7 @@ from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, episode_stats, first_episodes
 from dlwm_jax.config import Config, EnvConfig, validate
 from dlwm_jax.networks import make_networks
-from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
+from dlwm_jax.replay import Replay
 from dlwm_jax.train import (COLLECT, DIAGNOSTICS, EVALUATE, HOLDOUT_ENV, PHASES, POLICY, WARMUP, WORLD_MODEL,
                             AgentState, Logger, _check_workdir, _config_json, diagnostic_batch, evaluation_line,
                             evaluation_record, holdout_steps, imagined_returns, lock_workdir, make_act,

@@ -25,7 +25,7 @@ import optax
 from dlwm_jax.config import Config
 from dlwm_jax.networks import Networks, init_variables, make_networks
 from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
-from dlwm_jax.networks.dynamics import DynamicsState, initial_state, is_reward_head
+from dlwm_jax.networks.dynamics import initial_state, is_reward_head
 from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantize, straight_through
 from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
 

@@ -34,7 +34,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+import cli  # experiments/cli.py
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py (single or multi-seed).")
 flags.DEFINE_string("seed_index", "0", "Which seed of a multi-seed run (0 .. num_seeds-1), or 'all'.")
@@ -396,15 +398,10 @@ def evaluate_run() -> dict:
     return result
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.compilation_cache:
         import jax
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -413,16 +410,9 @@ def main(argv):
     try:
         result = evaluate_run()
     except (ValueError, OSError, CheckpointError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps(result), flush=True)
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+import cli  # experiments/cli.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -33,11 +35,6 @@ flags.DEFINE_float("progress_every_s", 60.0, "Seconds between progress lines (ea
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str, code: int = 1):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def _last_progress_line(log_path: str) -> str:
     try:
         with open(log_path, errors="replace") as f:
@@ -49,11 +46,11 @@ def _last_progress_line(log_path: str) -> str:
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
-        _fail("--game is required, e.g. --game=CrazyClimber", 2)
+        cli.fail("--game is required, e.g. --game=CrazyClimber", 2)
     if FLAGS.num_seeds < 1:
-        _fail(f"--num_seeds must be >= 1, got {FLAGS.num_seeds}", 2)
+        cli.fail(f"--num_seeds must be >= 1, got {FLAGS.num_seeds}", 2)
     from dlwm_jax.results import merge_results
     runs_dir = FLAGS.runs_dir or os.path.join("runs", FLAGS.preset)
     results_dir = FLAGS.results_dir or os.path.join("results", FLAGS.preset)
@@ -63,7 +60,7 @@ def main(argv):
         os.makedirs(runs_dir, exist_ok=True)
         os.makedirs(results_dir, exist_ok=True)
     except OSError as e:
-        _fail(f"cannot create {e.filename!r}: {e.strerror}")
+        cli.fail(f"cannot create {e.filename!r}: {e.strerror}")
 
     running = {}
     for s in seeds:
@@ -88,7 +85,7 @@ def main(argv):
         if proc.returncode:
             with open(workdirs[s] + ".log", errors="replace") as f:
                 errors = [line.strip() for line in f if line.startswith("error:")]
-            _fail(f"seed {s} failed (exit {proc.returncode}): {errors[-1] if errors else 'see ' + workdirs[s] + '.log'}")
+            cli.fail(f"seed {s} failed (exit {proc.returncode}): {errors[-1] if errors else 'see ' + workdirs[s] + '.log'}")
 
     parts = []
     for s in seeds:
@@ -97,7 +94,7 @@ def main(argv):
     try:
         merged = merge_results(parts, " ".join([os.path.basename(sys.executable)] + sys.argv))
     except ValueError as e:
-        _fail(str(e))
+        cli.fail(str(e))
     path = os.path.join(results_dir, f"{FLAGS.game}.json")
     with open(path, "w") as f:
         json.dump(merged, f, indent=1)
@@ -108,12 +105,5 @@ def main(argv):
     print(f"done: {path}")
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0], 2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

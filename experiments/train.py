@@ -8,9 +8,10 @@
 Re-running the same command resumes from the last complete checkpoint in the workdir.
 """
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+import cli  # experiments/cli.py
 
 flags.DEFINE_string("game", None, "Atari game, e.g. BankHeist, Pong, Breakout (EnvPool names).")
 flags.DEFINE_string("preset", "paper", "Config preset: paper | demo | smoke.")
@@ -27,11 +28,6 @@ flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained as one 
 flags.DEFINE_integer("num_devices", 0, "With --num_seeds > 1: shard the seed axis over the first N devices (0 = all visible).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host batch jobs).")
 FLAGS = flags.FLAGS
-
-
-def _fail(message: str, code: int = 1):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def build_config():
@@ -60,9 +56,9 @@ def build_config():
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines would drown the progress lines
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
-        _fail("--game is required, e.g. --game=BankHeist", 2)
+        cli.fail("--game is required, e.g. --game=BankHeist", 2)
     if FLAGS.distributed:
         import jax
         jax.distributed.initialize()
@@ -84,7 +80,7 @@ def main(argv):
             devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
             result = train_and_evaluate_seeds(config, workdir, FLAGS.num_seeds, devices=devices)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:
         print(f"done: final evaluation return {summary['final_eval_return_mean']}; outputs in {workdir}")
     else:
@@ -92,12 +88,5 @@ def main(argv):
               f"per seed {result['aggregate']['final_eval_return_per_seed']}; outputs in {workdir}")
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0], 2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)
