@@ -46,7 +46,8 @@ from dlwm_jax.replay import Replay
 from dlwm_jax.train import (COLLECT, DIAGNOSTICS, EVALUATE, HOLDOUT_ENV, PHASES, POLICY, WARMUP, WORLD_MODEL,
                             AgentState, Logger, _check_workdir, _config_json, diagnostic_batch, evaluation_line,
                             evaluation_record, holdout_steps, imagined_returns, lock_workdir, make_act,
-                            make_policy_update, _save_images, _short, derived_seed, params_hash, unit_key)
+                            make_policy_update, same_config, _save_images, _short, derived_seed, params_hash,
+                            unit_key)
 from dlwm_jax.results import git_commit, write_results
 
 ENVS_PER_SEED = 1  # train.py collects with one env per run
@@ -240,7 +241,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     latest = checkpoints.latest_step()
     if latest is not None:
         (world, agent), meta = checkpoints.restore(latest, (world, agent))
-        if meta.get("config") != _config_json(config) or meta.get("num_seeds") != S:
+        if not same_config(meta.get("config"), config) or meta.get("num_seeds") != S:
             raise ValueError(f"workdir {workdir!r} holds a run with a different config or --num_seeds; "
                              "use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "

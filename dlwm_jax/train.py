@@ -33,7 +33,7 @@ import numpy as np
 from dlwm_jax import envs, ppo, viz
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, evaluate, random_policy
-from dlwm_jax.config import Config, validate
+from dlwm_jax.config import Config, from_dict, validate
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.distributions import continuous_bernoulli_mean
@@ -145,6 +145,15 @@ def lock_workdir(workdir: str):
         lock.close()
         raise OSError(f"workdir {workdir!r} is in use by another running process") from None
     return lock
+
+
+def same_config(saved: dict | None, config: Config) -> bool:
+    """Whether a checkpoint's meta["config"] is `config`; fields added to Config since it was saved count as
+    their defaults, so a run resumes under a newer version that only added options."""
+    try:
+        return saved is not None and from_dict(saved) == config
+    except ValueError:
+        return False
 
 
 def _config_json(config: Config) -> dict:
@@ -307,7 +316,7 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     latest = checkpoints.latest_step()
     if latest is not None:
         (world, agent), meta = checkpoints.restore(latest, (world, agent))
-        if meta.get("config") != _config_json(config):
+        if not same_config(meta.get("config"), config):
             raise ValueError(f"workdir {workdir!r} holds a run with a different config (game/preset/flags); "
                              "use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "

@@ -165,3 +165,17 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
     checkpoints = os.path.join(workdir, "checkpoints")
     saved = [d for d in os.listdir(checkpoints) if d.isdigit()]
     assert saved and os.path.exists(os.path.join(checkpoints, "replay", "chunk_0.npz"))
+
+
+def test_resume_accepts_a_config_saved_before_an_option_was_added_but_not_a_changed_value():
+    import dataclasses
+    from dlwm_jax import config as config_lib
+    from dlwm_jax.train import same_config
+    config = config_lib.override(config_lib.short(), {"env.game": "Pong", "seed": 2})
+    saved = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert same_config(saved, config)
+    del saved["compute"]["imagination_unroll"]  # saved by a version without this option: its default applies
+    assert same_config(saved, config)
+    saved["schedule"]["ppo_updates"] = [1, 2, 3, 4]
+    assert not same_config(saved, config) and not same_config(None, config)
+    assert not same_config({"not_a_field": 1}, config)
