@@ -40,6 +40,7 @@ class SeedRun(NamedTuple):
     final_return: float
     real_steps: np.ndarray    # [I] real interactions when each evaluation ran
     eval_returns: np.ndarray  # [I] mean evaluation return of each evaluation
+    iterations: tuple = ()    # [I] the raw per-iteration records (evaluation scalars + "diagnostics" dict or None)
 
 
 class GameRuns(NamedTuple):
@@ -147,7 +148,8 @@ def load_results_file(path: str, check_name: bool = True) -> GameRuns:
         game = str(data["game"])
         seeds = tuple(SeedRun(int(s["seed"]), float(s["final_eval_return"]),
                               np.array([float(i["real_steps"]) for i in s["iterations"]]),
-                              np.array([float(i["eval_return_mean"]) for i in s["iterations"]]))
+                              np.array([float(i["eval_return_mean"]) for i in s["iterations"]]),
+                              tuple(s["iterations"]))
                       for s in data["seeds"])
         random_agent = data.get("random_agent")
         if random_agent is not None:
@@ -207,13 +209,16 @@ def _load_seed_dir(run_dir: str) -> tuple[str, SeedRun]:
     """A finished single-seed run directory (metrics.jsonl + summary.json) -> (game, SeedRun)."""
     metrics_path, summary_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "summary.json")
     summary = _read_json(summary_path)
-    evaluations = _evaluations(_read_metrics(metrics_path) if os.path.exists(metrics_path) else [])
+    records = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    evaluations = _evaluations(records)
+    diagnostics = {r.get("iteration"): r for r in records if r.get("phase") == "diagnostics"}
     try:
         if summary["final_eval_return_mean"] is None:
             raise ValueError("final_eval_return_mean is null: no evaluation ran")
         run = SeedRun(int(summary["seed"]), float(summary["final_eval_return_mean"]),
                       np.array([float(r["real_steps"]) for r in evaluations]),
-                      np.array([float(r["eval_return_mean"]) for r in evaluations]))
+                      np.array([float(r["eval_return_mean"]) for r in evaluations]),
+                      tuple({**r, "diagnostics": diagnostics.get(r.get("iteration"))} for r in evaluations))
         return str(summary["game"]), run
     except (KeyError, TypeError, ValueError) as e:
         raise _malformed(summary_path, e) from None
@@ -397,6 +402,56 @@ def format_table(report: dict, references: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def diagnostics_rows(runs: GameRuns) -> list[dict]:
+    """Per iteration, means over the seeds that logged them: evaluation return, the world-model diagnostics
+    (open-loop latent accuracy and its copy baseline at 1/5/10 steps; recall of +rewards, +predictions on zero
+    steps) and the imagined vs real clipped return per 50 steps. Missing values are NaN."""
+    num = max((len(s.iterations) for s in runs.seeds), default=0)
+    rows = []
+    for i in range(num):
+        records = [s.iterations[i] for s in runs.seeds if i < len(s.iterations)]
+        diags = [r["diagnostics"] for r in records if r.get("diagnostics")]
+        mean = lambda values: float(np.mean(values)) if values else float("nan")
+        pos = sum(sum(d.get(f"reward_pos_as_{p}", 0) for p in ("neg", "zero", "pos")) for d in diags)
+        zero = sum(sum(d.get(f"reward_zero_as_{p}", 0) for p in ("neg", "zero", "pos")) for d in diags)
+        row = {"iteration": records[0].get("iteration", i + 1), "real_steps": records[0].get("real_steps"),
+               "eval_return": mean([r["eval_return_mean"] for r in records]),
+               "model_iteration": diags[0].get("model_iteration") if diags else None,
+               "pos_recall": sum(d.get("reward_pos_as_pos", 0) for d in diags) / pos if pos else float("nan"),
+               "pos_count": pos,
+               "zero_as_pos": sum(d.get("reward_zero_as_pos", 0) for d in diags) / zero if zero else float("nan"),
+               "imagined_return": mean([r["imagined_return_mean"] for r in records if "imagined_return_mean" in r]),
+               "real_return": mean([r["real_return_per_horizon"] for r in records if "real_return_per_horizon" in r])}
+        for k in (1, 5, 10):
+            row[f"latent_acc_{k}"] = mean([d[f"latent_acc_{k}"] for d in diags if f"latent_acc_{k}" in d])
+            row[f"copy_acc_{k}"] = mean([d[f"copy_acc_{k}"] for d in diags if f"copy_acc_{k}" in d])
+        rows.append(row)
+    return rows
+
+
+def format_diagnostics(games: dict[str, GameRuns]) -> str:
+    """The per-iteration diagnostics of every game as text (see diagnostics_rows)."""
+    lines = ["World-model diagnostics per iteration, means over seeds (model of iteration m on real data it has not "
+             "trained on);", "latent acc = open-loop code accuracy 1/5/10 steps after 4 context frames (copy = "
+             "'nothing moves'); +recall = +reward steps predicted +; 0->+ = zero steps predicted +;",
+             "imag./real = clipped return per 50 steps in the policy's dreams / in the real evaluation.", ""]
+    for game, runs in games.items():
+        rows = diagnostics_rows(runs)
+        if not rows:
+            continue
+        lines += [f"{game}", f"  {'iter':>4} {'steps':>7} {'return':>10}  {'m':>2} {'latent acc 1/5/10':>18} "
+                             f"{'copy 1/5/10':>16} {'+recall':>12} {'0->+':>6} {'imag.':>6} {'real':>6}"]
+        for r in rows:
+            triple = lambda name: "/".join(_number(r[f"{name}_{k}"], 2) for k in (1, 5, 10))
+            recall = f"{_number(r['pos_recall'], 2)} ({r['pos_count']:.0f})"
+            lines.append(f"  {r['iteration']:>4} {r['real_steps'] or 0:>7,.0f} {_number(r['eval_return'], 1):>10}  "
+                         f"{r['model_iteration'] or '-':>2} {triple('latent_acc'):>18} {triple('copy_acc'):>16} "
+                         f"{recall:>12} {_number(r['zero_as_pos'], 3):>6} {_number(r['imagined_return'], 2):>6} "
+                         f"{_number(r['real_return'], 2):>6}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def save_curves(path: str, games: dict[str, GameRuns]) -> None:
     """One subplot per game: evaluation return vs real interactions; mean over seeds with a min..max band, each
     seed as a thin line, the random agent measured under our protocol as a dashed line when known."""
@@ -463,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         references = _read_json(REFERENCE_PATH)
         games = merge_by_game(gather(args.paths))
         report = build_report(games, references, args.bootstrap, args.seed)
+        report["diagnostics"] = {game: diagnostics_rows(runs) for game, runs in games.items()}
         png = args.png or os.path.join(args.paths[0] if os.path.isdir(args.paths[0]) else ".", "report.png")
         save_curves(png, games)
         report["png"] = png
@@ -473,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_json_safe(report), indent=1))
     else:
         print(format_table(report, references), end="")
+        print("\n" + format_diagnostics(games), end="")
         print(f"learning curves: {png}")
     return 0
 

@@ -262,3 +262,25 @@ def test_each_error_is_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
         assert expected in lines[0], (name, lines[0])
         assert result.stdout == "", name
+
+
+def test_diagnostics_rows_average_over_seeds_and_pool_reward_counts(tmp_path):
+    path = write_results_file(str(tmp_path), "Seaquest", [100.0, 300.0])
+    data = json.load(open(path))
+    for s, seed in enumerate(data["seeds"]):
+        for i, it in enumerate(seed["iterations"]):
+            it.update(imagined_return_mean=1.0 + s, real_return_per_horizon=0.5)
+            it["diagnostics"] = {"model_iteration": max(i, 1), "latent_acc_1": 0.9 - s / 10, "copy_acc_1": 0.8,
+                                 "latent_acc_5": 0.7, "copy_acc_5": 0.6, "latent_acc_10": 0.5, "copy_acc_10": 0.4,
+                                 "reward_pos_as_pos": 1 + s, "reward_pos_as_zero": 3, "reward_pos_as_neg": 0,
+                                 "reward_zero_as_pos": 2, "reward_zero_as_zero": 98, "reward_zero_as_neg": 0}
+    json.dump(data, open(path, "w"))
+    rows = report.diagnostics_rows(report.load_results_file(path))
+    assert [r["iteration"] for r in rows] == [1, 2] and [r["model_iteration"] for r in rows] == [1, 1]
+    assert rows[1]["eval_return"] == 200.0 and rows[0]["eval_return"] == 100.0
+    assert rows[0]["latent_acc_1"] == pytest.approx(0.85) and rows[0]["copy_acc_10"] == pytest.approx(0.4)
+    assert rows[0]["pos_recall"] == pytest.approx(3 / 9) and rows[0]["pos_count"] == 9  # (1 + 2) of (4 + 5)
+    assert rows[0]["zero_as_pos"] == pytest.approx(4 / 200)
+    assert rows[0]["imagined_return"] == 1.5 and rows[0]["real_return"] == 0.5
+    text = report.format_diagnostics({"Seaquest": report.load_results_file(path)})
+    assert "0.85/0.70/0.50" in text and "0.33 (9)" in text
