@@ -114,6 +114,8 @@ class ComputeConfig:
     vqvae_ynnpack: str = "reduce"  # which XLA:CPU ops the VQ-VAE step sends to YNNPACK: "all" | "reduce" | "none"
     ppo_ynnpack: str = "reduce"    # the same for the PPO update ("reduce": Eigen dots/convs, YNNPACK reductions)
     threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
+    dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
+                                   # losses, norm statistics, recurrent state and codebook distances stay float32)
 
     def compiler_options(self, program: str) -> dict[str, str]:
         """XLA options for a jitted program: "vqvae_step" (also the dynamics step's encoder pass) or
@@ -163,6 +165,8 @@ def validate(config: Config) -> Config:
     for name in ("vqvae_ynnpack", "ppo_ynnpack"):
         if getattr(config.compute, name) not in ("all", *_YNN_FUSION_TYPES):
             raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(config.compute, name)!r}")
+    if config.compute.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute.dtype must be 'float32' or 'bfloat16', got {config.compute.dtype!r}")
     if config.compute.upsample not in ("subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,

@@ -57,14 +57,14 @@ def sample_action(logits: jax.Array, key: jax.Array, temperature: float = 1.0) -
 
 
 def log_prob(logits: jax.Array, actions: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """logits [..., A], actions [...] -> log-probabilities [...]."""
-    log_p = jax.nn.log_softmax(logits / temperature, axis=-1)
+    """logits [..., A], actions [...] -> log-probabilities [...], float32."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     return jnp.take_along_axis(log_p, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """logits [..., A] -> entropy in nats [...]."""
-    log_p = jax.nn.log_softmax(logits / temperature, axis=-1)
+    """logits [..., A] -> entropy in nats [...], float32."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
@@ -116,6 +116,7 @@ def ppo_loss(params: Any, apply_fn: ApplyFn, minibatch: Minibatch, mask: jax.Arr
     advantages = (minibatch.advantages - advantage_mean) / (advantage_std + 1e-8)
 
     logits, values = apply_fn(params, minibatch.observations)
+    values = values.astype(jnp.float32)  # the loss is float32 whatever the network computes in
     chex.assert_shape(values, minibatch.actions.shape)
     new_log_probs = log_prob(logits, minibatch.actions)  # T = 1 in updates (SPEC 5)
     log_ratio = new_log_probs - minibatch.log_probs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,19 +17,23 @@ class ConvLSTMCell(nn.Module):
     Gates [i | f | g | o] = LN_x(conv_x(inputs)) + LN_h(conv_h(h)) + per-channel biases; input and forget
     gates peep at the old cell state, the output gate at the new one; the forget gate gets +forget_bias.
     `conv_impl` ("im2col" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
+    The gate convolutions run in `dtype` (ComputeConfig.dtype); layer norms, gates and the state (h, c) are float32,
+    so a 10- or 50-step recurrence does not accumulate bfloat16 rounding.
     """
     hidden_channels: int = 128
     kernel_size: int = 5
     forget_bias: float = 1.0
     layer_norm_epsilon: float = 1e-5
     conv_impl: str = "im2col"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         h, c = state
         hc, k = self.hidden_channels, self.kernel_size
         pad = k // 2
-        gate_conv = lambda name: PatchConv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, name=name)
+        gate_conv = lambda name: PatchConv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
+                                           name=name)
         x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x")(gate_conv("conv_x")(inputs))
         h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h")(gate_conv("conv_h")(h))
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))

@@ -45,7 +45,8 @@ def continuous_bernoulli_log_norm(logits: jax.Array, exact: bool = False) -> jax
 
 
 def continuous_bernoulli_log_prob(x: jax.Array, logits: jax.Array, exact: bool = False) -> jax.Array:
-    """Elementwise log p(x | logits) for x in [0, 1]: -BCEWithLogits(l, x) + log C (SPEC 3.6)."""
+    """Elementwise log p(x | logits) for x in [0, 1]: -BCEWithLogits(l, x) + log C (SPEC 3.6), in float32."""
+    x, logits = x.astype(jnp.float32), logits.astype(jnp.float32)
     bce = jnp.maximum(logits, 0.0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     return -bce + continuous_bernoulli_log_norm(logits, exact)
 
@@ -62,6 +63,6 @@ def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
 
 
 def categorical_log_prob(logits: jax.Array, index: jax.Array) -> jax.Array:
-    """log softmax(logits)[index] along the last axis; index has logits.shape[:-1]."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, index[..., None], axis=-1)[..., 0]

@@ -1,7 +1,7 @@
 """Two-cell ConvLSTM dynamics network with next-latent and reward heads (SPEC 4.1-4.2)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -36,6 +36,7 @@ class Dynamics(nn.Module):
 
     The one-hot action is tiled over the grid and concatenated (as the last channels) to the input of both
     cells and to the heads' shared input y = [h2, action]; no nonlinearity on h2 (SPEC 4.2).
+    Convolutions and dense layers in `dtype` (ComputeConfig.dtype); state and both logits are float32.
     """
     num_actions: int
     num_codes: int = 128
@@ -47,6 +48,7 @@ class Dynamics(nn.Module):
     num_reward_classes: int = 3
     layer_norm_epsilon: float = 1e-5
     conv_impl: str = "im2col"  # ComputeConfig.lstm_conv: how the cells' 5x5 convolutions are computed
+    dtype: Any = jnp.float32   # ComputeConfig.dtype
 
     @nn.compact
     def __call__(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState):
@@ -54,18 +56,21 @@ class Dynamics(nn.Module):
         chex.assert_shape(actions, (z_q.shape[0],))
         act = tile_action(actions, self.num_actions, z_q.shape[1])
         cell = lambda name: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias,
-                                         self.layer_norm_epsilon, self.conv_impl, name=name)
+                                         self.layer_norm_epsilon, self.conv_impl, self.dtype, name=name)
         h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
         h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
         y = jnp.concatenate([h2, act], -1)
         in_features = y.shape[-1]
-        next_latent_logits = conv(self.num_codes, 1, 0, in_features=in_features, name="next_latent_head")(y)
-        r = conv(self.reward_conv_channels, 1, 0, in_features=in_features, name="reward_conv")(y)
-        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm")(r))
+        dtype = self.dtype
+        next_latent_logits = conv(self.num_codes, 1, 0, in_features=in_features, name="next_latent_head", dtype=dtype)(y)
+        r = conv(self.reward_conv_channels, 1, 0, in_features=in_features, name="reward_conv", dtype=dtype)(y)
+        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype)(r))
         r = r.reshape(r.shape[0], -1)
-        r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense")(r))
-        reward_logits = dense(self.num_reward_classes, self.reward_hidden, name="reward_out")(r)
-        return next_latent_logits, reward_logits, DynamicsState(h1, c1, h2, c2)
+        r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense", dtype=dtype)(r))
+        reward_logits = dense(self.num_reward_classes, self.reward_hidden, name="reward_out", dtype=dtype)(r)
+        # Log-softmax losses and sampling read float32 logits.
+        return (next_latent_logits.astype(jnp.float32), reward_logits.astype(jnp.float32),
+                DynamicsState(h1, c1, h2, c2))
 
 
 def is_reward_head(path: tuple[str, ...]) -> bool:

@@ -1,5 +1,10 @@
 """Building blocks shared by the networks: PyTorch-default initialisation (SPEC 12.3), an exact
-PyTorch-style batch norm (SPEC 3.1/12.1), layer norm over (H, W, C), and the 2x upsampling layer."""
+PyTorch-style batch norm (SPEC 3.1/12.1), layer norm over (H, W, C), and the 2x upsampling layer.
+
+Mixed precision (ComputeConfig.dtype): every layer takes `dtype`, the dtype its matmuls/convolutions and its
+output are computed in; parameters are always created in float32 and cast at use, so gradients, optimizer
+state and checkpoints stay float32. Normalisation statistics are computed in float32 whatever `dtype` is.
+With the default float32 every cast is a no-op (the programs are unchanged)."""
 from __future__ import annotations
 
 import functools
@@ -23,13 +28,15 @@ def uniform_init(bound: float):
 
 
 def conv(features: int, kernel: int, padding: int, stride: int = 1, bias: bool = True, in_features: int | None = None,
-         name: str | None = None) -> nn.Conv:
-    """nn.Conv with explicit symmetric padding and PyTorch's default init (U(+-1/sqrt(fan_in)))."""
+         name: str | None = None, dtype: Any = jnp.float32) -> nn.Conv:
+    """nn.Conv with explicit symmetric padding and PyTorch's default init (U(+-1/sqrt(fan_in))); computed in
+    `dtype`, parameters float32."""
     # Kaiming-uniform with a=sqrt(5) is variance_scaling(1/3, fan_in, uniform): bound 1/sqrt(fan_in).
     kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
     bias_init = uniform_init(1.0 / math.sqrt(in_features * kernel * kernel)) if (bias and in_features) else nn.initializers.zeros
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-                   use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
+                   use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name, dtype=dtype,
+                   param_dtype=jnp.float32)
 
 
 def _patch_index(out_height: int, out_width: int, kernel: tuple[int, int], padded_width: int) -> np.ndarray:
@@ -57,8 +64,9 @@ def _patches_bwd(kernel, out_size, shape, cotangent):
     # much faster than the pads that autodiff of the slices would produce.
     b, hp, wp, c = shape
     index = _patch_index(*out_size, kernel, wp)
-    grad = jnp.zeros((b, hp * wp, c), cotangent.dtype).at[:, index].add(cotangent.reshape(b, -1, c))
-    return (grad.reshape(shape),)
+    # Up to k*k taps land on one input cell: accumulate them in float32 (a no-op for float32 cotangents).
+    grad = jnp.zeros((b, hp * wp, c), jnp.float32).at[:, index].add(cotangent.reshape(b, -1, c).astype(jnp.float32))
+    return (grad.reshape(shape).astype(cotangent.dtype),)
 
 
 _patches.defvjp(_patches_fwd, _patches_bwd)
@@ -98,9 +106,9 @@ def rows_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
         shift = i - padding
         first, last = max(0, -shift), min(h, h - shift)  # output rows whose input row y + shift exists
         patches = _patches(padded[:, first + shift:last + shift], (1, k), (last - first, w))
-        part = patches.reshape(-1, k * cin) @ kernel[i].reshape(k * cin, cout)
+        part = (patches.reshape(-1, k * cin) @ kernel[i].reshape(k * cin, cout)).astype(jnp.float32)
         out = out + jnp.pad(part.reshape(b, last - first, w, cout), ((0, 0), (first, h - last), (0, 0), (0, 0)))
-    return out
+    return out.astype(x.dtype)  # the k row products summed in float32 (no-op casts for float32 inputs)
 
 
 def _rows_conv_fwd(x, kernel, padding):
@@ -118,18 +126,21 @@ rows_conv.defvjp(_rows_conv_fwd, _rows_conv_bwd)
 
 class PatchConv(nn.Module):
     """Drop-in for `conv(...)` (stride 1): same parameters ("kernel" [k, k, Cin, Cout], optional "bias") and
-    init, computed by `im2col_conv` (impl "im2col"), `rows_conv` ("rows") or lax.conv_general_dilated ("xla")."""
+    init, computed by `im2col_conv` (impl "im2col"), `rows_conv` ("rows") or lax.conv_general_dilated ("xla"),
+    in `dtype` (input and float32 parameters cast to it)."""
     features: int
     kernel_size: int
     padding: int
     use_bias: bool = False
     impl: str = "im2col"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, cin = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
                             (k, k, cin, self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.impl == "im2col":
             y = im2col_conv(x, kernel, self.padding)
         elif self.impl == "rows":
@@ -140,25 +151,33 @@ class PatchConv(nn.Module):
         else:
             raise ValueError(f"unknown conv impl {self.impl!r}")
         if self.use_bias:
-            y = y + self.param("bias", uniform_init(1.0 / math.sqrt(cin * k * k)), (self.features,))
+            y = y + self.param("bias", uniform_init(1.0 / math.sqrt(cin * k * k)), (self.features,)).astype(self.dtype)
         return y
 
 
-def dense(features: int, in_features: int, name: str | None = None) -> nn.Dense:
+def dense(features: int, in_features: int, name: str | None = None, dtype: Any = jnp.float32) -> nn.Dense:
     bound = 1.0 / math.sqrt(in_features)
-    return nn.Dense(features, kernel_init=uniform_init(bound), bias_init=uniform_init(bound), name=name)
+    return nn.Dense(features, kernel_init=uniform_init(bound), bias_init=uniform_init(bound), name=name, dtype=dtype,
+                    param_dtype=jnp.float32)
 
 
-def spatial_layer_norm(epsilon: float, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm over the whole (H, W, C) tensor per sample with elementwise affine of shape (H, W, C)."""
-    return nn.LayerNorm(epsilon=epsilon, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1), name=name)
+def spatial_layer_norm(epsilon: float, name: str | None = None, dtype: Any = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm over the whole (H, W, C) tensor per sample with elementwise affine of shape (H, W, C).
+
+    Flax computes the statistics and the normalisation in float32 (its default) and casts the
+    output to `dtype`."""
+    return nn.LayerNorm(epsilon=epsilon, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1), name=name,
+                        dtype=dtype, param_dtype=jnp.float32)
 
 
 class BatchNorm(nn.Module):
     """PyTorch BatchNorm2d semantics: normalise with the biased batch variance, but track the running
-    variance with the unbiased one (SPEC 12.1). Running stats live in the `batch_stats` collection."""
+    variance with the unbiased one (SPEC 12.1). Running stats live in the `batch_stats` collection.
+
+    Statistics, running averages and the normalisation are float32; the output is cast to `dtype`."""
     momentum: float = 0.9
     epsilon: float = 1e-5
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -167,6 +186,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,))
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        x = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
@@ -177,7 +197,7 @@ class BatchNorm(nn.Module):
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
         else:
             mean, var = ra_mean.value, ra_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
 # Sub-pixel form of ConvTranspose2d(k=4, s=2, p=1): output row 2m+a reads input rows m+d, d in {-1,0,1},
@@ -192,20 +212,22 @@ class Upsample2x(nn.Module):
     (in, out, kH, kW) weight permuted) and `bias` [out]. `mode` only picks how it is computed:
     "transpose" = input-dilated convolution with the flipped kernel (the textbook formulation);
     "subpixel" = one 3x3 convolution to 4*out channels followed by depth-to-space, which XLA:CPU runs
-    several times faster (same result to float rounding; tests/test_networks.py checks it).
+    several times faster (same result to float rounding; tests/test_networks.py checks it). Computed in `dtype`.
     """
     features: int
     mode: str = "subpixel"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_features = x.shape[-1]
         bound = 1.0 / math.sqrt(self.features * 16)  # PyTorch takes fan_in from the weight's dim 1 (= out)
         kernel = self.param("kernel", uniform_init(bound), (4, 4, in_features, self.features))
-        bias = self.param("bias", uniform_init(bound), (self.features,))
+        bias = self.param("bias", uniform_init(bound), (self.features,)).astype(self.dtype)
+        x = x.astype(self.dtype)
         dn = ("NHWC", "HWIO", "NHWC")
         if self.mode == "transpose":
-            y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((2, 2), (2, 2)),
+            y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1].astype(self.dtype), (1, 1), ((2, 2), (2, 2)),
                                              lhs_dilation=(2, 2), dimension_numbers=dn)
             return y + bias
         if self.mode != "subpixel":
@@ -214,7 +236,7 @@ class Upsample2x(nn.Module):
         taps = np.maximum(_TAP, 0)
         # k3[jh, ah, jw, aw] = kernel[_TAP[jh, ah], _TAP[jw, aw]] (zero where no tap), then (3,3,in,2,2,out).
         k3 = kernel[taps[:, :, None, None], taps[None, None, :, :]] * (mask[:, :, None, None] * mask[None, None])[..., None, None]
-        k3 = k3.transpose(0, 2, 4, 1, 3, 5).reshape(3, 3, in_features, 4 * self.features)
+        k3 = k3.transpose(0, 2, 4, 1, 3, 5).reshape(3, 3, in_features, 4 * self.features).astype(self.dtype)
         y = jax.lax.conv_general_dilated(x, k3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
         b, h, w, _ = y.shape
         y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features)

@@ -1,7 +1,7 @@
 """VQ-VAE: encoder with batch norm, EMA vector quantiser, decoder without normalisation (SPEC 3)."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import chex
 import flax.linen as nn
@@ -12,66 +12,73 @@ from dlwm_jax.networks.layers import BatchNorm, Upsample2x, conv, leaky_relu
 
 
 class ResidualBlock(nn.Module):
-    """ResidualBlock31 (SPEC 3.3): conv3x3 -> [BN] -> ReLU -> conv1x1 -> [BN], plus identity."""
+    """ResidualBlock31 (SPEC 3.3): conv3x3 -> [BN] -> ReLU -> conv1x1 -> [BN], plus identity; in `dtype`."""
     use_batch_norm: bool
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
         bias = not self.use_batch_norm
-        y = conv(c, 3, 1, bias=bias, in_features=c)(x)
+        y = conv(c, 3, 1, bias=bias, in_features=c, dtype=self.dtype)(x)
         if self.use_batch_norm:
-            y = BatchNorm(self.bn_momentum, self.bn_epsilon)(y, train)
+            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
         y = jax.nn.relu(y)
-        y = conv(c, 1, 0, bias=bias, in_features=c)(y)
+        y = conv(c, 1, 0, bias=bias, in_features=c, dtype=self.dtype)(y)
         if self.use_batch_norm:
-            y = BatchNorm(self.bn_momentum, self.bn_epsilon)(y, train)
+            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
         return y + x
 
 
 class Encoder(nn.Module):
-    """Observations uint8 [B, 96, 96, C] (or float in [0, 1]) -> z_e [B, 6, 6, D] (SPEC 3.1)."""
+    """Observations uint8 [B, 96, 96, C] (or float in [0, 1]) -> z_e float32 [B, 6, 6, D] (SPEC 3.1).
+
+    Convolutions in `dtype` (ComputeConfig.dtype); the last batch norm outputs float32, so z_e, the codebook
+    distances and the commitment loss are float32."""
     code_dim: int = 32
     channels: Sequence[int] = (32, 64, 128, 256)
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, observations: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(observations, 4)
         x = observations.astype(jnp.float32) / 255.0 if observations.dtype == jnp.uint8 else observations
-        bn = lambda: BatchNorm(self.bn_momentum, self.bn_epsilon)
+        bn = lambda dtype=self.dtype: BatchNorm(self.bn_momentum, self.bn_epsilon, dtype)
         for features in self.channels:
-            x = conv(features, 4, 1, stride=2, bias=False)(x)
+            x = conv(features, 4, 1, stride=2, bias=False, dtype=self.dtype)(x)
             x = leaky_relu(bn()(x, train))
         for _ in range(2):
-            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon)(x, train)
+            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
             x = leaky_relu(x)
-        x = conv(self.code_dim, 1, 0, bias=False)(x)
-        return bn()(x, train)  # no activation: this is z_e
+        x = conv(self.code_dim, 1, 0, bias=False, dtype=self.dtype)(x)
+        return bn(jnp.float32)(x, train)  # no activation: this is z_e
 
 
 class Decoder(nn.Module):
-    """Quantised latents [B, 6, 6, D] -> continuous-Bernoulli logits [B, 96, 96, C] (SPEC 3.2)."""
+    """Quantised latents [B, 6, 6, D] -> continuous-Bernoulli logits float32 [B, 96, 96, C] (SPEC 3.2); layers
+    computed in `dtype`."""
     out_channels: int = 4
     channels: Sequence[int] = (32, 64, 128, 256)
     upsample: str = "subpixel"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z_q: jax.Array) -> jax.Array:
         chex.assert_rank(z_q, 4)
         width = self.channels[-1]
-        x = leaky_relu(conv(width, 3, 1, in_features=z_q.shape[-1])(z_q))
+        x = leaky_relu(conv(width, 3, 1, in_features=z_q.shape[-1], dtype=self.dtype)(z_q))
         for _ in range(2):
-            x = leaky_relu(ResidualBlock(False)(x))
+            x = leaky_relu(ResidualBlock(False, dtype=self.dtype)(x))
         outs = list(self.channels[-2::-1]) + [self.out_channels]
         for i, features in enumerate(outs):
-            x = Upsample2x(features, self.upsample)(x)
+            x = Upsample2x(features, self.upsample, self.dtype)(x)
             if i < len(outs) - 1:
                 x = leaky_relu(x)
-        return x
+        return x.astype(jnp.float32)  # the likelihood is computed in float32
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,10 +101,13 @@ def init_codebook(key: jax.Array, num_codes: int, code_dim: int) -> Codebook:
 
 
 def quantize(z_e: jax.Array, embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Nearest-neighbour codes: z_e [..., D] -> (indices [...] int32, z_q [..., D]); ties go to the lowest index."""
-    flat = z_e.reshape(-1, z_e.shape[-1])
-    distances = (jnp.sum(flat ** 2, 1, keepdims=True) - 2.0 * flat @ embeddings.T
-                 + jnp.sum(embeddings ** 2, 1)[None])
+    """Nearest-neighbour codes: z_e [..., D] -> (indices [...] int32, z_q [..., D]); ties go to the lowest index.
+
+    Distances in float32 at full precision on every backend (TF32, the GPU default for float32 matmuls, would
+    flip near-tie assignments)."""
+    flat = z_e.reshape(-1, z_e.shape[-1]).astype(jnp.float32)
+    cross = jnp.matmul(flat, embeddings.T, precision=jax.lax.Precision.HIGHEST)
+    distances = jnp.sum(flat ** 2, 1, keepdims=True) - 2.0 * cross + jnp.sum(embeddings ** 2, 1)[None]
     indices = jnp.argmin(distances, axis=1).astype(jnp.int32).reshape(z_e.shape[:-1])
     return indices, embeddings[indices]
 
@@ -110,11 +120,12 @@ def straight_through(z_e: jax.Array, z_q: jax.Array) -> jax.Array:
 def ema_update(codebook: Codebook, z_e: jax.Array, indices: jax.Array, decay: float, epsilon: float,
                debias_counts: bool = False) -> Codebook:
     """One EMA codebook update (SPEC 3.5). debias_counts=False keeps the reference's quirk: cluster sizes
-    are not de-biased while the sums are, so early codebooks are inflated by 1/(1 - decay^t)."""
+    are not de-biased while the sums are, so early codebooks are inflated by 1/(1 - decay^t).
+    Sums in float32 at full precision on every backend (no TF32)."""
     num_codes, dim = codebook.embeddings.shape
-    flat = jax.lax.stop_gradient(z_e).reshape(-1, dim)
+    flat = jax.lax.stop_gradient(z_e).reshape(-1, dim).astype(jnp.float32)
     onehot = jax.nn.one_hot(indices.reshape(-1), num_codes, dtype=flat.dtype)
-    counts, sums = onehot.sum(0), onehot.T @ flat
+    counts, sums = onehot.sum(0), jnp.matmul(onehot.T, flat, precision=jax.lax.Precision.HIGHEST)
     counter = codebook.dw_counter + 1
     debias = 1.0 - jnp.power(decay, counter.astype(jnp.float32))
     cs_average = decay * codebook.cs_average + (1.0 - decay) * counts
