@@ -3,10 +3,10 @@ GAME ?= BankHeist
 
 .PHONY: setup demo evidence test test-slow bench params
 setup: .venv/.installed
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q -e '.[dev]'
+	.venv/bin/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup
