@@ -1,0 +1,357 @@
+"""One short, time-boxed check of this project on an accelerator machine (benchmarks/README.md, "Device check").
+
+    python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 450]
+    python benchmarks/device_check.py slim-envpool ENVPOOL.whl ENVPOOL_ASSETS.whl --out wheels/
+
+`check` runs five parts, each a subprocess with its own time limit inside one overall budget, and writes
+DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
+  devices        jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
+  bench_float32  benchmarks/run.py --json at paper sizes with the plain (non-CPU) formulations, float32
+  bench_bfloat16 the same with compute.dtype=bfloat16 (mixed precision), without the EnvPool figures
+  train_1_seed   a slice of a real `paper` run (experiments/train.py: paper networks and batch sizes, two short
+                 iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation), with
+                 the wall time and throughput of every phase read off its progress lines and metrics.jsonl
+  train_5_seeds  the same slice with --num_seeds=5 (one vmapped program for five seeds)
+A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
+every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
+
+`slim-envpool` repacks EnvPool's wheel for a machine without network whose working tree may carry 64 MiB:
+only the Atari environment keeps its compiled module (the other families' .so files, ~120 MB unpacked, are
+dropped; their Python registration stays, so `import envpool` works) and the Atari ROMs of the assets wheel
+(~0.6 MB) move inside it (envpool/atari/roms, where EnvPool looks first), so the assets wheels are not needed.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The plain formulations (benchmarks/README.md, ComputeConfig table): what an accelerator should run.
+PLAIN_COMPUTE = ("compute.upsample=transpose", "compute.lstm_conv=xla", "compute.dream_lstm_conv=xla",
+                 "compute.policy_conv=xla", "compute.dynamics_unroll=1", "compute.imagination_unroll=1",
+                 "compute.ppo_unroll=false", "compute.vqvae_ynnpack=all", "compute.ppo_ynnpack=all")
+
+# The `paper` run cut to two short iterations: the paper's networks, batch sizes, horizon and PPO epochs; fewer
+# steps of every kind (6,400 random + 1,600 agent steps, 1 warm-up epoch, 1 joint epoch per iteration, 25 PPO
+# updates per iteration, evaluation capped at 400 agent steps per env).
+TRAIN_SLICE = ("schedule.num_iterations=2", "schedule.initial_steps=6400", "schedule.steps_per_iteration=1600",
+               "schedule.warmup_epochs=1", "schedule.joint_epochs=1,1", "schedule.vq_update_intervals=2,2",
+               "schedule.ppo_updates=25,25", "env.eval_max_steps=400")
+TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
+
+# Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long).
+PART_LIMITS_S = {"devices": 45, "bench_float32": 130, "bench_bfloat16": 90, "train_1_seed": 90, "train_5_seeds": 110}
+TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_bfloat16": 150, "train_1_seed": 200,
+                      "train_5_seeds": 240}
+
+DEVICES_SNIPPET = """
+import json, platform, sys
+import jax
+info = {"devices": [str(d) for d in jax.devices()], "device_kinds": sorted({d.device_kind for d in jax.devices()}),
+        "backend": jax.default_backend(), "python": sys.version.split()[0], "machine": platform.machine()}
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "numpy", "envpool", "tensorboardX", "dlwm_jax"):
+    try:
+        module = __import__(name, fromlist=["_"])
+        info[name] = getattr(module, "__version__", "installed")
+        if name == "dlwm_jax":
+            info["dlwm_jax_path"] = module.__file__
+    except Exception as e:
+        info[name] = f"missing: {type(e).__name__}: {e}"
+import jax.numpy as jnp
+x = jnp.ones((1024, 1024), jnp.bfloat16)
+info["bf16_matmul_ok"] = bool(jnp.isfinite((x @ x).astype(jnp.float32)).all())
+print("DEVICE_INFO " + json.dumps(info))
+"""
+
+PROGRESS = re.compile(r"^\[iter (\d+)/(\d+)\] (\w+)\s+([\d.]+)/(\d+)\s+elapsed\s+(\d+)s")
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+
+def run_part(argv: list[str], limit_s: float, log_path: str, env: dict[str, str]) -> dict:
+    """Runs argv (in its own process group) for at most limit_s seconds; returns rc, wall_s, timed_out and the
+    output lines with their arrival times (seconds since start). A reader thread collects the lines, so a
+    part that hangs mid-line is still stopped on time."""
+    start = time.monotonic()
+    lines: list[tuple[float, str]] = []
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, start_new_session=True)
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+
+        def read() -> None:
+            for line in process.stdout:
+                lines.append((round(time.monotonic() - start, 2), line.rstrip("\n")))
+                log.write(line)
+                log.flush()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            process.wait(timeout=limit_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop(process)
+        reader.join(timeout=10)
+        if timed_out:
+            log.write(f"\n[device_check] stopped after {limit_s:.0f} s\n")
+    return {"rc": process.wait(), "wall_s": round(time.monotonic() - start, 2), "limit_s": round(limit_s, 1),
+            "timed_out": timed_out, "lines": list(lines)}
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the part's own process group, SIGKILL after 10 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(lines: list[tuple[float, str]], n: int = 8) -> list[str]:
+    return [text for _, text in lines[-n:]]
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+def devices_part(limit_s: float, out: str, env: dict[str, str]) -> dict:
+    run = run_part([sys.executable, "-c", DEVICES_SNIPPET], limit_s, os.path.join(out, "devices.log"), env)
+    info = next((json.loads(t[len("DEVICE_INFO "):]) for _, t in run["lines"] if t.startswith("DEVICE_INFO ")), None)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        smi = None
+    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
+            "info": info, "nvidia_smi": smi, "tail": _tail(run["lines"])}
+
+
+def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, dtype: str) -> dict:
+    overrides = [*PLAIN_COMPUTE, f"compute.dtype={dtype}"]
+    argv = [sys.executable, "benchmarks/run.py", "--json", "--preset", "smoke" if tiny else "paper",
+            "--repeats", "1" if tiny else "3"]
+    if tiny or dtype != "float32":
+        argv.append("--no-envs")
+    for item in overrides:
+        argv += ["--set", item]
+    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
+    result = None
+    for _, text in reversed(run["lines"]):
+        if text.startswith("{"):
+            try:
+                result = json.loads(text)
+                break
+            except json.JSONDecodeError:
+                pass
+    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
+            "overrides": overrides, "result": result, "tail": _tail(run["lines"])}
+
+
+def train_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, num_seeds: int,
+               workroot: str) -> dict:
+    workdir = os.path.join(workroot, name)
+    overrides = [*PLAIN_COMPUTE, *(TINY_TRAIN_SLICE if tiny else TRAIN_SLICE)]
+    argv = [sys.executable, "experiments/train.py", "--game=BankHeist", f"--preset={'smoke' if tiny else 'paper'}",
+            f"--workdir={workdir}", f"--num_seeds={num_seeds}", f"--compilation_cache={os.path.join(workroot, 'xla')}"]
+    argv += [f"--set={item}" for item in overrides]
+    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
+    metrics_path = os.path.join(workdir, "metrics.jsonl" if num_seeds == 1 else "seed_0/metrics.jsonl")
+    records = _read_jsonl(metrics_path)
+    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
+            "num_seeds": num_seeds, "overrides": overrides, "finished": any(
+                "done: final evaluation return" in text for _, text in run["lines"]),
+            "phases": phase_throughput(run["lines"], records, num_seeds), "tail": _tail(run["lines"])}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by the stop
+    return records
+
+
+def phase_throughput(lines: list[tuple[float, str]], records: list[dict], num_seeds: int) -> list[dict]:
+    """Per (iteration, phase) that printed a progress line: wall seconds (from the previous phase's last line to
+    this phase's last, so compilation and checkpointing are included), progress done/total, and the work done
+    with its rate, all seeds together: real env steps (collect), VQ-VAE steps (warmup), dynamics and VQ-VAE
+    steps (world_model), PPO updates (policy). The first iteration's phases include compiling their programs."""
+    last: dict[tuple[int, str], tuple[float, float, int, int]] = {}
+    order: list[tuple[int, str]] = []
+    for arrival, text in lines:
+        match = PROGRESS.match(text)
+        if match:
+            key = (int(match.group(1)), match.group(3))
+            if key not in last:
+                order.append(key)
+            last[key] = (arrival, float(match.group(4)), int(match.group(5)), int(match.group(6)))
+    phases, previous_end = [], 0.0
+    for iteration, phase in order:
+        arrival, done, total, printed_elapsed = last[(iteration, phase)]
+        mine = [r for r in records if r.get("iteration") == iteration]
+        work: dict[str, float] = {}
+        if phase == "collect":
+            collected = [r["real_steps"] for r in mine if r.get("phase") == "collect"]
+            before = max([r["real_steps"] for r in records
+                          if r.get("phase") == "collect" and r.get("iteration", 0) < iteration] or [0])
+            if collected:
+                work["real_steps"] = (collected[-1] - before) * num_seeds
+        elif phase == "warmup":
+            work["vqvae_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "warmup") * num_seeds
+        elif phase == "world_model":
+            work["dynamics_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "dynamics") * num_seeds
+            work["vqvae_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "vqvae") * num_seeds
+        elif phase == "policy":
+            work["ppo_updates"] = max([r.get("unit", 0) for r in mine if r.get("phase") == "policy"] or [0]) * num_seeds
+        wall = max(arrival - previous_end, 1e-9)
+        phases.append({"iteration": iteration, "phase": phase, "done": done, "total": total,
+                       "wall_s": round(arrival - previous_end, 2), "printed_elapsed_s": printed_elapsed,
+                       **{k: v for k, v in work.items()},
+                       **{f"{k}_per_s": round(v / wall, 2) for k, v in work.items()}})
+        previous_end = arrival
+    return phases
+
+
+def check(out: str, tiny: bool, budget_s: float, parts: list[str]) -> dict:
+    os.makedirs(out, exist_ok=True)
+    limits = TINY_PART_LIMITS_S if tiny else PART_LIMITS_S
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started, start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), time.monotonic()
+    report = {"mode": "tiny" if tiny else "full", "started_utc": started, "budget_s": budget_s, "parts": parts,
+              "plain_compute": list(PLAIN_COMPUTE), "train_slice": list(TINY_TRAIN_SLICE if tiny else TRAIN_SLICE)}
+    path = os.path.join(out, "device_check.json")
+
+    def remaining(part: str) -> float:
+        return max(0.0, min(limits[part], budget_s - (time.monotonic() - start)))
+
+    with tempfile.TemporaryDirectory(prefix="device_check_") as workroot:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(workroot, "xla")  # shared by the bench and train parts
+        for part in parts:
+            limit = remaining(part)
+            if limit < 5:
+                report[part] = {"skipped": f"overall budget of {budget_s:.0f} s spent"}
+            elif part == "devices":
+                report[part] = devices_part(limit, out, env)
+            elif part.startswith("bench_"):
+                report[part] = bench_part(part, limit, out, env, tiny, part[len("bench_"):])
+            else:
+                report[part] = train_part(part, limit, out, env, tiny, 1 if part == "train_1_seed" else 5, workroot)
+            report["wall_s"] = round(time.monotonic() - start, 1)
+            with open(path, "w") as f:  # after every part: a stopped check still leaves what it measured
+                json.dump(report, f, indent=1)
+            print(f"[device_check] {part}: {_summary(report[part])}", flush=True)
+    return report
+
+
+def _summary(part: dict) -> str:
+    if "skipped" in part:
+        return part["skipped"]
+    text = f"rc {part['rc']}, {part['wall_s']:.0f} s{' (stopped at its limit)' if part['timed_out'] else ''}"
+    if part.get("info"):
+        text += f"; {part['info'].get('backend')} {part['info'].get('devices')}"
+    if part.get("result"):
+        r = part["result"]
+        text += (f"; vqvae {r.get('vqvae_step_ms')} ms, dynamics {r.get('dynamics_step_ms')} ms, "
+                 f"ppo update {r.get('ppo_update_ms')} ms, projected {r.get('projected_run_hours')} h")
+    if "phases" in part:
+        text += "; " + ", ".join(f"{p['phase']}@{p['iteration']} {p['wall_s']:.0f}s" for p in part["phases"])
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ wheels
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def slim_envpool(envpool_wheel: str, assets_wheel: str, out_dir: str) -> str:
+    """Writes out_dir/<envpool wheel name>: Atari's compiled module and every .py file of the EnvPool wheel,
+    the other families' compiled modules and data dropped, the assets wheel's Atari ROMs added under
+    envpool/atari/roms, and a RECORD that lists exactly these files. Returns the new wheel's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, os.path.basename(envpool_wheel))
+    if os.path.abspath(target) == os.path.abspath(envpool_wheel):
+        raise ValueError("--out must not be the folder of the input wheel")
+    files: dict[str, bytes] = {}
+    with zipfile.ZipFile(envpool_wheel) as wheel:
+        record_name = next(n for n in wheel.namelist() if n.endswith(".dist-info/RECORD"))
+        for name in wheel.namelist():
+            if name == record_name or name.endswith("/"):
+                continue
+            top = name.split("/")[0]
+            keep = (top.endswith(".dist-info") or top.endswith(".libs") or name.endswith(".py")
+                    or name.endswith("py.typed") or name.startswith("envpool/atari/"))
+            if keep:
+                files[name] = wheel.read(name)
+    with zipfile.ZipFile(assets_wheel) as assets:
+        roms = [n for n in assets.namelist() if "/atari/roms/" in n and not n.endswith("/")]
+        if not roms:
+            raise ValueError(f"{assets_wheel} holds no atari/roms/ files")
+        for name in roms:
+            files["envpool/atari/roms/" + name.split("/atari/roms/", 1)[1]] = assets.read(name)
+    record = io.StringIO()
+    writer = csv.writer(record, lineterminator="\n")
+    for name, data in files.items():
+        writer.writerow([name, _record_hash(data), len(data)])
+    writer.writerow([record_name, "", ""])
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr(record_name, record.getvalue())
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("check", help="run the device check, JSON and logs to --out")
+    run.add_argument("--out", default=os.environ.get("OUT") or "device_check_out")
+    run.add_argument("--tiny", action="store_true", help="smoke sizes, a few seconds per part (tests, CPU)")
+    run.add_argument("--budget-s", type=float, default=None, help="overall seconds (default 450; tiny 900)")
+    run.add_argument("--parts", default=",".join(PART_LIMITS_S), help="comma list of " + ", ".join(PART_LIMITS_S))
+    slim = commands.add_parser("slim-envpool", help="repack EnvPool's wheel with Atari only (ROMs inside)")
+    slim.add_argument("envpool_wheel")
+    slim.add_argument("assets_wheel")
+    slim.add_argument("--out", required=True, help="folder for the slim wheel")
+    args = parser.parse_args()
+    if args.command == "slim-envpool":
+        path = slim_envpool(args.envpool_wheel, args.assets_wheel, args.out)
+        print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB")
+        return
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PART_LIMITS_S]
+    if unknown:
+        sys.exit(f"error: unknown part {unknown[0]!r}; choose from {', '.join(PART_LIMITS_S)}")
+    budget = args.budget_s if args.budget_s is not None else (900.0 if args.tiny else 450.0)
+    report = check(args.out, args.tiny, budget, parts)
+    failed = [p for p in parts if report[p].get("rc", 0) not in (0, None) and not report[p].get("timed_out")]
+    print(f"[device_check] wrote {os.path.join(args.out, 'device_check.json')} in {report['wall_s']:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
