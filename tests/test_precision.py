@@ -2,9 +2,11 @@
 existed (no bfloat16 op in its programs); with "bfloat16" the train steps track float32, and parameters,
 optimizer state, batch-norm statistics and the codebook stay float32.
 
-Tolerances, measured on real Breakout frames at smoke width (4 steps each, same batches, same start): VQ-VAE
-loss within 0.33% of float32, dynamics loss within 0.03%, PPO loss within 0.04% (policy loss 0.4%); the
-asserted bounds are 2% and a parameter-change cosine of 0.98 for PPO (measured 0.997).
+Measured by these tests' own steps (real Breakout frames, smoke width, same start and batches; the largest
+relative difference to float32 over the steps): VQ-VAE loss 0.34% (reconstruction term 0.50%), dynamics loss
+0.02% (reward loss 0.08%), PPO loss 0.13%, value loss 0.03%, entropy 0.01% (policy loss, a small number, 1.3%),
+cosine of the PPO parameter changes 0.996, codebook indices 100% equal. Asserted: losses within 2%, cosine
+> 0.98, indices >= 95%.
 """
 import envpool
 import jax
@@ -116,7 +118,7 @@ def test_bfloat16_codebook_indices_agree_with_float32(data):
     indices = {config.compute.dtype: np.asarray(wm.encode(world.replace(config=config), observations)[0])
                for config in (F32, BF16)}
     agreement = np.mean(indices["float32"] == indices["bfloat16"])
-    assert agreement >= 0.95, agreement  # measured 1.0 here (36 x 64 positions, 16 codes)
+    assert agreement >= 0.95, agreement  # measured 1.0 here (64 x 36 positions, 16 codes)
 
 
 def test_bfloat16_world_model_steps_track_float32_and_keep_float32_state(data):
@@ -169,4 +171,21 @@ def test_bfloat16_ppo_updates_track_float32_and_keep_float32_state(data):
     change = {k: np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(results[k][0]), jax.tree.leaves(params))])
               for k in results}
     cosine = change["float32"] @ change["bfloat16"] / (np.linalg.norm(change["float32"]) * np.linalg.norm(change["bfloat16"]))
-    assert cosine > 0.98, cosine  # the direction of 3 updates (24 Adam steps); measured 0.997
+    assert cosine > 0.98, cosine  # the direction of 3 updates (24 Adam steps); measured 0.996
+
+
+def test_bfloat16_policy_update_as_the_driver_runs_it(data):
+    """train.make_policy_update under bfloat16 with the CPU formulations (dream convs `rows`): the dream's scan
+    carries float32 state, the update is finite and the agent stays float32."""
+    from dlwm_jax.train import AgentState, make_policy_update
+    replay, num_actions, world = data
+    assert BF16.compute.dream_lstm_conv == "rows"
+    networks = make_networks(BF16, num_actions)
+    params = networks.actor_critic.init(jax.random.key(13), jnp.zeros((1, 6, 6, BF16.vqvae.code_dim)))
+    optimizer = ppo.make_optimizer(BF16.policy)
+    update = make_policy_update(BF16, networks, optimizer)
+    starts = replay.sample_observations(jax.random.key(14), BF16.policy.num_envs)
+    agent, metrics = update(world.replace(config=BF16), AgentState(params, optimizer.init(params)), starts,
+                            jax.random.key(15))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert _float_dtypes((agent.params, agent.opt_state)) == {"float32"}
