@@ -70,8 +70,8 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "nump
     try:
         module = __import__(name, fromlist=["_"])
         info[name] = getattr(module, "__version__", "installed")
-        if name == "dlwm_jax":
-            info["dlwm_jax_path"] = module.__file__
+        if name in ("dlwm_jax", "envpool"):
+            info[f"{name}_path"] = module.__file__
     except Exception as e:
         info[name] = f"missing: {type(e).__name__}: {e}"
 import jax.numpy as jnp

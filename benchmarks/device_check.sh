@@ -30,21 +30,28 @@ python="${PYTHON:-python3}"
 mkdir -p "$out"
 
 if ((install)); then
-  # Wheels only, never the network: the carried dependency wheels, then this tree built in place with the
-  # image's setuptools. --target keeps the image's own packages (jax, flax, ...) untouched.
+  # Wheels only, never the network: the carried dependency wheels into their own folder (--target keeps the
+  # image's packages, jax, flax, ..., untouched), then this tree, built in place with the image's setuptools. If
+  # that build is not possible offline, the tree runs from PYTHONPATH: the code is the same either way.
   site="${DEVICE_CHECK_SITE:-/tmp/dlwm_site}"
+  log="$out/install.log"
   shopt -s nullglob
   carried=("$wheels"/*.whl)
   if ((${#carried[@]} == 0)); then
     echo "error: no wheels in $wheels (see benchmarks/README.md, Device check)" >&2; exit 2
   fi
   start=$(date +%s)
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      "${carried[@]}" || { echo "error: installing the wheels in $wheels failed" >&2; exit 2; }
-  "$python" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
-      --target "$site" . || { echo "error: installing the project failed" >&2; exit 2; }
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-  echo "[device_check] installed ${#carried[@]} wheels and the project into $site in $(( $(date +%s) - start )) s"
+  "$python" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "${carried[@]}" >"$log" 2>&1 || { echo "error: installing the wheels in $wheels failed (see $log)" >&2; exit 2; }
+  if "$python" -m pip install --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+      --target "$site" . >>"$log" 2>&1; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[device_check] installed ${#carried[@]} wheels and the project into $site in $(( $(date +%s) - start )) s"
+  else
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[device_check] installed ${#carried[@]} wheels into $site in $(( $(date +%s) - start )) s; the project" \
+         "could not be built offline here (see $log), so it runs from the tree on PYTHONPATH"
+  fi
 fi
 
 exec "$python" benchmarks/device_check.py check --out "$out" "${check_args[@]}"

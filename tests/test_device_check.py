@@ -47,6 +47,26 @@ def test_script_refuses_missing_wheels_and_unknown_parts(tmp_path):
         "error: unknown part 'nope'; choose from devices, bench_float32, bench_bfloat16, train_1_seed, train_5_seeds")
 
 
+def test_script_installs_carried_wheels_without_network(tmp_path):
+    """The install step: every wheel of --wheels into DEVICE_CHECK_SITE (pip --no-index), ahead on PYTHONPATH."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    dist = "carried_probe-1.0.dist-info"
+    with zipfile.ZipFile(wheels / "carried_probe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("carried_probe.py", "VALUE = 42\n")
+        z.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: carried-probe\nVersion: 1.0\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    site = tmp_path / "site"
+    result = _run([str(tmp_path / "out"), "--tiny", "--wheels", str(wheels), "--parts", "devices"], timeout=300,
+                  DEVICE_CHECK_SITE=str(site))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (site / "carried_probe.py").exists() and "[device_check] installed 1 wheels" in result.stdout
+    assert (tmp_path / "out" / "install.log").exists()
+    report = json.loads((tmp_path / "out" / "device_check.json").read_text())
+    assert report["devices"]["info"]["dlwm_jax_path"].endswith("__init__.py")
+
+
 def test_phase_throughput_from_progress_lines_and_metrics():
     lines = [(1.0, "[iter 1/2] collect     96/96  elapsed      1s  eta      0s  3 episodes finished"),
              (2.0, "something else"),
