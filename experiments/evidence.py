@@ -2,14 +2,17 @@
 
     python experiments/evidence.py --game=CrazyClimber        # preset short, seeds 0-2 -> results/short/CrazyClimber.json
 
-Seed s runs `experiments/train.py --game=G --preset=P --seed=s --workdir=runs/P/G-s` (log: runs/P/G-s.log), all
-seeds at once; rerunning the command resumes unfinished seeds from their checkpoints and skips finished ones.
+Seed s runs `experiments/train.py --game=G --preset=P --seed=s --workdir=runs/P/G-s` (log: runs/P/G-s.log), one
+after another (`--parallel` at once); rerunning the command resumes unfinished seeds from their checkpoints and
+skips finished ones.
 When every seed has finished, their `results.json` are merged (dlwm_jax/results.merge_results) into
 results/P/G.json: per-seed raw data, the random agent under the same protocol, config, commits, machine, wall time.
 
-Why processes and not the vmapped `--num_seeds`: on the 2-core CPU this project is developed on, a vmapped VQ-VAE
-step of 3 seeds took 1.71 s against 0.41-0.55 s for one seed (XLA:CPU runs the vmapped convolutions as grouped
-convolutions), so 3 processes finish sooner; on an accelerator use `train.py --num_seeds`.
+Why single-seed processes and not the vmapped `--num_seeds`: on the 2-core CPU this project is developed on, a
+vmapped VQ-VAE step of 3 seeds took 1.71 s against 0.41-0.55 s for one seed (XLA:CPU runs the vmapped
+convolutions as grouped convolutions). Why one at a time: three processes side by side on those 2 cores did
+~0.4 dynamics steps/s each (1.2 in all) against 3.6/s for one process alone (their thread pools contend). On
+an accelerator use `train.py --num_seeds`.
 """
 import json
 import os
@@ -30,6 +33,7 @@ flags.DEFINE_integer("num_seeds", 3, "Seeds first_seed .. first_seed + num_seeds
 flags.DEFINE_integer("first_seed", 0, "The first seed.")
 flags.DEFINE_string("runs_dir", None, "Where the seeds' workdirs go (default runs/<preset>).")
 flags.DEFINE_string("results_dir", None, "Where <game>.json goes (default results/<preset>).")
+flags.DEFINE_integer("parallel", 1, "How many seeds run at once (1: one after another, fastest on a 2-core CPU).")
 flags.DEFINE_multi_string("set", [], "Config overrides passed to every seed (train.py --set).")
 flags.DEFINE_float("progress_every_s", 60.0, "Seconds between progress lines (each seed's latest line).")
 FLAGS = flags.FLAGS
@@ -49,8 +53,8 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
         cli.fail("--game is required, e.g. --game=CrazyClimber", 2)
-    if FLAGS.num_seeds < 1:
-        cli.fail(f"--num_seeds must be >= 1, got {FLAGS.num_seeds}", 2)
+    if FLAGS.num_seeds < 1 or FLAGS.parallel < 1:
+        cli.fail(f"--num_seeds and --parallel must be >= 1, got {FLAGS.num_seeds} and {FLAGS.parallel}", 2)
     from dlwm_jax.results import merge_results
     runs_dir = FLAGS.runs_dir or os.path.join("runs", FLAGS.preset)
     results_dir = FLAGS.results_dir or os.path.join("results", FLAGS.preset)
@@ -62,30 +66,39 @@ def main(argv):
     except OSError as e:
         cli.fail(f"cannot create {e.filename!r}: {e.strerror}")
 
-    running = {}
+    pending = []
     for s in seeds:
         if os.path.exists(os.path.join(workdirs[s], "results.json")):
             print(f"seed {s}: finished earlier ({workdirs[s]})", flush=True)
-            continue
-        command = [sys.executable, TRAIN, f"--game={FLAGS.game}", f"--preset={FLAGS.preset}", f"--seed={s}",
-                   f"--workdir={workdirs[s]}", *(f"--set={item}" for item in FLAGS.set)]
-        log = open(workdirs[s] + ".log", "a")
-        running[s] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
-        print(f"seed {s}: running, log {workdirs[s]}.log", flush=True)
-    last_report = time.time()
-    while any(proc.poll() is None for proc, _ in running.values()):
+        else:
+            pending.append(s)
+    running, last_report = {}, time.time()
+    while pending or running:
+        while pending and len(running) < FLAGS.parallel:
+            s = pending.pop(0)
+            command = [sys.executable, TRAIN, f"--game={FLAGS.game}", f"--preset={FLAGS.preset}", f"--seed={s}",
+                       f"--workdir={workdirs[s]}", *(f"--set={item}" for item in FLAGS.set)]
+            log = open(workdirs[s] + ".log", "a")
+            running[s] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+            print(f"seed {s}: running, log {workdirs[s]}.log", flush=True)
         time.sleep(1.0)
+        for s, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[s]
+            if proc.returncode:
+                for other, _ in running.values():
+                    other.terminate()  # they resume from their checkpoints when the command is rerun
+                with open(workdirs[s] + ".log", errors="replace") as f:
+                    errors = [line.strip() for line in f if line.startswith("error:")]
+                cli.fail(f"seed {s} failed (exit {proc.returncode}): "
+                         f"{errors[-1] if errors else 'see ' + workdirs[s] + '.log'}")
+            print(f"seed {s}: {_last_progress_line(workdirs[s] + '.log')}", flush=True)
         if time.time() - last_report >= FLAGS.progress_every_s:
             last_report = time.time()
-            for s, (proc, _) in running.items():
-                state = "running" if proc.poll() is None else f"exit {proc.returncode}"
-                print(f"seed {s} ({state}): {_last_progress_line(workdirs[s] + '.log')}", flush=True)
-    for s, (proc, log) in running.items():
-        log.close()
-        if proc.returncode:
-            with open(workdirs[s] + ".log", errors="replace") as f:
-                errors = [line.strip() for line in f if line.startswith("error:")]
-            cli.fail(f"seed {s} failed (exit {proc.returncode}): {errors[-1] if errors else 'see ' + workdirs[s] + '.log'}")
+            for s in running:
+                print(f"seed {s}: {_last_progress_line(workdirs[s] + '.log')}", flush=True)
 
     parts = []
     for s in seeds:
