@@ -203,7 +203,7 @@ def main() -> None:
     else:
         figures.update(measure_envs(args.game, config.env.num_eval_envs))
     figures.update(project_hours(figures, schedule_counts(config), config.env.num_eval_envs,
-                                 min(args.eval_episode_steps, config.env.eval_max_steps)))
+                                 min(args.eval_episode_steps, config.env.eval_cap)))
     if args.seeds:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import seeds

@@ -143,13 +143,13 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
     """Evaluation episodes (SPEC 9) in fresh envs seeded seed, seed+1, ... (the reference's were unseeded).
 
     Runs num_envs (default env.num_eval_envs) envs from reset until each has finished its first episode
-    (finished envs keep stepping, their data ignored) or max_steps (default env.eval_max_steps) steps were taken.
+    (finished envs keep stepping, their data ignored) or max_steps (default env.eval_cap) steps were taken.
     Returns return_mean/std (population)/min/max and length_mean over the finished episodes; if none finished,
     over the partial returns at the cap. num_finished says how many of num_envs episodes ended; `returns`,
     `lengths` and `finished` are the per-env lists.
     """
     num_envs = num_envs or env_config.num_eval_envs
-    max_steps = max_steps or env_config.eval_max_steps
+    max_steps = max_steps or env_config.eval_cap
     env = envs.make_env(env_config, num_envs, seed)
     return episode_stats(*first_episodes(env, env_config, policy_fn, list(jax.random.split(key, max_steps))))
 

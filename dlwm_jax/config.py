@@ -22,7 +22,12 @@ class EnvConfig:
     repeat_action_probability: float = 0.0
     collect_temperature: float = 1.5  # policy temperature while collecting real data (SPEC 5)
     num_eval_envs: int = 32
-    eval_max_steps: int = 27_000      # cap on agent steps of one evaluation pass
+    eval_max_steps: int = 0           # cap on agent steps of one evaluation pass; 0 = max_episode_steps
+
+    @property
+    def eval_cap(self) -> int:
+        """The evaluation's step cap: eval_max_steps, or the episode cap (every episode can end) when it is 0."""
+        return self.eval_max_steps or self.max_episode_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +181,8 @@ def validate(config: Config) -> Config:
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if config.env.eval_max_steps < 0:
+        raise ValueError(f"env.eval_max_steps must be >= 0 (0 = env.max_episode_steps), got {config.env.eval_max_steps}")
     if not 0 < config.dynamics.context_length < config.dynamics.sequence_length:
         raise ValueError("dynamics.context_length must be in [1, sequence_length)")
     return config

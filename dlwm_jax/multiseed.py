@@ -173,7 +173,7 @@ def evaluate_seeds(env_config: EnvConfig, act: Callable, keys: Sequence[jax.Arra
                    ) -> list[dict]:
     """collect.evaluate for S seeds in one pool of S x num_eval_envs envs: seed s gets the envs, step keys and
     result dict its own `evaluate(env_config, ..., keys[s], base_seeds[s])` would. act(obs [S, E, ...], keys [S])."""
-    num_seeds, num_envs, max_steps = len(keys), env_config.num_eval_envs, env_config.eval_max_steps
+    num_seeds, num_envs, max_steps = len(keys), env_config.num_eval_envs, env_config.eval_cap
     policy = _keyed_policy(act, _split_per_seed(keys, max_steps), num_seeds)  # per-seed keys live in the policy
     per_episode = first_episodes(make_pooled_env(env_config, num_envs, base_seeds), env_config, policy, [None] * max_steps)
     return [episode_stats(*group) for group in zip(*(x.reshape(num_seeds, num_envs) for x in per_episode))]

@@ -64,7 +64,7 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
                     "devices": [str(d) for d in jax.devices()]},
         "wall_time_s": round(meta.get("elapsed_s", 0.0), 1),
         "protocol": {"num_eval_envs": config.env.num_eval_envs, "max_episode_steps": config.env.max_episode_steps,
-                     "eval_max_steps": config.env.eval_max_steps, "actions": "sampled at temperature 1",
+                     "eval_max_steps": config.env.eval_cap, "actions": "sampled at temperature 1",
                      "eval_return": "mean over the finished episodes (partial returns at the cap only if none finished)"},
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
         "seeds": per_seed,

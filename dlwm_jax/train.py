@@ -210,9 +210,15 @@ def evaluation_record(result: dict, imagined: np.ndarray, horizon: int) -> dict:
 
 
 def evaluation_line(record: dict, horizon: int) -> str:
+    """The evaluation's progress line; episodes left unfinished at the cap are said, never averaged away silently."""
+    unfinished = record["eval_num_envs"] - record["eval_num_finished"]
+    warning = (f"; {unfinished:.0f} episode(s) reached the evaluation cap unfinished: the return is over the finished "
+               f"ones{' (none finished: over the partial returns)' if unfinished == record['eval_num_envs'] else ''}, "
+               f"results.json keeps every partial return") if unfinished else ""
     return (f"return {record['eval_return_mean']:.1f} +- {record['eval_return_std']:.1f} "
             f"({record['eval_num_finished']:.0f}/{record['eval_num_envs']:.0f} episodes finished); clipped return "
-            f"per {horizon} steps: imagined {record['imagined_return_mean']:.2f}, real {record['real_return_per_horizon']:.2f}")
+            f"per {horizon} steps: imagined {record['imagined_return_mean']:.2f}, real {record['real_return_per_horizon']:.2f}"
+            + warning)
 
 
 def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):

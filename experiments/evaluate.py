@@ -47,7 +47,7 @@ flags.DEFINE_string("game", None, "Without --workdir (random policy only): the A
 flags.DEFINE_string("preset", "paper", "Without --workdir: the config preset whose env settings apply.")
 flags.DEFINE_integer("episodes", None, "Number of evaluation envs, one episode each (default env.num_eval_envs).")
 flags.DEFINE_integer("env_seed", 12345, "Env i is seeded env_seed + i; the policy key is jax.random.key(env_seed).")
-flags.DEFINE_integer("max_steps", None, "Cap on agent steps per env (default env.eval_max_steps).")
+flags.DEFINE_integer("max_steps", None, "Cap on agent steps per env (default env.eval_cap: eval_max_steps, or the episode cap).")
 flags.DEFINE_string("video", None, "GIF of a real episode beside a dream (default <workdir>/play.gif; '' = none).")
 flags.DEFINE_integer("video_steps", 300, "At most this many frames in the video.")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
@@ -310,11 +310,11 @@ def protocol(config, seed: int, evaluated_iteration: int | None) -> dict:
         root = jax.random.key(seed)
         return dict(key=unit_key(root, evaluated_iteration, EVALUATE),
                     env_seed=derived_seed(root, 1 + evaluated_iteration),
-                    num_envs=config.env.num_eval_envs, max_steps=config.env.eval_max_steps,
+                    num_envs=config.env.num_eval_envs, max_steps=config.env.eval_cap,
                     dream_key=unit_key(root, evaluated_iteration, EVALUATE, 2))  # unit 1: train.py's images
     key = jax.random.key(FLAGS.env_seed)
     return dict(key=key, env_seed=FLAGS.env_seed, num_envs=FLAGS.episodes or config.env.num_eval_envs,
-                max_steps=FLAGS.max_steps or config.env.eval_max_steps,
+                max_steps=FLAGS.max_steps or config.env.eval_cap,
                 dream_key=jax.random.fold_in(key, FRESH_KEY_PURPOSE_DREAM))
 
 

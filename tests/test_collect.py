@@ -98,6 +98,8 @@ def test_evaluate_respects_the_cap_and_reports_finished_episodes():
     assert done["return_min"] <= done["return_mean"] <= done["return_max"] and done["return_std"] >= 0
     again = collect.evaluate(short, policy, jax.random.key(0), seed=0)
     assert again == done
+    follows = EnvConfig(game="Breakout", max_episode_steps=15, num_eval_envs=3)  # eval_max_steps 0: the episode cap
+    assert follows.eval_cap == 15 and collect.evaluate(follows, policy, jax.random.key(0), seed=0) == done
     # Game overs of random Breakout: raw returns are small non-negative integers.
     real = collect.evaluate(EnvConfig(game="Breakout"), policy, jax.random.key(1), seed=2, num_envs=2,
                             max_steps=1000)

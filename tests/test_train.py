@@ -179,3 +179,13 @@ def test_resume_accepts_a_config_saved_before_an_option_was_added_but_not_a_chan
     saved["schedule"]["ppo_updates"] = [1, 2, 3, 4]
     assert not same_config(saved, config) and not same_config(None, config)
     assert not same_config({"not_a_field": 1}, config)
+
+
+def test_evaluation_line_says_when_episodes_were_left_unfinished_at_the_cap():
+    from dlwm_jax.train import evaluation_line
+    record = {"eval_return_mean": 5.0, "eval_return_std": 1.0, "eval_num_finished": 16.0, "eval_num_envs": 16.0,
+              "imagined_return_mean": 0.5, "real_return_per_horizon": 0.25}
+    assert "unfinished" not in evaluation_line(record, 50) and "(16/16 episodes finished)" in evaluation_line(record, 50)
+    line = evaluation_line({**record, "eval_num_finished": 13.0}, 50)
+    assert "3 episode(s) reached the evaluation cap unfinished" in line and "none finished" not in line
+    assert "none finished" in evaluation_line({**record, "eval_num_finished": 0.0}, 50)
