@@ -463,7 +463,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
                                                                 dtype=jnp.int32), sharding, (0,))  # collect.random_policy
     baselines = evaluate_seeds(config.env, lambda obs, keys: random_eval_act(put(keys)), seed_keys(last, EVALUATE),
                                [derived_seed(root, 1 + last) for root in roots])
-    write_results(os.path.join(workdir, "results.json"), config, game, seeds, seed_dirs, meta["last_evals"], baselines,
+    write_results(os.path.join(workdir, "results.json"), config, game, seeds, seed_dirs, meta.get("last_evals", [None] * S), baselines,
                   meta)
     return {"seeds": summaries, "aggregate": result}
 

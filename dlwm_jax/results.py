@@ -35,7 +35,7 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_results(path: str, config: Config, game: str, seeds: list[int], seed_dirs: list[str], final_evals: list[dict],
+def write_results(path: str, config: Config, game: str, seeds: list[int], seed_dirs: list[str], final_evals: list[dict | None],
                   random_evals: list[dict], meta: dict) -> dict:
     """Writes the run's raw results (format dlwm-jax-results/1, read by experiments/report.py) and returns them.
 
@@ -51,8 +51,10 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
                        for r in records if r["phase"] == "diagnostics"}
         iterations = [{**{k: v for k, v in r.items() if k != "phase"}, "diagnostics": diagnostics.get(r["iteration"])}
                       for r in records if r["phase"] == "evaluate"]
-        per_seed.append({"seed": seed, "final_eval_return": final["return_mean"], "final_eval_returns": final["returns"],
-                         "final_eval_finished": final["finished"], "final_eval_lengths": final["lengths"],
+        final = final or {"return_mean": iterations[-1]["eval_return_mean"] if iterations else None}  # older runs
+        per_seed.append({"seed": seed, "final_eval_return": final["return_mean"],
+                         "final_eval_returns": final.get("returns"), "final_eval_finished": final.get("finished"),
+                         "final_eval_lengths": final.get("lengths"),
                          "iterations": iterations})
     pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
                              for r in random_evals])

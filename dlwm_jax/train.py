@@ -482,7 +482,7 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     last = s.num_iterations - 1
     echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps)")
     baseline = evaluate(config.env, random_policy(num_actions), unit_key(root, last, EVALUATE), derived_seed(root, 1 + last))
-    write_results(os.path.join(workdir, "results.json"), config, game, [config.seed], [workdir], [meta["last_eval"]], [baseline],
+    write_results(os.path.join(workdir, "results.json"), config, game, [config.seed], [workdir], [meta.get("last_eval")], [baseline],
                   meta)
     return summary
 
