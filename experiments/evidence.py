@@ -35,6 +35,8 @@ flags.DEFINE_string("runs_dir", None, "Where the seeds' workdirs go (default run
 flags.DEFINE_string("results_dir", None, "Where <game>.json goes (default results/<preset>).")
 flags.DEFINE_integer("parallel", 1, "How many seeds run at once (1: one after another, fastest on a 2-core CPU).")
 flags.DEFINE_multi_string("set", [], "Config overrides passed to every seed (train.py --set).")
+flags.DEFINE_bool("merge_finished", False, "Start nothing: merge the seeds that have finished so far (a partial "
+                  "results file, e.g. to commit raw data before the last seeds are done).")
 flags.DEFINE_float("progress_every_s", 60.0, "Seconds between progress lines (each seed's latest line).")
 FLAGS = flags.FLAGS
 
@@ -72,6 +74,13 @@ def main(argv):
             print(f"seed {s}: finished earlier ({workdirs[s]})", flush=True)
         else:
             pending.append(s)
+    if FLAGS.merge_finished:
+        for s in pending:
+            print(f"seed {s}: not finished, left out ({_last_progress_line(workdirs[s] + '.log')})", flush=True)
+        seeds = [s for s in seeds if s not in pending]
+        if not seeds:
+            cli.fail("no seed has finished yet")
+        pending = []
     running, last_report = {}, time.time()
     while pending or running:
         while pending and len(running) < FLAGS.parallel:

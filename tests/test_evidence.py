@@ -52,6 +52,10 @@ def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path):
     again = run_evidence(tmp_path)  # finished seeds are not rerun; the merge is the same
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 2
     assert json.load(open(tmp_path / "results" / "Pong.json"))["seeds"] == results["seeds"]
+    partial = run_evidence(tmp_path, "--num_seeds=3", "--merge_finished")  # seed 2 never ran: left out, not started
+    assert partial.returncode == 0 and "seed 2: not finished, left out" in partial.stdout
+    assert json.load(open(tmp_path / "results" / "Pong.json"))["seeds"] == results["seeds"]
+    assert not os.path.exists(tmp_path / "runs" / "Pong-2")
 
 
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path):
