@@ -8,11 +8,11 @@ relative difference to float32 over the steps): VQ-VAE loss 0.34% (reconstructio
 cosine of the PPO parameter changes 0.996, codebook indices 100% equal. Asserted: losses within 2%, cosine
 > 0.98, indices >= 95%.
 """
-import envpool
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import breakout_replay
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import ppo
@@ -20,7 +20,6 @@ from dlwm_jax import world_model as wm
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.vqvae import ema_update, quantize
-from dlwm_jax.replay import Replay
 
 F32 = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
 BF16 = config_lib.override(F32, {"compute.dtype": "bfloat16"})
@@ -32,22 +31,7 @@ LOSS_RTOL = 0.02
 def data():
     """Real Breakout frames (random policy) in a Replay, and a world model after 8 float32 warm-up steps on them,
     so that codes are assigned as in training rather than at initialisation."""
-    env = envpool.make("Breakout-v5", env_type="gym", num_envs=1, img_height=96, img_width=96, stack_num=1,
-                       gray_scale=True, use_fire_reset=False, episodic_life=False, reward_clip=False, noop_max=30,
-                       seed=0)
-    num_actions = env.action_space.n
-    rng = np.random.default_rng(0)
-    obs, _ = env.reset()
-    frames, actions, rewards, terminals = [], [], [], []
-    for _ in range(NUM_FRAMES):
-        action = rng.integers(0, num_actions, (1,))
-        frames.append(obs[0, 0])
-        obs, reward, terminated, truncated, _ = env.step(action)
-        actions.append(action[0]), rewards.append(reward[0]), terminals.append(terminated[0] | truncated[0])
-    terminals = np.array(terminals)
-    replay = Replay(NUM_FRAMES + 1, frame_stack=F32.env.frame_stack)
-    replay.add(np.stack(frames)[None], np.array(actions)[None], np.array(rewards, np.float32)[None],
-               terminals[None], np.concatenate([[True], terminals[:-1]])[None])
+    replay, num_actions = breakout_replay(NUM_FRAMES, F32.env.frame_stack)
     world = wm.init_world_model(F32, num_actions, jax.random.key(0))
     for _, batch in zip(range(8), replay.observation_batches(jax.random.key(1), F32.vqvae.batch_size)):
         world, _ = wm.vqvae_step(world, batch, F32.vqvae.warmup_lr_multiplier)

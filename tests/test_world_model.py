@@ -5,17 +5,17 @@ here; unrolling changes speed, not results.
 """
 import math
 
-import envpool
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import breakout_replay
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import world_model as wm
 from dlwm_jax.networks.dynamics import initial_state
 from dlwm_jax.networks.vqvae import quantize
-from dlwm_jax.replay import ObservationBatch, Replay
+from dlwm_jax.replay import ObservationBatch
 
 CFG = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
 NUM_FRAMES = 252  # not a multiple of the VQ-VAE batch (8): the last batch of an epoch is padded
@@ -24,23 +24,7 @@ NUM_FRAMES = 252  # not a multiple of the VQ-VAE batch (8): the last batch of an
 @pytest.fixture(scope="module")
 def atari():
     """Real Breakout frames from a uniformly random policy, stored as one trajectory in a Replay (stack 4)."""
-    env = envpool.make("Breakout-v5", env_type="gym", num_envs=1, img_height=96, img_width=96, stack_num=1,
-                       gray_scale=True, use_fire_reset=False, episodic_life=False, reward_clip=False, noop_max=30,
-                       seed=0)
-    num_actions = env.action_space.n
-    rng = np.random.default_rng(0)
-    obs, _ = env.reset()
-    frames, actions, rewards, terminals = [], [], [], []
-    for _ in range(NUM_FRAMES):
-        action = rng.integers(0, num_actions, (1,))
-        frames.append(obs[0, 0])
-        obs, reward, terminated, truncated, _ = env.step(action)
-        actions.append(action[0]), rewards.append(reward[0]), terminals.append(terminated[0] | truncated[0])
-    terminals = np.array(terminals)
-    replay = Replay(NUM_FRAMES + 1, frame_stack=CFG.env.frame_stack)
-    replay.add(np.stack(frames)[None], np.array(actions)[None], np.array(rewards, np.float32)[None],
-               terminals[None], np.concatenate([[True], terminals[:-1]])[None])
-    return replay, num_actions
+    return breakout_replay(NUM_FRAMES, CFG.env.frame_stack)
 
 
 @pytest.fixture(scope="module")
