@@ -285,6 +285,12 @@ def override(config: Config, updates: dict[str, Any]) -> Config:
     return validate(config)
 
 
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain JSON data (tuples as lists), as checkpoints and results files store it."""
+    import json
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def from_dict(d: dict[str, Any]) -> Config:
     """The inverse of `dataclasses.asdict(config)`, also after a JSON round trip (lists become tuples again).
 

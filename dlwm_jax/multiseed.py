@@ -40,11 +40,11 @@ from dlwm_jax import envs, ppo, viz
 from dlwm_jax import world_model as wm
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, episode_stats, first_episodes
-from dlwm_jax.config import Config, EnvConfig, validate
+from dlwm_jax.config import Config, EnvConfig, to_dict, validate
 from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import Replay
 from dlwm_jax.train import (COLLECT, DIAGNOSTICS, EVALUATE, HOLDOUT_ENV, PHASES, POLICY, WARMUP, WORLD_MODEL,
-                            AgentState, Logger, _check_workdir, _config_json, diagnostic_batch, evaluation_line,
+                            AgentState, Logger, _check_workdir, diagnostic_batch, evaluation_line,
                             evaluation_record, holdout_steps, imagined_returns, lock_workdir, make_act,
                             make_policy_update, same_config, _save_images, _short, derived_seed, params_hash,
                             unit_key)
@@ -266,7 +266,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, num_seeds: int,
     def save(iteration: int, phase: int, unit: int) -> None:
         nonlocal last_save, started
         meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offsets=[lg.offset for lg in loggers],
-                    log_steps=[lg.log_step for lg in loggers], config=_config_json(config), num_seeds=S,
+                    log_steps=[lg.log_step for lg in loggers], config=to_dict(config), num_seeds=S,
                     save_index=meta["save_index"] + 1, elapsed_s=elapsed())
         started = time.time()
         checkpoints.save(meta["save_index"], jax.device_get((world, agent)), meta)

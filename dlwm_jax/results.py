@@ -6,7 +6,6 @@ the uniform random agent under the same protocol, the full config, git commit(s)
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ import sys
 import jax
 import numpy as np
 
-from dlwm_jax.config import Config
+from dlwm_jax.config import Config, to_dict
 
 RESULTS_FORMAT = "dlwm-jax-results/1"
 
@@ -56,8 +55,6 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
                          "final_eval_returns": final.get("returns"), "final_eval_finished": final.get("finished"),
                          "final_eval_lengths": final.get("lengths"),
                          "iterations": iterations})
-    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
-                             for r in random_evals])
     results = {
         "format": RESULTS_FORMAT, "game": game, "preset": config.preset,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commits": meta.get("git_commits", []),
@@ -68,15 +65,21 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
         "protocol": {"num_eval_envs": config.env.num_eval_envs, "max_episode_steps": config.env.max_episode_steps,
                      "eval_max_steps": config.env.eval_cap, "actions": "sampled at temperature 1",
                      "eval_return": "mean over the finished episodes (partial returns at the cap only if none finished)"},
-        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "config": to_dict(config),
         "seeds": per_seed,
-        "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_evals])),
-                         "return_std": float(np.std(pooled)),
-                         "per_seed": [{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]},
+        "random_agent": random_agent_summary([{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]),
     }
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def random_agent_summary(per_seed: list[dict]) -> dict:
+    """The random agent's entry: per seed its evaluation result; return_mean = mean of the per-seed means;
+    return_std = std of every episode that counts in them (the finished ones, or all where none finished)."""
+    counted = [np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])] for r in per_seed]
+    return {"return_mean": float(np.mean([r["return_mean"] for r in per_seed])),
+            "return_std": float(np.std(np.concatenate(counted))), "per_seed": per_seed}
 
 
 def merge_results(parts: list[dict], command: str) -> dict:
@@ -96,11 +99,8 @@ def merge_results(parts: list[dict], command: str) -> dict:
     if len({s["seed"] for s in seeds}) != len(seeds):
         raise ValueError(f"seed given twice: {sorted(s['seed'] for s in seeds)}")
     random_per_seed = [s for part in parts for s in part["random_agent"]["per_seed"]]
-    pooled = np.concatenate([np.asarray(r["returns"])[np.asarray(r["finished"]) | ~np.any(r["finished"])]
-                             for r in random_per_seed])
     return {**parts[0], "command": command, "git_commits": sorted({c for part in parts for c in part["git_commits"]}),
             "wall_time_s": max(part["wall_time_s"] for part in parts),
             "wall_time_s_per_seed": [part["wall_time_s"] for part in parts],
             "seeds": seeds,
-            "random_agent": {"return_mean": float(np.mean([r["return_mean"] for r in random_per_seed])),
-                             "return_std": float(np.std(pooled)), "per_seed": random_per_seed}}
+            "random_agent": random_agent_summary(random_per_seed)}

@@ -16,7 +16,6 @@ actions), and the frames it produces are checked against the replay.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -33,7 +32,7 @@ import numpy as np
 from dlwm_jax import envs, ppo, viz
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, evaluate, random_policy
-from dlwm_jax.config import Config, from_dict, validate
+from dlwm_jax.config import Config, from_dict, to_dict, validate
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.distributions import continuous_bernoulli_mean
@@ -154,10 +153,6 @@ def same_config(saved: dict | None, config: Config) -> bool:
         return saved is not None and from_dict(saved) == config
     except ValueError:
         return False
-
-
-def _config_json(config: Config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _short(metrics: dict) -> str:
@@ -339,7 +334,7 @@ def train_and_evaluate(config: Config, workdir: str, echo: Callable[[str], None]
     def save(iteration: int, phase: int, unit: int) -> None:
         nonlocal last_save, started
         meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offset=logger.offset,
-                    log_step=logger.log_step, config=_config_json(config), save_index=meta["save_index"] + 1,
+                    log_step=logger.log_step, config=to_dict(config), save_index=meta["save_index"] + 1,
                     elapsed_s=elapsed())
         started = time.time()
         checkpoints.save(meta["save_index"], (world, agent), meta)
