@@ -100,7 +100,7 @@ def main(argv):
                 for other, _ in running.values():
                     other.terminate()  # they resume from their checkpoints when the command is rerun
                 with open(workdirs[s] + ".log", errors="replace") as f:
-                    errors = [line.strip() for line in f if line.startswith("error:")]
+                    errors = [line[len("error:"):].strip() for line in f if line.startswith("error:")]
                 cli.fail(f"seed {s} failed (exit {proc.returncode}): "
                          f"{errors[-1] if errors else 'see ' + workdirs[s] + '.log'}")
             print(f"seed {s}: {_last_progress_line(workdirs[s] + '.log')}", flush=True)
