@@ -1,4 +1,5 @@
 """What the absl scripts of experiments/ share: one-line errors, and flag parsing that fails in one line."""
+import os
 import sys
 
 from absl import app, flags
@@ -7,7 +8,10 @@ from absl import app, flags
 def fail(message: str, code: int = 1):
     """Ends the process with `error: <message>` on stderr (one line) and exit code `code` (2 = usage)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    sys.stdout.flush()
+    # os._exit, not sys.exit: after a failed checkpoint read, orbax's background event-loop thread can print a
+    # traceback during interpreter shutdown, which would break the one-line promise. Nothing is left to flush.
+    os._exit(code)
 
 
 def run(main) -> None:
