@@ -9,7 +9,11 @@ Layout of `workdir/checkpoints`:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import time
 import zipfile
 
 import jax
@@ -19,6 +23,36 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read; the message is one line."""
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Wraps one orbax read of the checkpoint at `path`: any failure becomes a one-line CheckpointError.
+
+    When one array of a damaged checkpoint fails to load, orbax closes its event loop while TensorStore still
+    completes the other reads, and their callbacks print an asyncio 'Event loop is closed' traceback from a
+    C++ thread, before or after the caller reports the error (seen in CI). So stderr (fd 2) is held in a
+    temporary file during the read: replayed if the read succeeds; on failure dropped after a grace period
+    that lets the stray callbacks finish into it.
+    """
+    sys.stderr.flush()
+    original = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except Exception as e:  # orbax raises many types for damaged files
+            time.sleep(1.0)
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {message})") from None
+        else:
+            sys.stderr.flush()
+            held.seek(0)
+            os.write(original, held.read())
+        finally:
+            sys.stderr.flush()
+            os.dup2(original, 2)
+            os.close(original)
 
 
 class Checkpointer:
@@ -41,12 +75,9 @@ class Checkpointer:
         """Restores into the structure of `abstract_state` (a pytree of arrays or ShapeDtypeStructs)."""
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                                           if not isinstance(x, jax.ShapeDtypeStruct) else x, abstract_state)
-        try:
+        with reading(os.path.join(self.directory, str(step))):
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} is unreadable "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         return restored.state, restored.meta
 
     def save_replay_chunk(self, index: int, arrays: dict[str, np.ndarray]) -> None:

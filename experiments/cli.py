@@ -9,8 +9,11 @@ def fail(message: str, code: int = 1):
     """Ends the process with `error: <message>` on stderr (one line) and exit code `code` (2 = usage)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    # os._exit, not sys.exit: after a failed checkpoint read, orbax's background event-loop thread can print a
-    # traceback during interpreter shutdown, which would break the one-line promise. Nothing is left to flush.
+    # Background threads of a dependency (TensorStore after a failed checkpoint read, see
+    # checkpoint.reading) must not add lines after ours: stderr goes quiet, and os._exit skips the
+    # interpreter shutdown during which they would print. Nothing is left to flush.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     os._exit(code)
 
 

@@ -78,7 +78,7 @@ def read_meta(workdir: str) -> tuple[int, dict]:
     if not os.path.isdir(directory):
         raise InputError(f"no checkpoint in workdir {workdir!r} (no checkpoints/ directory)")
     import orbax.checkpoint as ocp
-    from dlwm_jax.checkpoint import CheckpointError
+    from dlwm_jax.checkpoint import CheckpointError, reading
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
@@ -88,11 +88,8 @@ def read_meta(workdir: str) -> tuple[int, dict]:
     step = manager.latest_step()
     if step is None:
         raise InputError(f"no checkpoint in workdir {workdir!r} ({directory} holds no complete checkpoint)")
-    try:
+    with reading(os.path.join(directory, str(step))):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # orbax raises many types for damaged files
-        raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(meta, dict) or "config" not in meta or "iteration" not in meta:
         raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} has no run meta (config, iteration)")
     return step, meta
