@@ -59,7 +59,7 @@ def main() -> None:
     sequences = SequenceBatch(jnp.asarray(rng.integers(0, 256, (*shape, *frame), dtype=np.uint8)),
                               jnp.asarray(rng.integers(0, num_actions, shape), jnp.int32), jnp.zeros(shape),
                               jnp.zeros(shape, bool), jnp.ones(d.batch_size, bool))
-    start_indices, _ = wm.encode(world, jnp.asarray(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8)))
+    start_indices, _ = jax.jit(wm.encode)(world, jnp.asarray(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8)))
     dream = lambda params, key: imagine(networks.dream_dynamics, networks.actor_critic,
                                         {"params": world.dynamics_params}, params, world.codebook.embeddings,
                                         start_indices, key, p.horizon, p.bootstrap_at_horizon)
@@ -70,8 +70,8 @@ def main() -> None:
         rollout.bootstrap_value, key, p, networks.actor_critic.apply, optimizer, config.compute.ppo_unroll)
 
     gflop = {
-        "vqvae_step": _gflop(wm.vqvae_step_unjitted, world, observations, jnp.float32(1.0)),
-        "dynamics_step": _gflop(wm.dynamics_step_unjitted, world, sequences, jax.random.key(1)),
+        "vqvae_step": _gflop(wm.vqvae_step, world, observations, jnp.float32(1.0)),
+        "dynamics_step": _gflop(wm.dynamics_step, world, sequences, jax.random.key(1)),
         "imagination_step": _gflop(dream, params, jax.random.key(0)),  # the scan body, counted once
         "ppo_epochs": _gflop(update, params, opt_state, rollout, jax.random.key(2)),
     }

@@ -72,19 +72,25 @@ def _world_and_agent(config, num_actions: int):
 
 
 def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
-    """Medians (ms) of the four jitted hot paths, plus their first-call (compile) seconds."""
-    from dlwm_jax import ppo, world_model as wm
+    """Medians (ms) of the four hot paths as the training loop compiles them (train.compile_programs, one seed),
+    plus their first-call (compile) seconds."""
+    from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
     from dlwm_jax.replay import ObservationBatch, SequenceBatch
+    from dlwm_jax.train import AgentState, compile_programs, stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
+    programs = compile_programs(config, networks, 1, None)
+    seed_axis = lambda tree: stack([tree])  # the loop's arguments carry a seed axis of length 1
+    one, worlds = jnp.ones(1, bool), seed_axis(world)
     frame = (config.env.image_size, config.env.image_size, config.env.frame_stack)
     v, d, p = config.vqvae, config.dynamics, config.policy
     out, compile_s = {}, {}
 
     obs_batch = jax.device_put(ObservationBatch(rng.integers(0, 256, (v.batch_size, *frame), dtype=np.uint8),
                                                 np.ones(v.batch_size, bool)))
-    t, c = _timed(lambda: wm.vqvae_step(world, obs_batch)[1], repeats)
+    obs_batches = seed_axis(obs_batch)
+    t, c = _timed(lambda: programs.vqvae_step(one, worlds, obs_batches, jnp.float32(1.0))[1], repeats)
     out["vqvae_step_ms"], compile_s["vqvae_step"] = t * 1e3, c
 
     seq_shape = (d.sequence_length, d.batch_size)
@@ -94,11 +100,16 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
         rng.choice([-1.0, 0.0, 1.0], seq_shape).astype(np.float32),
         rng.random(seq_shape) < 0.05, np.ones(d.batch_size, bool)))
     key = jax.random.key(1)
-    t, c = _timed(lambda: wm.dynamics_step(world, seq_batch, key)[1], repeats)
+    seq_batches, keys = seed_axis(seq_batch), seed_axis(key)
+
+    def dynamics_step():
+        indices, batch_stats = programs.encode_sequences(worlds, seq_batches.observations)
+        return programs.dynamics_update(one, worlds, batch_stats, indices, seq_batches, keys, 0)[1]
+    t, c = _timed(dynamics_step, repeats)
     out["dynamics_step_ms"], compile_s["dynamics_step"] = t * 1e3, c
 
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
-    start_indices, _ = wm.encode(world, start_obs)
+    start_indices, _ = jax.jit(wm.encode)(world, start_obs)
     dream_fn = jax.jit(lambda params, key: imagine(
         networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
         world.codebook.embeddings, start_indices, key, p.horizon, p.bootstrap_at_horizon,
@@ -107,15 +118,13 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     out["imagination_rollout_ms"], compile_s["imagination_rollout"] = t * 1e3, c
     out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
 
-    from dlwm_jax.train import AgentState, make_act, make_policy_update
-    policy_update = make_policy_update(config, networks, optimizer)  # exactly the driver's update
-    t, c = _timed(lambda: policy_update(world, AgentState(params, opt_state), start_obs, key)[1], max(3, repeats // 2))
+    agents, start_batches = seed_axis(AgentState(params, opt_state)), seed_axis(start_obs)
+    t, c = _timed(lambda: programs.policy_update(worlds, agents, start_batches, keys)[1], max(3, repeats // 2))
     out["ppo_update_ms"], compile_s["ppo_update"] = t * 1e3, c
 
-    act = make_act(networks, config.env.collect_temperature)
     for n in (1, config.env.num_eval_envs):
-        obs = jax.device_put(rng.integers(0, 256, (n, *frame), dtype=np.uint8))
-        t, c = _timed(lambda: act(world, params, obs, key), repeats * 4)
+        obs = jax.device_put(rng.integers(0, 256, (1, n, *frame), dtype=np.uint8))
+        t, c = _timed(lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
         out[f"act_batch{n}_ms"], compile_s[f"act_batch{n}"] = t * 1e3, c
     out["compile_s"] = compile_s
     return out

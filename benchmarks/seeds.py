@@ -1,5 +1,5 @@
-"""Many seeds in one process: wall time of N vmapped seeds (multiseed.train_and_evaluate_seeds) vs one seed
-(train.train_and_evaluate) on a preset (default smoke).
+"""Many seeds in one process: wall time of N vmapped seeds vs one seed (train.train_and_evaluate with
+num_seeds N and 1) on a preset (default smoke).
 
 Usage: python benchmarks/seeds.py [--num-seeds 4] [--preset smoke] [--game Pong] [--repeats 1]
 Prints JSON; `measure(...)` returns the same dict for benchmarks/run.py. Each configuration first runs once to
@@ -19,7 +19,6 @@ import time
 import jax
 
 from dlwm_jax import config as config_lib
-from dlwm_jax.multiseed import train_and_evaluate_seeds
 from dlwm_jax.train import train_and_evaluate
 
 
@@ -39,8 +38,7 @@ def measure(num_seeds: int = 4, preset: str = "smoke", game: str = "Pong", repea
     config = config_lib.override(config_lib.get_preset(preset), {"env.game": game})
     quiet = lambda _: None
     one, one_first = _wall(lambda workdir: train_and_evaluate(config, workdir, echo=quiet), repeats)
-    many, many_first = _wall(lambda workdir: train_and_evaluate_seeds(config, workdir, num_seeds, echo=quiet),
-                             repeats)
+    many, many_first = _wall(lambda workdir: train_and_evaluate(config, workdir, num_seeds, echo=quiet), repeats)
     return {"preset": preset, "game": game, "num_seeds": num_seeds, "devices": len(jax.devices()),
             "platform": jax.devices()[0].platform, "one_seed_s": round(one, 2), "n_seeds_s": round(many, 2),
             "ratio": round(many / one, 3), "per_seed_speedup": round(num_seeds * one / many, 3),

@@ -80,6 +80,11 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
+    def restore_meta(self, step: int) -> dict:
+        """The checkpoint's meta alone (JSON), e.g. to check its format before restoring the state."""
+        with reading(os.path.join(self.directory, str(step))):
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def save_replay_chunk(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         path = os.path.join(self.replay_dir, f"chunk_{index}.npz")
         tmp = path + ".tmp.npz"

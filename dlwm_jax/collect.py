@@ -13,7 +13,7 @@ only (`step(..., env_id=finished)`), so it is neither counted nor stored and all
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,15 @@ def _actions(policy_fn: PolicyFn, observations: jax.Array, key: jax.Array, num_a
     return actions
 
 
+def step_keys(key: jax.Array, num_steps: int) -> list[jax.Array]:
+    """The key of each of num_steps steps: jax.random.split(key, T) as a list (one unstack: indexing a key array
+    per step is slow). For [S] keys (one per seed of a pooled env) T keys [S] whose row s is what seed s alone
+    would use: split(key[s], T)[t]."""
+    if key.ndim == 0:
+        return list(jax.random.split(key, num_steps))
+    return list(jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_steps))(key), 0, 1))
+
+
 class Collector:
     """Host-side owner of the data-collection EnvPool and its current frame stacks.
 
@@ -74,12 +83,13 @@ class Collector:
     across chunks. `num_interactions` counts agent steps over all envs (reset steps excluded).
     """
 
-    def __init__(self, env_config: EnvConfig, num_envs: int, seed: int | None, env: Any = None):
-        """Builds envs.make_env(env_config, num_envs, seed), or adopts `env`, an EnvPool of num_envs envs built
-        elsewhere (e.g. one pool for several seeds, multiseed.make_pooled_env)."""
-        self.num_envs, self.num_stack = num_envs, env_config.frame_stack
+    def __init__(self, env_config: EnvConfig, num_envs: int, seed: int | Sequence[int]):
+        """Collects from envs.make_env(env_config, num_envs, seed): num_envs envs, or num_envs per base seed when
+        `seed` is a sequence of S base seeds (one pool of S x num_envs envs for S training seeds)."""
+        self.env = envs.make_env(env_config, num_envs, seed)
+        self.num_envs, self.num_stack = self.env.config["num_envs"], env_config.frame_stack
         self.num_actions = envs.num_actions(env_config.game)
-        self.env = env if env is not None else envs.make_env(env_config, num_envs, seed)
+        num_envs = self.num_envs
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         obs, _ = self.env.reset()
         self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy
@@ -103,21 +113,22 @@ class Collector:
         """Acts for `num_steps` interactions in total (num_steps // N per env, N must divide num_steps).
 
         Returns (Trajectory with T = num_steps // N, stats) where stats = {"episode_returns": float64 [E],
-        "episode_lengths": int64 [E]} of the E episodes that finished during this call (raw returns, lengths in
-        agent steps, episodes started in earlier calls included). Step t uses key jax.random.split(key, T)[t].
+        "episode_lengths": int64 [E], "episode_envs": int64 [E]} of the E episodes that finished during this call
+        (raw returns, lengths in agent steps, episodes started in earlier calls included; the env index of each).
+        Step t calls policy_fn with step_keys(key, T)[t]: `key` is one key, or [S] keys for a pool of S seeds.
         """
         if num_steps % self.num_envs:
             raise ValueError(f"num_steps={num_steps} is not divisible by num_envs={self.num_envs}")
         n, t_len = self.num_envs, num_steps // self.num_envs
-        step_keys = list(jax.random.split(key, t_len))  # one unstack; indexing a key array per step is slow
+        keys = step_keys(key, t_len)
         traj = Trajectory(frames=np.empty((n, t_len) + self.newest_frames.shape[1:], np.uint8),
                           actions=np.empty((n, t_len), np.int32), rewards=np.empty((n, t_len), np.float32),
                           terminals=np.empty((n, t_len), bool), is_first=np.empty((n, t_len), bool))
-        finished_returns, finished_lengths = [], []
+        finished_returns, finished_lengths, finished_envs = [], [], []
         for t in range(t_len):
             traj.frames[:, t] = self.newest_frames
             traj.is_first[:, t] = self.is_first
-            actions = _actions(policy_fn, self.observations, step_keys[t], self.num_actions)
+            actions = _actions(policy_fn, self.observations, keys[t], self.num_actions)
             obs, reward, terminated, truncated, _ = self.env.step(actions, env_id=self._all_ids)
             done = terminated | truncated
             traj.actions[:, t], traj.rewards[:, t], traj.terminals[:, t] = actions, reward, done
@@ -127,6 +138,7 @@ class Collector:
             if done.any():
                 finished_returns.extend(self.episode_returns[done])
                 finished_lengths.extend(self.episode_lengths[done])
+                finished_envs.extend(np.flatnonzero(done))
                 self.episode_returns[done], self.episode_lengths[done] = 0.0, 0
                 frames = self._reset_finished(frames, done)
             self.newest_frames = frames
@@ -134,12 +146,13 @@ class Collector:
             self.is_first = done
         self.num_interactions += num_steps
         stats = {"episode_returns": np.asarray(finished_returns, np.float64),
-                 "episode_lengths": np.asarray(finished_lengths, np.int64)}
+                 "episode_lengths": np.asarray(finished_lengths, np.int64),
+                 "episode_envs": np.asarray(finished_envs, np.int64)}
         return traj, stats
 
 
-def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: int,
-             num_envs: int | None = None, max_steps: int | None = None) -> dict[str, float]:
+def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: int | Sequence[int],
+             num_envs: int | None = None, max_steps: int | None = None) -> dict | list[dict]:
     """Evaluation episodes (SPEC 9) in fresh envs seeded seed, seed+1, ... (the reference's were unseeded).
 
     Runs num_envs (default env.num_eval_envs) envs from reset until each has finished its first episode
@@ -147,11 +160,16 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
     Returns return_mean/std (population)/min/max and length_mean over the finished episodes; if none finished,
     over the partial returns at the cap. num_finished says how many of num_envs episodes ended; `returns`,
     `lengths` and `finished` are the per-env lists.
+    With [S] keys and S base seeds (S training seeds): one pool of S x num_envs envs, policy_fn gets [S] keys,
+    and a list of S result dicts, dict s what evaluate(..., key[s], seed[s]) returns.
     """
     num_envs = num_envs or env_config.num_eval_envs
     max_steps = max_steps or env_config.eval_cap
     env = envs.make_env(env_config, num_envs, seed)
-    return episode_stats(*first_episodes(env, env_config, policy_fn, list(jax.random.split(key, max_steps))))
+    per_env = first_episodes(env, env_config, policy_fn, step_keys(key, max_steps))
+    if key.ndim == 0:
+        return episode_stats(*per_env)
+    return [episode_stats(*group) for group in zip(*(x.reshape(len(key), num_envs) for x in per_env))]
 
 
 def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: list) -> tuple[np.ndarray, ...]:

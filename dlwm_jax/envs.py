@@ -35,7 +35,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import envpool
 import jax
@@ -85,13 +85,21 @@ def env_options(env_config: EnvConfig, num_envs: int, seed: int) -> dict[str, An
     )
 
 
-def make_env(env_config: EnvConfig, num_envs: int, seed: int):
-    """A synchronous EnvPool of `num_envs` Atari envs (gym API: Gymnasium 5-tuples); env i is seeded seed + i.
+def make_env(env_config: EnvConfig, num_envs: int, seed: int | Sequence[int]):
+    """A synchronous EnvPool of Atari envs (gym API: Gymnasium 5-tuples).
 
+    seed an int: `num_envs` envs, env i seeded seed + i. seed a sequence of S base seeds (one per training
+    seed): one pool of S x num_envs envs, env e of group s (index s * num_envs + e) seeded seed[s] + e, the very
+    env `make_env(env_config, num_envs, seed[s])` makes as its env e (tests/test_train_seeds.py).
     reset() -> (obs uint8 [N, 1, 96, 96], info); step(actions int [N]) -> (obs, reward, terminated, truncated,
     info). Use `frames_of(obs)` to get uint8 [N, 96, 96].
     """
-    options = env_options(env_config, num_envs, seed)
+    if isinstance(seed, (int, np.integer)):
+        options = env_options(env_config, num_envs, int(seed))
+    else:
+        env_seed = [int(base) + e for base in seed for e in range(num_envs)]
+        options = {**env_options(env_config, len(env_seed), 0), "env_seed": env_seed}
+        del options["seed"]
     env = envpool.make(f"{check_game(env_config.game)}-v5", env_type="gym", **options)
     config = env.config
     wrong = {k: (v, config.get(k)) for k, v in options.items() if config.get(k) != v}

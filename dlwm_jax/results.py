@@ -74,6 +74,15 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
     return results
 
 
+def aggregate(values: list[float]) -> dict[str, float]:
+    """Mean, std (population), median and IQM (mean of the middle 50%, trimming floor(n/4) per side as
+    scipy.stats.trim_mean(x, 0.25) and rliable do) over seeds."""
+    x = np.sort(np.asarray(values, np.float64))
+    cut = int(0.25 * len(x))
+    return {"mean": float(x.mean()), "std": float(x.std()), "median": float(np.median(x)),
+            "iqm": float(x[cut:len(x) - cut].mean()), "num_seeds": len(x)}
+
+
 def random_agent_summary(per_seed: list[dict]) -> dict:
     """The random agent's entry: per seed its evaluation result; return_mean = mean of the per-seed means;
     return_std = std of every episode that counts in them (the finished ones, or all where none finished)."""

@@ -1,8 +1,10 @@
-"""World-model training: VQ-VAE (SPEC 3.7) and dynamics (SPEC 4.6) losses, their state and jitted steps,
-the eval-mode encoder used by imagination/collection, and the warm-up / joint epoch schedule (SPEC 8.3).
+"""World-model training: VQ-VAE (SPEC 3.7) and dynamics (SPEC 4.6) losses, their state and pure steps
+(`(state, batch, key) -> (state, metrics)`, uncompiled: train.py compiles them for its seed axis, and owns the
+warm-up / joint epoch schedule of SPEC 8.3), the eval-mode encoder used by imagination and acting, and the
+world-model diagnostics.
 
-`WorldModelState` carries the config and the action count as static (non-pytree) fields, so the jitted steps
-rebuild the Flax modules and optimizers from them and need no other arguments; jit caches per config.
+`WorldModelState` carries the config and the action count as static (non-pytree) fields, so the steps rebuild
+the Flax modules and optimizers from them and need no other arguments; jit caches per config.
 
 Padding. Replay pads an epoch's last batch to full size by repeating earlier items of the epoch, flagged by
 `valid`. Losses, the EMA codebook update, the usage trace and all metrics count valid rows only. BatchNorm batch
@@ -11,7 +13,6 @@ rows: they are duplicates of real frames of the same epoch, so this only re-weig
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -27,7 +28,7 @@ from dlwm_jax.networks import Networks, init_variables, make_networks
 from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
 from dlwm_jax.networks.dynamics import initial_state, is_reward_head
 from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantize, straight_through
-from dlwm_jax.replay import ObservationBatch, Replay, SequenceBatch
+from dlwm_jax.replay import ObservationBatch, SequenceBatch
 
 Metrics = dict[str, jax.Array]
 Progress = Callable[[str, int, Metrics], None]  # (kind "vqvae" | "dynamics", step index in epoch, metrics)
@@ -96,7 +97,6 @@ def init_world_model(config: Config, num_actions: int, key: jax.Array) -> WorldM
 
 # ------------------------------------------------------------------------------------------------ encoding
 
-@jax.jit
 def encode(state: WorldModelState, observations: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Eval-mode encoding (BN running stats, SPEC 3.8) for imagination starts and acting.
 
@@ -160,26 +160,10 @@ def _usage_metrics(batch_counts: jax.Array, trace: jax.Array) -> Metrics:
 def vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Array | float = 1.0):
     """One VQ-VAE step (SPEC 3.7): forward -> EMA codebook update -> Adam step at lr * lr_scale.
 
-    lr_scale is warmup_lr_multiplier during warm-up epochs and 1 otherwise (SPEC 8.2), a traced float32 scalar
-    (one compilation for both). batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
-    Returns (new state, scalar metrics).
+    lr_scale is warmup_lr_multiplier during warm-up epochs and 1 otherwise (SPEC 8.2); pass it traced (a float32
+    array) for one compilation of both. batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
+    Returns (new state, scalar metrics). Pure and uncompiled: train.py compiles it (ComputeConfig's XLA options).
     """
-    step = _compiled(vqvae_step_unjitted, state.config, "vqvae_step")
-    return step(state, batch, jnp.asarray(lr_scale, jnp.float32))
-
-
-def _compiled(fn: Callable, config: Config, program: str) -> Callable:
-    """jax.jit(fn) with config.compute.compiler_options(program), compiled once per (fn, options)."""
-    return _jit_with_options(fn, tuple(config.compute.compiler_options(program).items()))
-
-
-@functools.cache
-def _jit_with_options(fn: Callable, compiler_options: tuple[tuple[str, str], ...]) -> Callable:
-    return jax.jit(fn, compiler_options=dict(compiler_options))
-
-
-def vqvae_step_unjitted(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Array):
-    """`vqvae_step` before jit (for callers that jit or vmap it themselves, e.g. multiseed)."""
     chex.assert_rank(batch.observations, 4)
     v = state.config.vqvae
     params = {"encoder": state.encoder_params, "decoder": state.decoder_params}
@@ -294,7 +278,10 @@ def dynamics_loss(dynamics_params: Any, state: WorldModelState, indices: jax.Arr
     return loss, metrics
 
 
-def _dynamics_update(state: WorldModelState, indices, actions, rewards, terminals, valid, key):
+def dynamics_update(state: WorldModelState, indices: jax.Array, actions: jax.Array, rewards: jax.Array,
+                    terminals: jax.Array, valid: jax.Array, key: jax.Array):
+    """One dynamics Adam step on given true indices [T, B, 6, 6] (encoder bypassed; arguments as
+    dynamics_unroll). Returns (new state, scalar metrics)."""
     grads, metrics = jax.grad(dynamics_loss, has_aux=True)(state.dynamics_params, state, indices, actions,
                                                            rewards, terminals, valid, key)
     updates, opt_state = dynamics_optimizer(state.config).update(grads, state.dynamics_opt_state,
@@ -304,38 +291,20 @@ def _dynamics_update(state: WorldModelState, indices, actions, rewards, terminal
                          dynamics_steps=state.dynamics_steps + 1), metrics
 
 
-@jax.jit
-def dynamics_latent_step(state: WorldModelState, indices: jax.Array, actions: jax.Array, rewards: jax.Array,
-                         terminals: jax.Array, valid: jax.Array, key: jax.Array):
-    """One dynamics Adam step on given true indices [T, B, 6, 6] (encoder bypassed; arguments as
-    dynamics_unroll). Returns (new state, scalar metrics)."""
-    return _dynamics_update(state, indices, actions, rewards, terminals, valid, key)
-
-
 def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
-    """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]).
-
-    The T*B frames are encoded in one batch with BN in TRAIN mode and no gradient; as in the reference
-    (SPEC 3.8, 11.2.3) this also updates the BN running statistics in state.encoder_batch_stats. Encoder,
-    decoder and codebook are otherwise untouched. Two compiled programs: the encoder pass gets the VQ-VAE
-    step's XLA options (ComputeConfig.compiler_options), the ConvLSTM update XLA's defaults.
-    Returns (new state, scalar metrics).
+    """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]): encode_sequences,
+    then dynamics_update. train.py compiles the two parts as two programs (the encoder pass gets the VQ-VAE step's
+    XLA options, the ConvLSTM update XLA's defaults). Returns (new state, scalar metrics).
     """
     chex.assert_rank(batch.observations, 5)
-    indices, batch_stats = _compiled(_encode_sequences, state.config, "vqvae_step")(state, batch.observations)
-    return dynamics_latent_step(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions,
-                                batch.rewards, batch.terminals, batch.valid, key)
+    indices, batch_stats = encode_sequences(state, batch.observations)
+    return dynamics_update(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions, batch.rewards,
+                           batch.terminals, batch.valid, key)
 
 
-def dynamics_step_unjitted(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
-    """`dynamics_step` as one function before jit (for callers that jit or vmap it themselves, e.g. multiseed)."""
-    indices, batch_stats = _encode_sequences(state, batch.observations)
-    return _dynamics_update(state.replace(encoder_batch_stats=batch_stats), indices, batch.actions, batch.rewards,
-                            batch.terminals, batch.valid, key)
-
-
-def _encode_sequences(state: WorldModelState, observations: jax.Array) -> tuple[jax.Array, Any]:
-    """Train-mode encoder pass without gradient: uint8 [T, B, 96, 96, C] -> (indices [T, B, 6, 6], batch_stats)."""
+def encode_sequences(state: WorldModelState, observations: jax.Array) -> tuple[jax.Array, Any]:
+    """Train-mode encoder pass without gradient: uint8 [T, B, 96, 96, C] -> (indices [T, B, 6, 6], batch_stats).
+    As in the reference (SPEC 3.8, 11.2.3) the dynamics step's encoding updates the BN running statistics."""
     t, b = observations.shape[:2]
     z_e, batch_stats = _encode_train(state, state.encoder_params, observations.reshape(t * b, *observations.shape[2:]))
     indices, _ = quantize(jax.lax.stop_gradient(z_e), state.codebook.embeddings)
@@ -413,52 +382,3 @@ def average_metrics(history: list[Metrics]) -> dict[str, float]:
             result[k] = summed[f"reward_correct_{c}"] / n if n > 0 else -1.0
     result["steps"] = float(len(history))
     return result
-
-
-def warmup_epoch(state: WorldModelState, replay: Replay, key: jax.Array,
-                 progress: Progress | None = None) -> tuple[WorldModelState, dict[str, float]]:
-    """One warm-up epoch (SPEC 8.3, iteration 1): a full shuffled pass of VQ-VAE steps at lr x multiplier."""
-    config = state.config
-    history = []
-    lr_scale = config.vqvae.warmup_lr_multiplier
-    for i, batch in enumerate(replay.observation_batches(key, config.vqvae.batch_size)):
-        state, metrics = vqvae_step(state, batch, lr_scale)
-        history.append(metrics)
-        if progress is not None:
-            progress("vqvae", i, metrics)
-    return state, average_metrics(history)
-
-
-def joint_epoch(state: WorldModelState, replay: Replay, key: jax.Array, interval: int, lr_scale: float = 1.0,
-                progress: Progress | None = None) -> tuple[WorldModelState, dict[str, dict[str, float]]]:
-    """One joint epoch (SPEC 8.3): for i = 0, 1, ...: if i % interval == 0 and the VQ-VAE stream is not
-    exhausted, one VQ-VAE step; then one dynamics step; the epoch ends when the dynamics stream is exhausted
-    (checked after that i's optional VQ-VAE step, so floor(D / interval) + 1 VQ-VAE steps for D windows batches).
-
-    Returns (state, {"vqvae": averaged metrics, "dynamics": averaged metrics}).
-    """
-    config, d = state.config, state.config.dynamics
-    key_vqvae_order, key_dynamics_order, key_dynamics_steps = jax.random.split(key, 3)
-    vqvae_batches = replay.observation_batches(key_vqvae_order, config.vqvae.batch_size)
-    dynamics_batches = replay.sequence_batches(key_dynamics_order, d.batch_size, d.sequence_length, d.max_offset)
-    vqvae_history, dynamics_history = [], []
-    i = 0
-    while True:
-        if i % interval == 0 and vqvae_batches is not None:
-            vq_batch = next(vqvae_batches, None)
-            if vq_batch is None:
-                vqvae_batches = None
-            else:
-                state, metrics = vqvae_step(state, vq_batch, lr_scale)
-                vqvae_history.append(metrics)
-                if progress is not None:
-                    progress("vqvae", len(vqvae_history) - 1, metrics)
-        dyn_batch = next(dynamics_batches, None)
-        if dyn_batch is None:
-            break
-        state, metrics = dynamics_step(state, dyn_batch, jax.random.fold_in(key_dynamics_steps, i))
-        dynamics_history.append(metrics)
-        if progress is not None:
-            progress("dynamics", i, metrics)
-        i += 1
-    return state, {"vqvae": average_metrics(vqvae_history), "dynamics": average_metrics(dynamics_history)}

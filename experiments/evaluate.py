@@ -16,7 +16,7 @@ collect.episode_stats': over the finished episodes, or over the partial returns 
   --protocol=last_eval: the key, env seed, env count and step cap of the run's own last evaluation
       (train.py: key unit_key(root, it, EVALUATE), envs derived_seed(root, 1 + it)). For a single-seed run this
       reproduces that evaluation exactly; a multi-seed run evaluated all seeds in one vmapped program, which
-      agrees with this single-seed program to float tolerance (see dlwm_jax/multiseed.py).
+      agrees with this single-seed program to float tolerance (see dlwm_jax/train.py).
 
 Output: ONE JSON object on stdout (per-episode returns, lengths, finished flags, statistics, checkpoint step and
 iteration, game, env seed, parameter hashes as in summary.json); with --seed_index=all one object whose "seeds"
@@ -71,7 +71,7 @@ def echo(message: str) -> None:
 # ------------------------------------------------------------------------------------------ checkpoint
 
 def read_meta(workdir: str) -> tuple[int, dict]:
-    """(latest checkpoint step, its meta) of a train.py / multiseed.py workdir, read without writing anything."""
+    """(latest checkpoint step, its meta) of a train.py workdir, read without writing anything."""
     if not os.path.isdir(workdir):
         raise InputError(f"workdir {workdir!r} does not exist")
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -95,26 +95,12 @@ def read_meta(workdir: str) -> tuple[int, dict]:
     return step, meta
 
 
-def initial_state(config, num_actions: int, seed: int):
-    """(world, agent) exactly as train.train_and_evaluate builds them for `seed` (before any restore)."""
-    import jax
-    import jax.numpy as jnp
-    from dlwm_jax import ppo, world_model as wm
-    from dlwm_jax.networks import make_networks
-    from dlwm_jax.train import AgentState
-    root = jax.random.key(seed)
-    networks = make_networks(config, num_actions)
-    init_key, agent_key = jax.random.split(jax.random.fold_in(root, 2**31))
-    world = wm.init_world_model(config, num_actions, init_key)
-    agent_params = jax.jit(networks.actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
-    return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
-
-
 def restore_state(workdir: str, step: int, config, num_actions: int, num_seeds: int | None):
-    """The checkpoint's (world, agent); stacked [S, ...] as multiseed.py saves it when num_seeds is not None."""
+    """The checkpoint's (world, agent), stacked [S, ...] as train.py saves it; num_seeds None: a checkpoint of the
+    older one-seed format (unstacked)."""
     import jax
     from dlwm_jax.checkpoint import Checkpointer
-    from dlwm_jax.multiseed import stack
+    from dlwm_jax.train import initial_state, stack
 
     def template():
         if num_seeds is None:
@@ -205,14 +191,14 @@ def dream_of(world, agent, networks, start_frame, horizon: int, key):
     """Imagines `horizon` steps from the encoding of an episode's first observation (start_frame [96, 96]
     replicated as collect does); returns (decoded newest frames [T, 96, 96] in [0, 1], rewards [T])."""
     import numpy as np
-    from dlwm_jax import envs, world_model as wm
-    from dlwm_jax.train import _decode_mean, _dream
+    from dlwm_jax import envs
+    from dlwm_jax.outputs import decode_mean, dream as _dream, encode
     start = envs.initial_stack(start_frame[None], world.config.env.frame_stack)
-    start_indices, _ = wm.encode(world, start)
+    start_indices, _ = encode(world, start)
     dream = _dream(dynamics=networks.dream_dynamics, actor_critic=networks.actor_critic,
                    dynamics_params={"params": world.dynamics_params}, policy_params=agent.params,
                    embeddings=world.codebook.embeddings, start_indices=start_indices, key=key, horizon=horizon)
-    decoded = _decode_mean(networks.decoder, world.decoder_params, world.codebook.embeddings[dream.indices[:, 0]])
+    decoded = decode_mean(networks.decoder, world.decoder_params, world.codebook.embeddings[dream.indices[:, 0]])
     return np.asarray(decoded[..., -1]), np.asarray(dream.rewards[:, 0])
 
 
@@ -276,7 +262,7 @@ def load_run():
         return config, None, None, None, {"game": envs.check_game(config.env.game), "preset": FLAGS.preset}
     step, meta = read_meta(FLAGS.workdir)
     config = config_lib.from_dict(meta["config"])
-    num_seeds = meta.get("num_seeds")  # written by multiseed.py only
+    num_seeds = meta.get("num_seeds")  # None: the older one-seed checkpoint format
     s = config.schedule
     header = {"game": envs.check_game(config.env.game), "workdir": os.path.abspath(FLAGS.workdir),
               "checkpoint_step": step, "iterations_completed": meta["iteration"], "next_phase": PHASES[meta["phase"]],
@@ -331,9 +317,10 @@ def evaluate_run() -> dict:
     import jax
     from dlwm_jax import envs
     from dlwm_jax.collect import random_policy
-    from dlwm_jax.multiseed import aggregate, unstack
     from dlwm_jax.networks import make_networks
-    from dlwm_jax.train import make_act, params_hash
+    from dlwm_jax.outputs import params_hash
+    from dlwm_jax.results import aggregate
+    from dlwm_jax.train import make_act, unstack
 
     check_flags()
     config, step, meta, num_seeds, header = load_run()
@@ -351,7 +338,7 @@ def evaluate_run() -> dict:
         echo("restoring the agent")
         state = restore_state(FLAGS.workdir, step, config, num_actions, num_seeds)
         networks = make_networks(config, num_actions)
-        act = make_act(networks, 1.0)
+        act = jax.jit(make_act(networks, 1.0))
 
     records, video_info = [], None
     for index in indices:

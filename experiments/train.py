@@ -23,9 +23,9 @@ flags.DEFINE_integer("max_episode_steps", None, "Override env.max_episode_steps 
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value (repeatable).")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
                     "Directory of JAX's persistent compilation cache ('' disables it); saves minutes of XLA compiles per run.")
-flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained as one vmapped program (dlwm_jax/multiseed.py); "
-                     "outputs per seed in <workdir>/seed_<s>, aggregate in <workdir>/aggregate.json.")
-flags.DEFINE_integer("num_devices", 0, "With --num_seeds > 1: shard the seed axis over the first N devices (0 = all visible).")
+flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained together, one vmapped program per step; with "
+                     "N > 1 outputs per seed in <workdir>/seed_<s>, aggregate in <workdir>/aggregate.json.")
+flags.DEFINE_integer("num_devices", 0, "Shard the seed axis over the first N devices (0 = all visible).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host batch jobs).")
 FLAGS = flags.FLAGS
 
@@ -66,23 +66,20 @@ def main(argv):
         import jax
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    import jax
     from dlwm_jax.checkpoint import CheckpointError
-    from dlwm_jax.train import NonFiniteError, train_and_evaluate
+    from dlwm_jax.outputs import NonFiniteError
+    from dlwm_jax.train import train_and_evaluate
     try:
         config = build_config()
-        if FLAGS.num_seeds == 1:
-            workdir = FLAGS.workdir or os.path.join("runs", f"{config.env.game}-{config.seed}")
-            summary = train_and_evaluate(config, workdir)
-        else:
-            import jax
-            from dlwm_jax.multiseed import train_and_evaluate_seeds
-            workdir = FLAGS.workdir or os.path.join("runs", f"{config.env.game}-{config.seed}x{FLAGS.num_seeds}")
-            devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
-            result = train_and_evaluate_seeds(config, workdir, FLAGS.num_seeds, devices=devices)
+        workdir = FLAGS.workdir or os.path.join(
+            "runs", f"{config.env.game}-{config.seed}" + (f"x{FLAGS.num_seeds}" if FLAGS.num_seeds > 1 else ""))
+        devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
+        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:
-        print(f"done: final evaluation return {summary['final_eval_return_mean']}; outputs in {workdir}")
+        print(f"done: final evaluation return {result['seeds'][0]['final_eval_return_mean']}; outputs in {workdir}")
     else:
         print(f"done: final evaluation return over seeds {result['aggregate']['final_eval_return']}; "
               f"per seed {result['aggregate']['final_eval_return_per_seed']}; outputs in {workdir}")

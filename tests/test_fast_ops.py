@@ -155,7 +155,8 @@ def test_vqvae_step_same_for_every_ynnpack_choice():
             # summed over 6 x 96 x 96 x 4 pixels through batch norm: float32 accumulation order shows at 1e-4
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
     # and the step itself runs under the options
-    new_state, metrics = wm.vqvae_step(state.replace(config=configs["reduce"]), batch)
+    step = jax.jit(wm.vqvae_step, compiler_options=configs["reduce"].compute.compiler_options("vqvae_step"))
+    new_state, metrics = step(state.replace(config=configs["reduce"]), batch)
     np.testing.assert_allclose(metrics["loss"], results["reduce"][1], rtol=1e-5)
 
 

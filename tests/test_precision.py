@@ -24,6 +24,7 @@ from dlwm_jax.networks.vqvae import ema_update, quantize
 F32 = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
 BF16 = config_lib.override(F32, {"compute.dtype": "bfloat16"})
 NUM_FRAMES = 300
+vqvae_step, dynamics_step, encode = jax.jit(wm.vqvae_step), jax.jit(wm.dynamics_step), jax.jit(wm.encode)
 LOSS_RTOL = 0.02
 
 
@@ -34,7 +35,7 @@ def data():
     replay, num_actions = breakout_replay(NUM_FRAMES, F32.env.frame_stack)
     world = wm.init_world_model(F32, num_actions, jax.random.key(0))
     for _, batch in zip(range(8), replay.observation_batches(jax.random.key(1), F32.vqvae.batch_size)):
-        world, _ = wm.vqvae_step(world, batch, F32.vqvae.warmup_lr_multiplier)
+        world, _ = vqvae_step(world, batch, F32.vqvae.warmup_lr_multiplier)
     return replay, num_actions, world
 
 
@@ -45,7 +46,7 @@ def _float_dtypes(tree) -> set[str]:
 def _fixed_rollout(world, networks, replay, agent_params):
     """A float32 dream from real starts: the same PPO input for both dtypes."""
     p = F32.policy
-    starts, _ = wm.encode(world, replay.sample_observations(jax.random.key(2), p.num_envs))
+    starts, _ = encode(world, replay.sample_observations(jax.random.key(2), p.num_envs))
     dream = jax.jit(lambda params, key: imagine(networks.dream_dynamics, networks.actor_critic,
                                                 {"params": world.dynamics_params}, params, world.codebook.embeddings,
                                                 starts, key, p.horizon))(agent_params, jax.random.key(3))
@@ -76,8 +77,8 @@ def test_float32_programs_contain_no_bfloat16_and_bfloat16_programs_do(data):
         state = world.replace(config=config)
         apply_fn = make_networks(config, num_actions).actor_critic.apply
         programs = {
-            "vqvae_step": jax.make_jaxpr(wm.vqvae_step_unjitted)(state, batch, jnp.float32(1.0)),
-            "dynamics_step": jax.make_jaxpr(wm.dynamics_step_unjitted)(state, sequences, jax.random.key(7)),
+            "vqvae_step": jax.make_jaxpr(wm.vqvae_step)(state, batch, jnp.float32(1.0)),
+            "dynamics_step": jax.make_jaxpr(wm.dynamics_step)(state, sequences, jax.random.key(7)),
             "ppo_update": jax.make_jaxpr(lambda p, o: ppo.ppo_update(p, o, rollout, bootstrap, jax.random.key(8),
                                                                      config.policy, apply_fn, optimizer, False))(
                 agent_params, optimizer.init(agent_params)),
@@ -99,7 +100,7 @@ def test_codebook_matmuls_run_at_highest_precision():
 def test_bfloat16_codebook_indices_agree_with_float32(data):
     replay, _, world = data
     observations = replay.sample_observations(jax.random.key(9), 64)
-    indices = {config.compute.dtype: np.asarray(wm.encode(world.replace(config=config), observations)[0])
+    indices = {config.compute.dtype: np.asarray(encode(world.replace(config=config), observations)[0])
                for config in (F32, BF16)}
     agreement = np.mean(indices["float32"] == indices["bfloat16"])
     assert agreement >= 0.95, agreement  # measured 1.0 here (64 x 36 positions, 16 codes)
@@ -115,10 +116,10 @@ def test_bfloat16_world_model_steps_track_float32_and_keep_float32_state(data):
     for config in (F32, BF16):
         state, history = world.replace(config=config), []
         for batch in vq_batches:
-            state, metrics = wm.vqvae_step(state, batch)
+            state, metrics = vqvae_step(state, batch)
             history.append(("vqvae", float(metrics["loss"]), float(metrics["recon_nll"])))
         for i, batch in enumerate(sequences):
-            state, metrics = wm.dynamics_step(state, batch, jax.random.key(100 + i))
+            state, metrics = dynamics_step(state, batch, jax.random.key(100 + i))
             history.append(("dynamics", float(metrics["loss"]), float(metrics["reward_loss"])))
         losses[config.compute.dtype], finals[config.compute.dtype] = history, state
     for f32, bf16 in zip(losses["float32"], losses["bfloat16"]):

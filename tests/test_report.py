@@ -1,5 +1,5 @@
 """experiments/report.py: IQM and aggregates, the stratified bootstrap's CIs, the Table-4 output for synthetic results
-files and workdirs (shaped like the ones train.py and multiseed.py write), each one-line error, the PNG."""
+files and workdirs (shaped like the ones train.py writes), each one-line error, the PNG."""
 import importlib.util
 import json
 import os

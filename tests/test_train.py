@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -189,3 +190,39 @@ def test_evaluation_line_says_when_episodes_were_left_unfinished_at_the_cap():
     line = evaluation_line({**record, "eval_num_finished": 13.0}, 50)
     assert "3 episode(s) reached the evaluation cap unfinished" in line and "none finished" not in line
     assert "none finished" in evaluation_line({**record, "eval_num_finished": 0.0}, 50)
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(smoke_run, tmp_path):
+    """SIGKILL at the last moment of a checkpoint write (all files written, orbax's commit rename of the temporary
+    directory not yet done): the resumed run starts from the checkpoint before and ends identical."""
+    reference_dir, _ = smoke_run
+    workdir = str(tmp_path / "run")
+    kill_at = 4  # the 4th checkpoint: inside iteration 1 (after collect, warm-up, world model)
+    killer = textwrap.dedent(f"""
+        import os, runpy, signal, sys
+        from orbax.checkpoint._src.path import async_path
+        rename, commits = async_path.rename, []
+
+        async def rename_or_die(src, dst):  # how orbax commits a checkpoint: <tmp dir> -> <step>
+            commits.append(dst)
+            if len(commits) == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await rename(src, dst)
+
+        async_path.rename = rename_or_die
+        sys.path.insert(0, {os.path.dirname(SCRIPT)!r})
+        sys.argv = [{SCRIPT!r}, *{[*SMOKE, f"--workdir={workdir}"]!r}]
+        runpy.run_path({SCRIPT!r}, run_name="__main__")
+    """)
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    leftovers = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert str(kill_at) not in leftovers and any(name.startswith(f"{kill_at}.") for name in leftovers), leftovers
+    resumed = run([*SMOKE, f"--workdir={workdir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint {kill_at - 1}:" in resumed.stdout
+    expected = json.load(open(os.path.join(reference_dir, "summary.json")))
+    got = json.load(open(os.path.join(workdir, "summary.json")))
+    assert got["hashes"] == expected["hashes"] and got["final_eval_return_mean"] == expected["final_eval_return_mean"]
+    strip = lambda path: [(r["phase"], r["iteration"], r.get("unit")) for r in map(json.loads, open(path))]
+    assert strip(os.path.join(workdir, "metrics.jsonl")) == strip(os.path.join(reference_dir, "metrics.jsonl"))

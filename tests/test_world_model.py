@@ -12,7 +12,9 @@ import pytest
 from conftest import breakout_replay
 
 from dlwm_jax import config as config_lib
+from dlwm_jax import train
 from dlwm_jax import world_model as wm
+from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.dynamics import initial_state
 from dlwm_jax.networks.vqvae import quantize
 from dlwm_jax.replay import ObservationBatch
@@ -32,18 +34,34 @@ def initial(atari):
     return wm.init_world_model(CFG, atari[1], jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def programs(atari):
+    """The training loop's compiled programs for one seed."""
+    return train.compile_programs(CFG, make_networks(CFG, atari[1]), 1, None)
+
+
+def one_seed(epoch_fn, programs, state, replay, key, *args, **kwargs):
+    """train.warmup_epoch / joint_epoch for one seed: (state, its metrics)."""
+    world, per_seed = epoch_fn(programs, train.stack([state]), [replay], jnp.stack([key]), *args, **kwargs)
+    return train.unstack(world, 0), per_seed[0]
+
+
+vqvae_step, dynamics_step, encode = jax.jit(wm.vqvae_step), jax.jit(wm.dynamics_step), jax.jit(wm.encode)
+dynamics_update = jax.jit(wm.dynamics_update)
+
+
 def _tree_equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # ------------------------------------------------------------------------------------------------ VQ-VAE
 
-def test_vqvae_learns_atari_frames_and_uses_several_codes(atari, initial):
+def test_vqvae_learns_atari_frames_and_uses_several_codes(atari, initial, programs):
     replay, _ = atari
     first = []
-    state, epoch1 = wm.warmup_epoch(initial, replay, jax.random.key(1),
-                                    progress=lambda kind, i, m: first.append(float(m["recon_nll"])) if i == 0 else None)
-    state, epoch2 = wm.warmup_epoch(state, replay, jax.random.key(2))
+    state, epoch1 = one_seed(train.warmup_epoch, programs, initial, replay, jax.random.key(1),
+                             progress=lambda kind, i, m: first.append(float(m["recon_nll"][0])) if i == 0 else None)
+    state, epoch2 = one_seed(train.warmup_epoch, programs, state, replay, jax.random.key(2))
     pixels = 96 * 96 * CFG.env.frame_stack
     # At init the logits are ~0, where the CB log-density is ~0 for every pixel; mostly-black Atari frames
     # are then fitted with large negative logits (log-density up to ~2.77 per pixel, SPEC 3.6).
@@ -62,11 +80,11 @@ def test_vqvae_step_masks_padded_rows_in_ema_and_scales_lr(atari, initial):
     noise = np.random.default_rng(1).integers(0, 256, batch.observations.shape, dtype=np.uint8)
     valid = np.arange(CFG.vqvae.batch_size) < 5
     padded = ObservationBatch(np.where(valid[:, None, None, None], batch.observations, noise), valid)
-    state1, _ = wm.vqvae_step(initial, padded, 1.0)
+    state1, _ = vqvae_step(initial, padded, 1.0)
     # EMA cluster sizes count valid rows only: (1 - decay) * 36 positions * 5 rows (SPEC 3.5).
     np.testing.assert_allclose(float(state1.codebook.cs_average.sum()), 0.01 * 36 * 5, rtol=1e-5)
     np.testing.assert_allclose(float(state1.codebook_usage.sum()), 36 * 5)
-    state10, _ = wm.vqvae_step(initial, padded, 10.0)
+    state10, _ = vqvae_step(initial, padded, 10.0)
     # Adam's first update is linear in the learning rate: lr_scale 10 moves every parameter 10x as far.
     delta1 = jax.tree.map(lambda a, b: a - b, state1.decoder_params, initial.decoder_params)
     delta10 = jax.tree.map(lambda a, b: a - b, state10.decoder_params, initial.decoder_params)
@@ -77,9 +95,9 @@ def test_vqvae_step_masks_padded_rows_in_ema_and_scales_lr(atari, initial):
 
 def test_encode_uses_running_statistics(atari, initial):
     replay, _ = atari
-    state, _ = wm.vqvae_step(initial, next(replay.observation_batches(jax.random.key(4), 8)), 10.0)
+    state, _ = vqvae_step(initial, next(replay.observation_batches(jax.random.key(4), 8)), 10.0)
     observations = replay.observations(np.arange(8))
-    indices, z_q = wm.encode(state, observations)
+    indices, z_q = encode(state, observations)
     assert indices.shape == (8, 6, 6) and indices.dtype == jnp.int32 and z_q.shape == (8, 6, 6, CFG.vqvae.code_dim)
     np.testing.assert_array_equal(z_q, state.codebook.embeddings[indices])
     # Eval mode: each frame's code does not depend on the rest of the batch (train-mode BN would).
@@ -126,7 +144,7 @@ def test_dynamics_learns_a_deterministic_latent_task(synthetic_state):
     rng = np.random.default_rng(0)
     state, accuracies = synthetic_state, []
     for i in range(100):
-        state, metrics = wm.dynamics_latent_step(state, *_synthetic_batch(rng), jax.random.key(i))
+        state, metrics = dynamics_update(state, *_synthetic_batch(rng), jax.random.key(i))
         accuracies.append(float(metrics["next_latent_acc"]))
     chance = 1.0 / SYNTH.vqvae.num_codes
     assert np.mean(accuracies[:5]) < 2 * chance
@@ -139,7 +157,7 @@ def test_reward_head_has_its_own_learning_rate(synthetic_state):
     assert groups == {"cell1": {"dynamics"}, "cell2": {"dynamics"}, "next_latent_head": {"dynamics"},
                       "reward_conv": {"reward"}, "reward_norm": {"reward"}, "reward_dense": {"reward"},
                       "reward_out": {"reward"}}
-    state, _ = wm.dynamics_latent_step(synthetic_state, *_synthetic_batch(np.random.default_rng(1)),
+    state, _ = dynamics_update(synthetic_state, *_synthetic_batch(np.random.default_rng(1)),
                                        jax.random.key(0))
     # Adam's first step moves each parameter by ~lr (less only where |grad| is near eps).
     delta = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.dynamics_params,
@@ -190,7 +208,7 @@ def test_reward_classes_round_half_to_even():
 def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, initial):
     replay, _ = atari
     batch = next(replay.sequence_batches(jax.random.key(7), CFG.dynamics.batch_size))
-    state, metrics = wm.dynamics_step(initial, batch, jax.random.key(8))
+    state, metrics = dynamics_step(initial, batch, jax.random.key(8))
     assert not _tree_equal(state.encoder_batch_stats, initial.encoder_batch_stats)  # SPEC 3.8, reference oddity
     assert _tree_equal(state.encoder_params, initial.encoder_params)
     assert _tree_equal(state.decoder_params, initial.decoder_params)
@@ -204,13 +222,17 @@ def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, in
     assert 0.5 * math.log(3) < float(metrics["reward_loss"]) < 2 * math.log(3)
 
 
-def test_dynamics_step_two_programs_equal_one(atari, initial):
-    """dynamics_step (encoder pass and ConvLSTM update compiled apart, each with its XLA options) computes
-    what dynamics_step_unjitted does as one program."""
+def test_dynamics_step_two_programs_equal_one(atari, initial, programs):
+    """The loop's dynamics step (encoder pass and ConvLSTM update compiled apart, each with its XLA options)
+    computes what wm.dynamics_step does as one program."""
     replay, _ = atari
     batch = next(replay.sequence_batches(jax.random.key(9), CFG.dynamics.batch_size))
-    split_state, split_metrics = wm.dynamics_step(initial, batch, jax.random.key(10))
-    one_state, one_metrics = jax.jit(wm.dynamics_step_unjitted)(initial, batch, jax.random.key(10))
+    worlds, batches = train.stack([initial]), train.stack([batch])
+    indices, batch_stats = programs.encode_sequences(worlds, batches.observations)
+    split_state, split_metrics = programs.dynamics_update(jnp.ones(1, bool), worlds, batch_stats, indices, batches,
+                                                          jnp.stack([jax.random.key(10)]), 3)
+    split_state, split_metrics = train.unstack((split_state, split_metrics), 0)
+    one_state, one_metrics = dynamics_step(initial, batch, jax.random.fold_in(jax.random.key(10), 3))
     for a, b in zip(jax.tree.leaves((split_state, split_metrics)), jax.tree.leaves((one_state, one_metrics))):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(float(jnp.max(jnp.abs(b))), 1e-6))
@@ -218,12 +240,12 @@ def test_dynamics_step_two_programs_equal_one(atari, initial):
             np.testing.assert_array_equal(a, b)
 
 
-def test_joint_epoch_schedule_and_key_determinism(atari, initial):
+def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):
     replay, _ = atari
     interval = 2
-    state_a, metrics_a = wm.joint_epoch(initial, replay, jax.random.key(9), interval)
-    state_b, metrics_b = wm.joint_epoch(initial, replay, jax.random.key(9), interval)
-    state_c, metrics_c = wm.joint_epoch(initial, replay, jax.random.key(10), interval)
+    state_a, metrics_a = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(9), interval)
+    state_b, metrics_b = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(9), interval)
+    state_c, metrics_c = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(10), interval)
     assert metrics_a == metrics_b and _tree_equal(state_a, state_b)
     assert metrics_a["dynamics"]["next_latent_loss"] != metrics_c["dynamics"]["next_latent_loss"]
     assert metrics_a["vqvae"]["recon_nll"] != metrics_c["vqvae"]["recon_nll"]

@@ -1,5 +1,5 @@
-"""Many seeds in one process (dlwm_jax/multiseed.py): N vmapped seeds == N separate runs (to float tolerance),
-the pooled EnvPool == the single runs' envs, padded joint epochs == per-seed joint epochs, and (slow) the seed
+"""The seed axis of the training loop (dlwm_jax/train.py): N vmapped seeds == N one-seed runs (to float tolerance),
+the pooled EnvPool == the one-seed runs' envs, padded joint epochs == per-seed joint epochs, and (slow) the seed
 axis sharded over 4 forced CPU devices == the unsharded run.
 
 What is compared how tightly, and why: vmapped convs/matmuls may differ from unbatched ones in the last bits.
@@ -15,14 +15,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from dlwm_jax import config as config_lib
-from dlwm_jax import envs, multiseed
+from dlwm_jax import envs, train
 from dlwm_jax import world_model as wm
+from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import Replay
+from dlwm_jax.results import aggregate
 from dlwm_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +49,7 @@ def single_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vmapped_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("multi") / "run")
-    result = multiseed.train_and_evaluate_seeds(SMOKE, workdir, NUM_SEEDS, echo=quiet)
+    result = train_and_evaluate(SMOKE, workdir, NUM_SEEDS, echo=quiet)
     return workdir, result
 
 
@@ -120,7 +123,7 @@ def test_pooled_env_reproduces_each_seeds_own_envs():
             out.append(envs.frames_of(obs).copy())
         return np.stack(out, 1)  # [N, T+1, 96, 96]
 
-    pooled = frames(multiseed.make_pooled_env(env_config, per_seed, base_seeds), per_seed * len(base_seeds))
+    pooled = frames(envs.make_env(env_config, per_seed, base_seeds), per_seed * len(base_seeds))
     for s, seed in enumerate(base_seeds):
         own = frames(envs.make_env(env_config, per_seed, seed), per_seed)
         np.testing.assert_array_equal(pooled[s * per_seed:(s + 1) * per_seed], own)
@@ -128,21 +131,21 @@ def test_pooled_env_reproduces_each_seeds_own_envs():
 
 
 def test_aggregate_over_seeds():
-    result = multiseed.aggregate([4.0, 100.0, 1.0, 3.0, 2.0])
+    result = aggregate([4.0, 100.0, 1.0, 3.0, 2.0])
     assert result["mean"] == 22.0 and result["median"] == 3.0 and result["iqm"] == 3.0  # IQM: mean of 2, 3, 4
     assert result["std"] == pytest.approx(np.std([1, 2, 3, 4, 100])) and result["num_seeds"] == 5
-    assert multiseed.aggregate([1.0, 2.0, 3.0, 10.0])["iqm"] == 2.5
+    assert aggregate([1.0, 2.0, 3.0, 10.0])["iqm"] == 2.5
 
 
 def test_indivisible_seed_count_is_refused():
     with pytest.raises(ValueError, match="multiple of the 4"):
-        multiseed.seed_sharding(3, jax.devices() * 4)
-    assert multiseed.seed_sharding(3, jax.devices()[:1]) is None
+        train.seed_sharding(3, jax.devices() * 4)
+    assert train.seed_sharding(3, jax.devices()[:1]) is None
 
 
 def test_padded_joint_epoch_equals_each_seeds_own(single_runs):
     """Seeds whose epochs have different numbers of dynamics batches: the vmapped epoch pads the short one with
-    masked no-op steps, and each seed ends where its own wm.joint_epoch does (same step counts, close params)."""
+    masked no-op steps, and each seed ends where its own one-seed joint epoch does (same step counts, close params)."""
     config = SMOKE
     d = config.dynamics
     rng = np.random.default_rng(1)
@@ -159,13 +162,18 @@ def test_padded_joint_epoch_equals_each_seeds_own(single_runs):
                 if count(replays[0], ks[0]) != count(replays[1], ks[1]))
     worlds = [wm.init_world_model(config, 6, jax.random.key(10 + s)) for s in range(2)]
     interval = 2
-    expected = [wm.joint_epoch(w, r, k, interval) for w, r, k in zip(worlds, replays, keys)]
-    stacked, got = multiseed.joint_epoch_seeds(multiseed.stack(worlds), replays, keys, interval)
+    networks = make_networks(config, 6)
+    one, two = (train.compile_programs(config, networks, n, None) for n in (1, 2))
+    expected = []
+    for w, r, k in zip(worlds, replays, keys):
+        world, [metrics] = train.joint_epoch(one, train.stack([w]), [r], jnp.stack([k]), interval)
+        expected.append((train.unstack(world, 0), metrics))
+    stacked, got = train.joint_epoch(two, train.stack(worlds), replays, jnp.stack(keys), interval)
     for s, (world, metrics) in enumerate(expected):
         for kind in ("vqvae", "dynamics"):
             assert got[s][kind]["steps"] == metrics[kind]["steps"]
             np.testing.assert_allclose(got[s][kind]["loss"], metrics[kind]["loss"], rtol=1e-4)
-        mine = multiseed.unstack(stacked, s)
+        mine = train.unstack(stacked, s)
         assert int(mine.dynamics_steps) == int(world.dynamics_steps) == count(replays[s], keys[s])
         assert int(mine.vqvae_steps) == int(world.vqvae_steps)
         for part in PARTS:
@@ -215,7 +223,7 @@ def test_sharded_over_4_devices_matches_unsharded(tmp_path):
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(sharded_dir, "aggregate.json")))["num_devices"] == 4
-    multiseed.train_and_evaluate_seeds(SMOKE, unsharded_dir, 4, echo=quiet)
+    train_and_evaluate(SMOKE, unsharded_dir, 4, echo=quiet)
     assert json.load(open(os.path.join(unsharded_dir, "aggregate.json")))["num_devices"] == 1
     sharded = final_state(sharded_dir)
     unsharded = final_state(unsharded_dir)
@@ -226,7 +234,7 @@ def test_sharded_over_4_devices_matches_unsharded(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_multiseed_run_resumes_to_identical_parameters(tmp_path):
+def test_killed_many_seed_run_resumes_to_identical_parameters(tmp_path):
     import signal
     import time
     script = os.path.join(ROOT, "experiments", "train.py")
