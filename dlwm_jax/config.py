@@ -112,10 +112,10 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # The formulations each compute target fills in for fields left None (benchmarks/README.md, ComputeConfig table).
 # "cpu": measured fastest on XLA:CPU (the reasons are beside the fields below). "accelerator": the plain
 # formulations, what XLA's GPU/TPU compilers are built for (rolled scans, XLA convolutions, XLA's default fusions).
-# threefry_partitionable is True there: it is JAX's default, and the partitionable PRNG makes random bits of a
-# sharded array (the seed axis split over devices) without gathering them onto one device; its compile-time cost
-# is an XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, which float32
-# rounding (TF32, other kernels) would make diverge anyway.
+# threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
+# axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
+# XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
+# rounding (TF32, other kernels) would make the runs diverge anyway.
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
                 policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
