@@ -45,7 +45,7 @@ def main() -> None:
     from dlwm_jax import config as config_lib, ppo, world_model as wm
     from dlwm_jax.imagination import imagine
     from dlwm_jax.replay import ObservationBatch, SequenceBatch
-    config = config_lib.paper()
+    config = config_lib.resolve_compute(config_lib.paper())
     jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
     num_actions = 18
     rng = np.random.default_rng(0)

@@ -197,6 +197,7 @@ def main() -> None:
         sys.exit(f"error: --set takes FIELD=VALUE, got {bad[0]!r}")
     try:
         config = config_lib.override(config_lib.get_preset(args.preset), dict(s.split("=", 1) for s in args.set))
+        config = config_lib.resolve_compute(config)  # the formulations a run on this backend gets (compute.target)
         num_actions = envs.num_actions(args.game)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -3,6 +3,8 @@
 Defaults are the paper's / reference implementation's values (../shared/SPEC.md, section numbers cited).
 Presets: `paper` (the full 100K-interaction run), `demo` (a short real run on a laptop CPU) and
 `smoke` (every phase once, tiny, for tests). Flags override fields through `override`.
+Device-specific formulations (`ComputeConfig`) default to None, "the compute target's choice";
+`resolve_compute(config)` fills them for the backend, and whatever builds programs from a config resolves it first.
 """
 from __future__ import annotations
 
@@ -105,26 +107,86 @@ class ScheduleConfig:
 # XLA:CPU's YNNPACK fusion types per ComputeConfig.*_ynnpack value ("" = none; "all" = XLA's default list).
 _YNN_FUSION_TYPES = {"reduce": "LIBRARY_FUSION_TYPE_REDUCE", "none": ""}
 
+COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
+
+# The formulations each compute target fills in for fields left None (benchmarks/README.md, ComputeConfig table).
+# "cpu": measured fastest on XLA:CPU (the reasons are beside the fields below). "accelerator": the plain
+# formulations, what XLA's GPU/TPU compilers are built for (rolled scans, XLA convolutions, XLA's default fusions).
+# threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
+# axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
+# XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
+# rounding (TF32, other kernels) would make the runs diverge anyway.
+COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
+                policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
+                ppo_ynnpack="reduce", threefry_partitionable=False),
+    "accelerator": dict(upsample="transpose", dynamics_unroll=1, lstm_conv="xla", dream_lstm_conv="xla",
+                        policy_conv="xla", imagination_unroll=1, ppo_unroll=False, vqvae_ynnpack="all",
+                        ppo_ynnpack="all", threefry_partitionable=True),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
-    """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test."""
-    upsample: str = "subpixel"     # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) | "transpose"
-    dynamics_unroll: int = 10      # lax.scan unroll of the 10-step dynamics loss (grad of rolled scans is slow on CPU)
-    lstm_conv: str = "im2col"      # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul, fast on CPU) | "rows" | "xla"
-    dream_lstm_conv: str = "rows"  # the same in imagination (forward only): "rows" skips all-padding kernel rows
-    policy_conv: str = "xla"       # actor-critic convs: "xla" | "im2col" (faster only with YNNPACK kernels in PPO)
-    imagination_unroll: int = 5    # lax.scan unroll of the 50-step imagination: 5 lets XLA share per-step work (~4% faster here)
-    ppo_unroll: bool = True        # unroll PPO's epochs x minibatches scans (conv grads in a rolled scan are very slow on CPU)
-    vqvae_ynnpack: str = "reduce"  # which XLA:CPU ops the VQ-VAE step sends to YNNPACK: "all" | "reduce" | "none"
-    ppo_ynnpack: str = "reduce"    # the same for the PPO update ("reduce": Eigen dots/convs, YNNPACK reductions)
-    threefry_partitionable: bool = False  # the partitionable PRNG compiles several times slower on XLA:CPU
+    """Device-specific formulations; each keeps the paper's parameterisation and has an equivalence test.
+
+    `target` picks a preset of formulations (COMPUTE_PRESETS): "cpu", "accelerator", or "auto" (the default:
+    "cpu" when JAX's default backend is the CPU, "accelerator" on GPU/TPU). Every formulation field defaults to
+    None, "the target's choice"; a value set explicitly (`--set compute.lstm_conv=xla`) wins over the target.
+    `resolve_compute(config)` fills the None fields; `target` is kept as given (what the user asked for) and the
+    filled fields record what ran, so a config saved before `target` existed (every field concrete, no `target`)
+    loads as target "auto" with its own values and equals the resolved CPU config it was run with.
+    Whatever reads a formulation field needs a resolved config: `networks.make_networks` and `compiler_options`
+    resolve one themselves; the world model's state and the training loops hold the config that
+    `resolve_compute` returned at their start (world_model.init_world_model, train.train_and_evaluate), and a
+    checkpoint stores it resolved.
+    `dtype` is not device-dependent: float32 on every target (mixed precision is a choice, not a formulation).
+    """
+    target: str = "auto"  # "auto" | "cpu" | "accelerator": fills the None fields below
+    # Each field's comment: the CPU choice / the accelerator choice, and why the CPU differs (measured here).
+    upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "transpose"
+    dynamics_unroll: int | None = None  # 10 / 1: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
+    lstm_conv: str | None = None        # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul) / "xla"; or "rows"
+    dream_lstm_conv: str | None = None  # the same in imagination (forward only): "rows" (skips all-padding kernel
+                                        # rows) / "xla"
+    policy_conv: str | None = None      # actor-critic convs: "xla" / "xla" ("im2col" wins only with YNNPACK in PPO)
+    imagination_unroll: int | None = None  # 5 / 1: scan unroll of the 50-step imagination (XLA:CPU shares work, ~4%)
+    ppo_unroll: bool | None = None      # True / False: unroll PPO's epochs x minibatches scans (conv grads in a rolled
+                                        # scan are very slow on CPU)
+    vqvae_ynnpack: str | None = None    # "reduce" / "all": which XLA:CPU ops the VQ-VAE step sends to YNNPACK:
+                                        # "all" | "reduce" | "none" (no effect off CPU)
+    ppo_ynnpack: str | None = None      # "reduce" / "all": the same for the PPO update ("reduce": Eigen dots/convs,
+                                        # YNNPACK reductions)
+    threefry_partitionable: bool | None = None  # False / True: the partitionable PRNG compiles several times slower
+                                                # on XLA:CPU (why True elsewhere: COMPUTE_PRESETS)
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)
 
+    @property
+    def resolved(self) -> bool:
+        """Whether every formulation field is set (no None left for the target to fill)."""
+        return all(getattr(self, name) is not None for name in COMPUTE_PRESETS["cpu"])
+
+    def resolve(self, backend: str | None = None) -> ComputeConfig:
+        """This ComputeConfig with every None field set to the target's choice; `backend` ("cpu", "gpu", "tpu";
+        default jax.default_backend()) decides what "auto" means. Idempotent; a resolved config comes back as is."""
+        if self.resolved:
+            return self
+        target = self.target
+        if target == "auto":
+            if backend is None:
+                import jax
+                backend = jax.default_backend()
+            target = "cpu" if backend == "cpu" else "accelerator"
+        if target not in COMPUTE_PRESETS:
+            raise ValueError(f"compute.target must be one of {', '.join(COMPUTE_TARGETS)}, got {self.target!r}")
+        preset = COMPUTE_PRESETS[target]
+        return dataclasses.replace(self, **{name: value for name, value in preset.items()
+                                            if getattr(self, name) is None})
+
     def compiler_options(self, program: str) -> dict[str, str]:
         """XLA options for a jitted program: "vqvae_step" (also the dynamics step's encoder pass) or
-        "ppo_update"; empty off CPU or with "all".
+        "ppo_update"; empty off CPU or with "all". An unresolved config is resolved for the current backend.
 
         XLA:CPU sends dots, convolutions, reductions and elementwise ops to YNNPACK fusions by default. For the
         VQ-VAE step (large spatial convolutions) and the PPO update (5x5 conv gradients at batch 256) its Eigen
@@ -133,7 +195,8 @@ class ComputeConfig:
         matmuls at batch 4-16) are fastest with everything on YNNPACK.
         """
         import jax
-        choice = {"vqvae_step": self.vqvae_ynnpack, "ppo_update": self.ppo_ynnpack}[program]
+        field = {"vqvae_step": "vqvae_ynnpack", "ppo_update": "ppo_ynnpack"}[program]
+        choice = getattr(self.resolve(), field)
         if choice == "all" or jax.default_backend() != "cpu":
             return {}
         return {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSION_TYPES[choice]}
@@ -158,22 +221,31 @@ class Config:
 
 
 def validate(config: Config) -> Config:
-    """Raises ValueError (one line) on an inconsistent config; returns it unchanged otherwise."""
+    """Raises ValueError (one line) on an inconsistent config; returns it unchanged otherwise.
+
+    A compute formulation field may be None (unresolved: the target's choice, see ComputeConfig); every other
+    field, compute.target and compute.dtype included, must be set."""
     s = config.schedule
     for name in ("joint_epochs", "vq_update_intervals", "ppo_updates"):
         if len(getattr(s, name)) != s.num_iterations:
             raise ValueError(f"schedule.{name} has {len(getattr(s, name))} entries, "
                              f"need num_iterations={s.num_iterations}")
+    c = config.compute
+    if c.target not in COMPUTE_TARGETS:
+        raise ValueError(f"compute.target must be 'auto', 'cpu' or 'accelerator', got {c.target!r}")
     for name in ("lstm_conv", "dream_lstm_conv", "policy_conv"):
-        if getattr(config.compute, name) not in ("im2col", "rows", "xla"):
-            raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(config.compute, name)!r}")
+        if getattr(c, name) not in (None, "im2col", "rows", "xla"):
+            raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(c, name)!r}")
     for name in ("vqvae_ynnpack", "ppo_ynnpack"):
-        if getattr(config.compute, name) not in ("all", *_YNN_FUSION_TYPES):
-            raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(config.compute, name)!r}")
-    if config.compute.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"compute.dtype must be 'float32' or 'bfloat16', got {config.compute.dtype!r}")
-    if config.compute.upsample not in ("subpixel", "transpose"):
-        raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {config.compute.upsample!r}")
+        if getattr(c, name) not in (None, "all", *_YNN_FUSION_TYPES):
+            raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(c, name)!r}")
+    if c.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
+    if c.upsample not in (None, "subpixel", "transpose"):
+        raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {c.upsample!r}")
+    for name in ("dynamics_unroll", "imagination_unroll"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise ValueError(f"compute.{name} must be >= 1, got {getattr(c, name)}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,
                 "schedule.num_iterations": s.num_iterations, "schedule.initial_steps": s.initial_steps,
                 "vqvae.batch_size": config.vqvae.batch_size, "dynamics.batch_size": config.dynamics.batch_size,
@@ -186,6 +258,14 @@ def validate(config: Config) -> Config:
     if not 0 < config.dynamics.context_length < config.dynamics.sequence_length:
         raise ValueError("dynamics.context_length must be in [1, sequence_length)")
     return config
+
+
+def resolve_compute(config: Config, backend: str | None = None) -> Config:
+    """`config` with every None field of `config.compute` set to its target's choice (ComputeConfig.resolve;
+    `backend` defaults to jax.default_backend()). Idempotent: a resolved config comes back unchanged (and then
+    without importing jax), so a config restored from a checkpoint keeps the formulations it ran with."""
+    compute = config.compute.resolve(backend)
+    return config if compute is config.compute else validate(dataclasses.replace(config, compute=compute))
 
 
 def paper() -> Config:
@@ -245,6 +325,17 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """(T, True) for a field typed `T | None`; (hint, False) otherwise."""
+    import types
+    import typing
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (base,) = [a for a in args if a is not type(None)]
+        return base, True
+    return hint, False
+
+
 def _parse(value: Any, like: Any) -> Any:
     """Converts a flag string to the type of the field's current value."""
     if not isinstance(value, str):
@@ -275,8 +366,12 @@ def override(config: Config, updates: dict[str, Any]) -> Config:
         leaf = path[-1]
         if not dataclasses.is_dataclass(nodes[-1]) or leaf not in {f.name for f in dataclasses.fields(nodes[-1])}:
             raise ValueError(f"unknown config field {dotted!r}")
+        like = getattr(nodes[-1], leaf)
+        if like is None:  # an unresolved compute field: parse to its declared type (`str | None` -> str)
+            import typing
+            like = _optional(typing.get_type_hints(type(nodes[-1]))[leaf])[0]()
         try:
-            new = _parse(value, getattr(nodes[-1], leaf))
+            new = _parse(value, like)
         except ValueError as e:
             raise ValueError(f"bad value for {dotted}: {e}") from None
         for node, name in zip(reversed(nodes), reversed(path)):
@@ -295,8 +390,9 @@ def from_dict(d: dict[str, Any]) -> Config:
     """The inverse of `dataclasses.asdict(config)`, also after a JSON round trip (lists become tuples again).
 
     Used to rebuild a run's config from its checkpoint (meta["config"]). A field missing from `d` keeps its
-    default (a checkpoint written before the field existed); an unknown field or a value of the wrong kind raises
-    ValueError (one line). The result is validated.
+    default (a checkpoint written before the field existed; for a compute formulation field that is None, which
+    `resolve_compute` fills); an unknown field or a value of the wrong kind raises ValueError (one line). The
+    result is validated, not resolved.
     """
     return validate(_dataclass_from_dict(Config, d, ""))
 
@@ -312,8 +408,10 @@ def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:
         raise ValueError(f"unknown config field {prefix + unknown[0]!r}")
     kwargs = {}
     for name, value in d.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        hint, optional = _optional(hints[name])
+        if optional and value is None:  # an unresolved compute field
+            kwargs[name] = None
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _dataclass_from_dict(hint, value, f"{prefix}{name}.")
         elif typing.get_origin(hint) is tuple:
             if not isinstance(value, (list, tuple)):

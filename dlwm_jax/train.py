@@ -47,7 +47,7 @@ from dlwm_jax import envs, ppo
 from dlwm_jax import world_model as wm
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, evaluate
-from dlwm_jax.config import Config, from_dict, to_dict, validate
+from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict, validate
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger, save_images, save_learning_curve, short, write_summary
@@ -167,6 +167,7 @@ class Programs(NamedTuple):
 
 def compile_programs(config: Config, networks, num_seeds: int, sharding: NamedSharding | None) -> Programs:
     """The loop's programs for S seeds: the pure steps, with each program's XLA options (ComputeConfig)."""
+    config = resolve_compute(config)
     S, num_actions = num_seeds, networks.actor_critic.num_actions
     compile_ = lambda fn, in_axes, program=None: over_seeds(
         fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None)
@@ -201,6 +202,7 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
     the PPO update. compile_fn(fn, num_args, compiler_options) compiles each (default: jax.jit; the loop
     passes its seed-axis one).
     """
+    config = resolve_compute(config)
     p = config.policy
 
     def dream(world: wm.WorldModelState, agent: AgentState, start_observations, key):
@@ -344,18 +346,17 @@ def lock_workdir(workdir: str):
 
 
 def same_config(saved: dict | None, config: Config) -> bool:
-    """Whether a checkpoint's meta["config"] is `config`; fields added to Config since it was saved count as
-    their defaults, so a run resumes under a newer version that only added options."""
+    """Whether a checkpoint's meta["config"] is `config` (both resolved for this backend); fields added to Config
+    since it was saved count as their defaults, so a run resumes under a newer version that only added options."""
     try:
-        return saved is not None and from_dict(saved) == config
+        return saved is not None and resolve_compute(from_dict(saved)) == resolve_compute(config)
     except ValueError:
         return False
 
 
 def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], None],
            devices: Sequence[jax.Device] | None) -> Run:
-    """A new run in `workdir`, or the one its latest checkpoint holds."""
-    validate(config)
+    """A new run in `workdir`, or the one its latest checkpoint holds; `config` validated and resolved."""
     if num_seeds < 1:
         raise ValueError(f"--num_seeds must be >= 1, got {num_seeds}")
     if jax.process_count() > 1:
@@ -716,6 +717,7 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     NonFiniteError (a NaN/inf loss) with one-line messages; nothing already saved is deleted by a failure.
     """
     echo = echo or functools.partial(print, flush=True)
+    config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = _start(config, workdir, num_seeds, echo, devices)
         start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]

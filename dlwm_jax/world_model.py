@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlwm_jax.config import Config
+from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.networks import Networks, init_variables, make_networks
 from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
 from dlwm_jax.networks.dynamics import initial_state, is_reward_head
@@ -78,7 +78,9 @@ def dynamics_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def init_world_model(config: Config, num_actions: int, key: jax.Array) -> WorldModelState:
-    """Fresh world model: PyTorch-default initialisation (SPEC 12.3), zero optimizer moments and counters."""
+    """Fresh world model: PyTorch-default initialisation (SPEC 12.3), zero optimizer moments and counters. The
+    state holds `config` resolved for this backend (config.resolve_compute): its steps read the formulations."""
+    config = resolve_compute(config)
     key_networks, key_codebook = jax.random.split(key)
     variables = init_variables(make_networks(config, num_actions), config, key_networks)
     encoder, decoder, dynamics = variables["encoder"], variables["decoder"], variables["dynamics"]

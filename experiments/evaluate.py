@@ -315,7 +315,7 @@ def write_video(path: str, tap: EnvTap, world, agent, networks, dream_key) -> di
 
 def evaluate_run() -> dict:
     import jax
-    from dlwm_jax import envs
+    from dlwm_jax import config as config_lib, envs
     from dlwm_jax.collect import random_policy
     from dlwm_jax.networks import make_networks
     from dlwm_jax.outputs import params_hash
@@ -324,7 +324,10 @@ def evaluate_run() -> dict:
 
     check_flags()
     config, step, meta, num_seeds, header = load_run()
-    jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)  # as train.py: same keys
+    # A run's checkpoint holds its resolved compute config: its formulations and PRNG, so the same keys as train.py
+    # drew. A preset's (random policy without a workdir) is resolved for this backend, as a new run would be.
+    config = config_lib.resolve_compute(config)
+    jax.config.update("jax_threefry_partitionable", config.compute.threefry_partitionable)
     num_actions = envs.num_actions(config.env.game)
     seeds = [config.seed + i for i in range(num_seeds or 1)]
     indices = seed_indices(len(seeds))

@@ -2,6 +2,7 @@
 (JAX_PLATFORMS=cpu, --tiny, --no-install), its progress-line parsing and the slim EnvPool wheel."""
 import base64
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import device_check  # noqa: E402  (benchmarks/device_check.py)
+from dlwm_jax import config as config_lib  # noqa: E402
 
 BENCH_KEYS = ("vqvae_step_ms", "dynamics_step_ms", "imagination_rollout_ms", "ppo_update_ms", "compile_s",
               "projected_run_hours", "compute", "backend")
@@ -25,6 +27,17 @@ PHASES = {"collect", "warmup", "world_model", "policy", "evaluate"}
 def _run(args, timeout, **env):
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable, **env})
+
+
+def test_check_measures_what_auto_gives_an_accelerator_run_on_any_backend():
+    """The bench and train parts' compute overrides resolve to the formulations `compute.target=auto` picks on a
+    GPU/TPU, also where the check itself runs on the CPU (the tiny check here)."""
+    overrides = dict(item.split("=", 1) for item in device_check.COMPUTE_OVERRIDES)
+    on_gpu = config_lib.resolve_compute(config_lib.paper(), "gpu")
+    for backend in ("cpu", "gpu", "tpu"):
+        checked = config_lib.resolve_compute(config_lib.override(config_lib.paper(), overrides), backend)
+        assert dataclasses.replace(checked.compute, target="auto") == on_gpu.compute
+    assert on_gpu.compute.lstm_conv == "xla" and on_gpu.compute.dynamics_unroll == 1  # the plain formulations
 
 
 def test_devices_part_alone_writes_its_keys(tmp_path):
@@ -150,7 +163,7 @@ def test_tiny_device_check_writes_every_part(tmp_path):
     result = _run([str(tmp_path), "--tiny", "--no-install"], timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert set(report) >= {"mode", "started_utc", "budget_s", "parts", "plain_compute", "train_slice", "wall_s",
+    assert set(report) >= {"mode", "started_utc", "budget_s", "parts", "compute_overrides", "train_slice", "wall_s",
                            "devices", "bench_float32", "bench_bfloat16", "train_1_seed", "train_5_seeds"}
     for part in ("devices", "bench_float32", "bench_bfloat16", "train_1_seed", "train_5_seeds"):
         assert report[part]["rc"] == 0 and not report[part]["timed_out"], (part, report[part])
@@ -159,7 +172,9 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         figures = report[part]["result"]
         assert all(key in figures for key in BENCH_KEYS), (part, sorted(figures))
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["lstm_conv"] == "xla"
-        assert figures["compute"]["upsample"] == "transpose"
+        assert figures["compute"]["upsample"] == "transpose" and figures["compute"]["target"] == "accelerator"
+        plain = config_lib.COMPUTE_PRESETS["accelerator"]
+        assert {k: figures["compute"][k] for k in plain} == plain
     for part, seeds in (("train_1_seed", 1), ("train_5_seeds", 5)):
         train = report[part]
         assert train["finished"] and train["num_seeds"] == seeds

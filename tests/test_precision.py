@@ -21,7 +21,7 @@ from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.vqvae import ema_update, quantize
 
-F32 = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
+F32 = config_lib.resolve_compute(config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1}))
 BF16 = config_lib.override(F32, {"compute.dtype": "bfloat16"})
 NUM_FRAMES = 300
 vqvae_step, dynamics_step, encode = jax.jit(wm.vqvae_step), jax.jit(wm.dynamics_step), jax.jit(wm.encode)

@@ -1,12 +1,13 @@
 """Flax Linen modules of the world model and the agent; use them only through init/apply.
 
-`make_networks(config, num_actions)` builds every module from the config tree in one place.
+`make_networks(config, num_actions)` builds every module from the config tree in one place (with the compute
+formulations resolved for the current backend when the config leaves them to its target).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from dlwm_jax.config import Config
+from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.networks.actor_critic import ActorCritic
 from dlwm_jax.networks.dynamics import Dynamics
 from dlwm_jax.networks.vqvae import Decoder, Encoder
@@ -21,7 +22,10 @@ class Networks(NamedTuple):
 
 
 def make_networks(config: Config, num_actions: int) -> Networks:
+    """Every module, its convolutions as `config.compute` says; an unresolved config is resolved here for JAX's
+    default backend (a no-op for a resolved one, e.g. a training run's or a checkpoint's)."""
     import jax.numpy as jnp
+    config = resolve_compute(config)
     v, d, p = config.vqvae, config.dynamics, config.policy
     dtype = jnp.dtype(config.compute.dtype)  # activations and matmuls; parameters stay float32
     dynamics = Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
