@@ -80,7 +80,7 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     from dlwm_jax.train import AgentState, compile_programs, stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
-    programs = compile_programs(config, networks, 1, None)
+    programs = compile_programs(config, num_actions, 1, None)
     seed_axis = lambda tree: stack([tree])  # the loop's arguments carry a seed axis of length 1
     one, worlds = jnp.ones(1, bool), seed_axis(world)
     frame = (config.env.image_size, config.env.image_size, config.env.frame_stack)

@@ -69,9 +69,16 @@ def write_results(path: str, config: Config, game: str, seeds: list[int], seed_d
         "seeds": per_seed,
         "random_agent": random_agent_summary([{"seed": seed, **r} for seed, r in zip(seeds, random_evals)]),
     }
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(path, results)
     return results
+
+
+def write_json(path: str, data) -> None:
+    """Writes `data` as JSON to path atomically (temporary file + rename: a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def aggregate(values: list[float]) -> dict[str, float]:
@@ -95,7 +102,8 @@ def merge_results(parts: list[dict], command: str) -> dict:
     """One results dict from the results of single runs of one game and config that differ only in the seed.
 
     Seeds, their random-agent evaluations, commits and wall times are concatenated (wall_time_s: the longest, as
-    the seeds ran side by side; wall_time_s_per_seed: each). Raises ValueError (one line) on mismatched runs.
+    the parts ran side by side; wall_time_s_per_seed: each part's, one per part: a single-seed run, or a process's
+    share of a multi-process job). Raises ValueError (one line) on mismatched runs.
     """
     if not parts:
         raise ValueError("no results to merge")

@@ -23,6 +23,8 @@ produce are checked against the replay.
 
 Outputs (outputs.py): one seed writes into `workdir`; N seeds write workdir/seed_<s>/ each and
 workdir/aggregate.json; results.json (raw data of every seed and of the random agent) goes into `workdir`.
+Many processes (`share`, see train_and_evaluate): each trains its share of the seeds independently, with its own
+checkpoints; process 0 merges the shares' results at the end.
 
 Numerics: a vmapped conv/matmul may differ from the unbatched one in the last bits and categorical samples can
 flip on such a difference, so seed s of an N-seed run equals its one-seed run to float tolerance, not bit for
@@ -34,6 +36,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -52,7 +55,7 @@ from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger, save_images, save_learning_curve, short, write_summary
 from dlwm_jax.replay import Replay
-from dlwm_jax.results import aggregate, git_commit, write_results
+from dlwm_jax.results import aggregate, git_commit, merge_results, write_json, write_results
 
 PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
 COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
@@ -165,10 +168,15 @@ class Programs(NamedTuple):
     imagined_returns: Callable  # (world, agent_params, start observations, key) -> returns [S, N]
 
 
-def compile_programs(config: Config, networks, num_seeds: int, sharding: NamedSharding | None) -> Programs:
-    """The loop's programs for S seeds: the pure steps, with each program's XLA options (ComputeConfig)."""
-    config = resolve_compute(config)
-    S, num_actions = num_seeds, networks.actor_critic.num_actions
+def compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
+    """The loop's programs for S seeds: the pure steps, with each program's XLA options (ComputeConfig). Built
+    once per (config, num_actions, S, sharding) in a process, so later runs reuse the compiled executables."""
+    return _compile_programs(resolve_compute(config), num_actions, num_seeds, sharding)
+
+
+@functools.cache
+def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
+    S, networks = num_seeds, make_networks(config, num_actions)
     compile_ = lambda fn, in_axes, program=None: over_seeds(
         fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None)
     return Programs(
@@ -264,6 +272,8 @@ class Run:
     loggers: list[Logger]
     echo: Callable[[str], None]
     lock: Any                   # the workdir lock, held while the run is in this process
+    total_seeds: int            # over all processes; `seeds` are this process's share
+    share: tuple[int, int]      # (process, number of processes) of a multi-process job; (0, 1) otherwise
     started: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -290,7 +300,8 @@ class Run:
     def save(self, iteration: int, phase: int, unit: int) -> None:
         self.meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offsets=[lg.offset for lg in self.loggers],
                          log_steps=[lg.log_step for lg in self.loggers], config=to_dict(self.config),
-                         num_seeds=self.num_seeds, save_index=self.meta["save_index"] + 1, elapsed_s=self.elapsed())
+                         num_seeds=self.total_seeds, share=list(self.share),
+                         save_index=self.meta["save_index"] + 1, elapsed_s=self.elapsed())
         self.started = time.time()
         self.checkpoints.save(self.meta["save_index"], jax.device_get((self.world, self.agent)), self.meta)
         self.last_save = time.time()
@@ -308,8 +319,8 @@ class Run:
             logger.start_phase()
 
     def progress(self, iteration: int, phase: str, done: float, total: int, extra: str = "") -> None:
-        """A progress line (seed 0's clock and, with several seeds, its metrics)."""
-        prefix = "seed 0: " if self.num_seeds > 1 and extra else ""
+        """A progress line (the first seed's clock and, with several seeds, its metrics)."""
+        prefix = f"seed {self.seeds[0]}: " if self.total_seeds > 1 and extra else ""
         self.loggers[0].progress(iteration, self.config.schedule.num_iterations, phase, done, total, prefix + extra)
 
     def heartbeat(self, iteration: int, phase: str, epoch: int, epochs: int):
@@ -332,11 +343,12 @@ def _check_workdir(workdir: str) -> None:
         raise OSError(f"workdir {workdir!r} is not writable")
 
 
-def lock_workdir(workdir: str):
-    """An exclusive lock on workdir/.lock for this process's lifetime (keep the returned file open): a second
-    process on the same workdir would interleave checkpoints. Raises OSError (one line) if it is held."""
+def lock_workdir(workdir: str, process: int | None = None):
+    """An exclusive lock on workdir/.lock (.lock.process_<p> for process p of a multi-process job) for this
+    process's lifetime (keep the returned file open): a second process on the same workdir would interleave
+    checkpoints. Raises OSError (one line) if it is held."""
     import fcntl
-    lock = open(os.path.join(workdir, ".lock"), "w")
+    lock = open(os.path.join(workdir, ".lock" if process is None else f".lock.process_{process}"), "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -355,19 +367,23 @@ def same_config(saved: dict | None, config: Config) -> bool:
 
 
 def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], None],
-           devices: Sequence[jax.Device] | None) -> Run:
+           devices: Sequence[jax.Device] | None, share: tuple[int, int]) -> Run:
     """A new run in `workdir`, or the one its latest checkpoint holds; `config` validated and resolved."""
     if num_seeds < 1:
         raise ValueError(f"--num_seeds must be >= 1, got {num_seeds}")
-    if jax.process_count() > 1:
-        raise ValueError("multi-process runs are not supported yet (every process would write the same workdir); "
-                         "run one process per host with its own seeds and workdir")
+    process, num_processes = share
+    if not 0 <= process < num_processes:
+        raise ValueError(f"--process_id={process} must be in [0, --num_processes={num_processes})")
+    if num_seeds % num_processes:
+        raise ValueError(f"--num_seeds={num_seeds} is not a multiple of the {num_processes} processes "
+                         "(each trains an equal share of the seeds)")
     game = envs.check_game(config.env.game)
     num_actions = envs.num_actions(game)
-    sharding = seed_sharding(num_seeds, devices)
+    per_process = num_seeds // num_processes
+    sharding = seed_sharding(per_process, devices)
     _check_workdir(workdir)
-    lock = lock_workdir(workdir)
-    seeds = [config.seed + s for s in range(num_seeds)]
+    lock = lock_workdir(workdir, process if num_processes > 1 else None)
+    seeds = [config.seed + process * per_process + s for s in range(per_process)]
     seed_dirs = [workdir] if num_seeds == 1 else [os.path.join(workdir, f"seed_{seed}") for seed in seeds]
     for d in seed_dirs:
         _check_workdir(d)
@@ -376,9 +392,9 @@ def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], N
                for _ in seeds]
     roots = [jax.random.key(seed) for seed in seeds]
     collector = Collector(config.env, ENVS_PER_SEED, [derived_seed(root, 0) for root in roots])
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
-    meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offsets": [0] * num_seeds,
-            "log_steps": [0] * num_seeds, "eval_histories": [[] for _ in seeds], "last_evals": [None] * num_seeds,
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints", *([f"process_{process}"] if num_processes > 1 else [])))
+    meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offsets": [0] * per_process,
+            "log_steps": [0] * per_process, "eval_histories": [[] for _ in seeds], "last_evals": [None] * per_process,
             "save_index": 0}
     latest = checkpoints.latest_step()
     if latest is not None:
@@ -386,9 +402,10 @@ def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], N
             raise CheckpointError(f"workdir {workdir!r} holds a checkpoint of the older one-seed format (before the "
                                   "seed-axis loop); resume it with that version, or use another --workdir")
         (world, agent), meta = checkpoints.restore(latest, (world, agent))
-        if not same_config(meta.get("config"), config) or meta.get("num_seeds") != num_seeds:
-            raise ValueError(f"workdir {workdir!r} holds a run with a different config (game/preset/flags) or "
-                             "--num_seeds; use another --workdir or the same flags")
+        if not same_config(meta.get("config"), config) or meta.get("num_seeds") != num_seeds or \
+                tuple(meta.get("share", (0, 1))) != share:
+            raise ValueError(f"workdir {workdir!r} holds a run with a different config (game/preset/flags), "
+                             "--num_seeds or number of processes; use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
              f"unit {meta['unit']}")
         for k in range(meta["chunks"]):
@@ -403,8 +420,8 @@ def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], N
                for d, offset, step in zip(seed_dirs, meta["metrics_offsets"], meta["log_steps"])]
     loggers[0].echo = echo  # progress lines: seed 0's clock
     networks = make_networks(config, num_actions)
-    run = Run(config, workdir, seeds, seed_dirs, compile_programs(config, networks, num_seeds, sharding), networks,
-              sharding, world, agent, replays, collector, checkpoints, meta, loggers, echo, lock)
+    run = Run(config, workdir, seeds, seed_dirs, compile_programs(config, num_actions, per_process, sharding), networks,
+              sharding, world, agent, replays, collector, checkpoints, meta, loggers, echo, lock, num_seeds, share)
     run.world, run.agent = run.put(world), run.put(agent)
     return run
 
@@ -599,10 +616,11 @@ def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
         save_images(seed_dir, it, unstack(host_world, s), unstack(host_agent, s).params, run.replays[s],
                     run.networks, config, unit_key(run.roots[s], it, EVALUATE, 1))
         save_learning_curve(seed_dir, run.meta["eval_histories"][s], f"{config.env.game} (seed {run.seeds[s]})")
-    if S == 1:
+    if run.total_seeds == 1:
         run.progress(it, "evaluate", 1, 1, evaluation_line(records[0], p.horizon))
     else:
-        run.echo(f"[iter {it + 1}/{config.schedule.num_iterations}] seed 0: {evaluation_line(records[0], p.horizon)}")
+        run.echo(f"[iter {it + 1}/{config.schedule.num_iterations}] seed {run.seeds[0]}: "
+                 f"{evaluation_line(records[0], p.horizon)}")
         returns = [r["return_mean"] for r in results]
         run.loggers[0].progress(it, config.schedule.num_iterations, "evaluate", 1, 1,
                                 f"return over {S} seeds {np.mean(returns):.1f} +- {np.std(returns):.1f}")
@@ -624,7 +642,7 @@ def diagnose(run: Run, it: int, datas: Sequence[Replay], first_step: int) -> Non
         run.record(s, it, "diagnostics", unstack(metrics, s), windows=width, model_iteration=max(it, 1),
                    seconds=round(time.time() - began, 2))
     run.echo(f"[iter {it + 1}/{config.schedule.num_iterations}] diagnostics world model of iteration {max(it, 1)} on "
-             f"{'held-back random' if it == 0 else 'fresh'} data{', seed 0' if run.num_seeds > 1 else ''}: "
+             f"{'held-back random' if it == 0 else 'fresh'} data{f', seed {run.seeds[0]}' if run.total_seeds > 1 else ''}: "
              f"{wm.diagnostic_summary(unstack(metrics, 0))}")
 
 
@@ -674,7 +692,9 @@ def evaluation_line(record: dict, horizon: int) -> str:
 
 
 def _finish(run: Run) -> dict:
-    """summary.json per seed, aggregate.json (several seeds), the random agent under the same protocol, results.json."""
+    """summary.json per seed, the random agent under the same protocol, results.json and (several seeds)
+    aggregate.json. In a multi-process job each process writes its share's results.process_<p>.json, and process
+    0, once every share is there, the merged results.json and the aggregate over all seeds."""
     config, S = run.config, run.num_seeds
     game, last = envs.check_game(config.env.game), config.schedule.num_iterations - 1
     host_world, host_agent = jax.device_get((run.world, run.agent))
@@ -685,19 +705,46 @@ def _finish(run: Run) -> dict:
                                        history[-1][1] if history else None, unstack(host_world, s),
                                        unstack(host_agent, s).params))
         run.loggers[s].writer.close()
-    finals = [summary["final_eval_return_mean"] for summary in summaries]
-    result = {"game": game, "seeds": run.seeds, "num_devices": len(run.sharding.device_set) if run.sharding else 1,
-              "final_eval_return": aggregate(finals) if None not in finals else None,
-              "final_eval_return_per_seed": finals}
-    if S > 1:
-        with open(os.path.join(run.workdir, "aggregate.json"), "w") as f:
-            json.dump(result, f, indent=1)
     run.echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps)")
     baselines = evaluate(config.env, run.policy(run.programs.random_act), run.keys(last, EVALUATE),
                          [derived_seed(root, 1 + last) for root in run.roots])
-    write_results(os.path.join(run.workdir, "results.json"), config, game, run.seeds, run.seed_dirs,
-                  run.meta["last_evals"], baselines, run.meta)
+    process, num_processes = run.share
+    own = "results.json" if num_processes == 1 else f"results.process_{process}.json"
+    write_results(os.path.join(run.workdir, own), config, game, run.seeds, run.seed_dirs, run.meta["last_evals"],
+                  baselines, run.meta)
+    if process > 0:
+        return {"seeds": summaries, "aggregate": None}
+    if num_processes > 1:
+        parts = _wait_for_shares(run, num_processes)
+        write_json(os.path.join(run.workdir, "results.json"),
+                   merge_results(parts, " ".join([os.path.basename(sys.executable)] + sys.argv)))
+    every_seed = [config.seed + s for s in range(run.total_seeds)]
+    finals = [summary["final_eval_return_mean"] for summary in summaries] if num_processes == 1 else \
+        [part_seed["final_eval_return"] for part in parts for part_seed in part["seeds"]]
+    result = {"game": game, "seeds": every_seed, "num_processes": num_processes,
+              "num_devices": num_processes * (len(run.sharding.device_set) if run.sharding else 1),
+              "final_eval_return": aggregate(finals) if None not in finals else None,
+              "final_eval_return_per_seed": finals}
+    if run.total_seeds > 1:
+        write_json(os.path.join(run.workdir, "aggregate.json"), result)
     return {"seeds": summaries, "aggregate": result}
+
+
+def _wait_for_shares(run: Run, num_processes: int, poll_s: float = 2.0) -> list[dict]:
+    """Process 0 of a multi-process job: every process's results.process_<p>.json, once all are written."""
+    paths = [os.path.join(run.workdir, f"results.process_{p}.json") for p in range(num_processes)]
+    last_echo = time.time()
+    while not all(os.path.exists(path) for path in paths):
+        if time.time() - last_echo >= 60:
+            last_echo = time.time()
+            run.echo(f"waiting for processes {[p for p, path in enumerate(paths) if not os.path.exists(path)]} "
+                     "to finish their seeds")
+        time.sleep(poll_s)
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    return sorted(parts, key=lambda part: part["seeds"][0]["seed"])
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -708,18 +755,22 @@ PHASE_STEPS = (collect, warmup, world_model, policy, evaluate_agent)
 
 
 def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: Callable[[str], None] | None = None,
-                       devices: Sequence[jax.Device] | None = None) -> dict:
+                       devices: Sequence[jax.Device] | None = None, share: tuple[int, int] = (0, 1)) -> dict:
     """Runs (or resumes) seeds config.seed .. config.seed + num_seeds - 1 in `workdir`; returns
     {"seeds": [per seed summary.json], "aggregate": final evaluation over seeds (mean, std, median, IQM)}.
 
     devices: the seed axis is sharded over these (default: all visible; S must be a multiple of their number).
+    share: (process p, number of processes P) of a multi-process job (hosts, or processes on one host): this
+    process trains seeds config.seed + p * N / P ... of the N, with its own envs, replay and checkpoints
+    (workdir/checkpoints/process_<p>; the workdir is shared); process 0 merges every share's results once all are
+    written. The processes never communicate (the seeds are independent), so no jax.distributed is needed.
     Raises ValueError (bad config / game), OSError (workdir), CheckpointError (unreadable checkpoint) or
     NonFiniteError (a NaN/inf loss) with one-line messages; nothing already saved is deleted by a failure.
     """
     echo = echo or functools.partial(print, flush=True)
     config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
-        run = _start(config, workdir, num_seeds, echo, devices)
+        run = _start(config, workdir, num_seeds, echo, devices, share)
         start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]
         for it in range(start, config.schedule.num_iterations):
             for phase in range(resume_phase if it == start else COLLECT, len(PHASES)):

@@ -77,6 +77,9 @@ def read_meta(workdir: str) -> tuple[int, dict]:
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(directory):
         raise InputError(f"no checkpoint in workdir {workdir!r} (no checkpoints/ directory)")
+    if os.path.isdir(os.path.join(directory, "process_0")):
+        raise InputError(f"workdir {workdir!r} holds a multi-process run (checkpoints/process_*); evaluate.py reads "
+                         "one-process runs only so far")
     import orbax.checkpoint as ocp
     from dlwm_jax.checkpoint import CheckpointError, reading
     verbosity = logging.get_verbosity()

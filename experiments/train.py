@@ -26,7 +26,11 @@ flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/x
 flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained together, one vmapped program per step; with "
                      "N > 1 outputs per seed in <workdir>/seed_<s>, aggregate in <workdir>/aggregate.json.")
 flags.DEFINE_integer("num_devices", 0, "Shard the seed axis over the first N devices (0 = all visible).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host batch jobs).")
+flags.DEFINE_bool("distributed", False, "Multi-process job (many hosts): this process trains an equal share of "
+                  "--num_seeds; its index and the process count from --process_id/--num_processes, else from the "
+                  "cluster environment (SLURM_PROCID/SLURM_NTASKS or OMPI_COMM_WORLD_RANK/SIZE).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. num_processes - 1.")
 FLAGS = flags.FLAGS
 
 
@@ -53,15 +57,27 @@ def build_config():
     return config_lib.override(config, updates)
 
 
+def process_share() -> tuple[int, int]:
+    """(process index, number of processes) of a --distributed job; (0, 1) otherwise."""
+    if not FLAGS.distributed:
+        if FLAGS.num_processes is not None or FLAGS.process_id is not None:
+            raise ValueError("--process_id/--num_processes need --distributed")
+        return 0, 1
+    env = os.environ
+    for index, count in (("SLURM_PROCID", "SLURM_NTASKS"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if FLAGS.process_id is None and FLAGS.num_processes is None and index in env and count in env:
+            return int(env[index]), int(env[count])
+    if FLAGS.process_id is None or FLAGS.num_processes is None:
+        raise ValueError("--distributed needs --process_id and --num_processes (or SLURM/Open MPI environment variables)")
+    return FLAGS.process_id, FLAGS.num_processes
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines would drown the progress lines
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
         cli.fail("--game is required, e.g. --game=BankHeist", 2)
-    if FLAGS.distributed:
-        import jax
-        jax.distributed.initialize()
     if FLAGS.compilation_cache:
         import jax
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -75,11 +91,14 @@ def main(argv):
         workdir = FLAGS.workdir or os.path.join(
             "runs", f"{config.env.game}-{config.seed}" + (f"x{FLAGS.num_seeds}" if FLAGS.num_seeds > 1 else ""))
         devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
-        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices)
+        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=process_share())
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:
         print(f"done: final evaluation return {result['seeds'][0]['final_eval_return_mean']}; outputs in {workdir}")
+    elif result["aggregate"] is None:  # a process > 0 of a multi-process job: process 0 writes the aggregate
+        print(f"done: seeds {[s['seed'] for s in result['seeds']]}: final evaluation returns "
+              f"{[s['final_eval_return_mean'] for s in result['seeds']]}; outputs in {workdir}")
     else:
         print(f"done: final evaluation return over seeds {result['aggregate']['final_eval_return']}; "
               f"per seed {result['aggregate']['final_eval_return_per_seed']}; outputs in {workdir}")

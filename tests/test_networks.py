@@ -1,5 +1,4 @@
 """Networks: parameter counts (SPEC Appendix B), shapes, and equivalence of the rewritten ops."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,6 @@ import pytest
 from dlwm_jax import config as config_lib
 from dlwm_jax import envs, train
 from dlwm_jax import world_model as wm
-from dlwm_jax.networks import make_networks
 from dlwm_jax.replay import Replay
 from dlwm_jax.results import aggregate
 from dlwm_jax.train import train_and_evaluate
@@ -162,8 +161,7 @@ def test_padded_joint_epoch_equals_each_seeds_own(single_runs):
                 if count(replays[0], ks[0]) != count(replays[1], ks[1]))
     worlds = [wm.init_world_model(config, 6, jax.random.key(10 + s)) for s in range(2)]
     interval = 2
-    networks = make_networks(config, 6)
-    one, two = (train.compile_programs(config, networks, n, None) for n in (1, 2))
+    one, two = (train.compile_programs(config, 6, n, None) for n in (1, 2))
     expected = []
     for w, r, k in zip(worlds, replays, keys):
         world, [metrics] = train.joint_epoch(one, train.stack([w]), [r], jnp.stack([k]), interval)
@@ -263,3 +261,53 @@ def test_killed_many_seed_run_resumes_to_identical_parameters(tmp_path):
         assert got == expected, seed
         strip = lambda d: [(r["phase"], r["iteration"], r.get("unit")) for r in records(os.path.join(d, f"seed_{seed}"))]
         assert strip(workdir) == strip(reference)
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_seeds_match_four_seeds_in_one_process_and_resume_after_a_kill(tmp_path):
+    """--distributed with 2 local CPU processes, both killed mid-run and restarted:
+    each process trains its 2 seeds, every seed's outputs are written once, process 0 writes the merged results and
+    the aggregate; per seed the same as the 4 seeds of one process (to float tolerance: 2 vs 4 vmapped seeds)."""
+    import signal
+    import time
+    one_dir, two_dir = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
+    train_and_evaluate(SMOKE, one_dir, 4, echo=quiet)
+
+    def start():
+        return [subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--game=Pong",
+                                  "--preset=smoke", "--num_seeds=4", f"--workdir={two_dir}", "--distributed",
+                                  "--num_processes=2", f"--process_id={p}",
+                                  f"--compilation_cache={CACHE}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=ROOT) for p in range(2)]
+    procs = start()
+    seen = 0
+    for line in procs[0].stdout:  # process 0's progress; kill both inside iteration 1
+        seen += line.startswith("[iter")
+        if seen >= 4:
+            break
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(1.0)
+    procs = start()
+    outputs = [proc.communicate(timeout=1800) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert "resuming from checkpoint" in out
+    assert sorted(os.listdir(os.path.join(two_dir, "checkpoints"))) == ["process_0", "process_1"]
+    one, two = final_state(one_dir), None
+    for p in range(2):
+        directory = os.path.join(two_dir, "checkpoints", f"process_{p}")
+        step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+        two = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+        for local in range(2):
+            seed = 2 * p + local
+            assert_records_close(records(os.path.join(one_dir, f"seed_{seed}")),
+                                 records(os.path.join(two_dir, f"seed_{seed}")), seed)
+            assert_params_close(jax.tree.map(lambda x: np.asarray(x)[seed], one), two, local, tolerance=1e-2)
+    aggregate_two = json.load(open(os.path.join(two_dir, "aggregate.json")))
+    assert aggregate_two["seeds"] == [0, 1, 2, 3] and aggregate_two["num_processes"] == 2
+    assert not os.path.exists(os.path.join(one_dir, "checkpoints", "process_0"))
+    results = json.load(open(os.path.join(two_dir, "results.json")))
+    assert [s["seed"] for s in results["seeds"]] == [0, 1, 2, 3]
+    assert [s["final_eval_return"] for s in results["seeds"]] == aggregate_two["final_eval_return_per_seed"]

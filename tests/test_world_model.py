@@ -14,7 +14,6 @@ from conftest import breakout_replay
 from dlwm_jax import config as config_lib
 from dlwm_jax import train
 from dlwm_jax import world_model as wm
-from dlwm_jax.networks import make_networks
 from dlwm_jax.networks.dynamics import initial_state
 from dlwm_jax.networks.vqvae import quantize
 from dlwm_jax.replay import ObservationBatch
@@ -37,7 +36,7 @@ def initial(atari):
 @pytest.fixture(scope="module")
 def programs(atari):
     """The training loop's compiled programs for one seed."""
-    return train.compile_programs(CFG, make_networks(CFG, atari[1]), 1, None)
+    return train.compile_programs(CFG, atari[1], 1, None)
 
 
 def one_seed(epoch_fn, programs, state, replay, key, *args, **kwargs):
