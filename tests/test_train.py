@@ -111,6 +111,10 @@ def test_unknown_game_fails_with_suggestion(tmp_path):
     (["--game=Pong", "--set", "vqvae.not_a_field=3"], "not_a_field"),
     (["--game=Pong", "--set", "policy.gamma=abc"], "policy.gamma"),
     (["--preset=smoke"], "--game"),
+    (["--game=Pong", "--process_id=0"], "--distributed"),
+    (["--game=Pong", "--distributed"], "--process_id"),
+    (["--game=Pong", "--distributed", "--num_processes=2", "--process_id=0", "--num_seeds=3"], "multiple of the 2"),
+    (["--game=Pong", "--distributed", "--num_processes=2", "--process_id=2", "--num_seeds=4"], "--process_id=2"),
 ])
 def test_bad_flags_fail_with_one_line(args, needle, tmp_path):
     proc = run([*args, f"--workdir={tmp_path}/w"])
