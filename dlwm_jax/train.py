@@ -318,9 +318,11 @@ class Run:
         for logger in self.loggers:
             logger.start_phase()
 
-    def progress(self, iteration: int, phase: str, done: float, total: int, extra: str = "") -> None:
-        """A progress line (the first seed's clock and, with several seeds, its metrics)."""
-        prefix = f"seed {self.seeds[0]}: " if self.total_seeds > 1 and extra else ""
+    def progress(self, iteration: int, phase: str, done: float, total: int, extra: str = "",
+                 first_seed: bool = True) -> None:
+        """A progress line: the first seed's clock, and `extra` (with several seeds labelled as the first seed's
+        unless first_seed is False)."""
+        prefix = f"seed {self.seeds[0]}: " if self.total_seeds > 1 and extra and first_seed else ""
         self.loggers[0].progress(iteration, self.config.schedule.num_iterations, phase, done, total, prefix + extra)
 
     def heartbeat(self, iteration: int, phase: str, epoch: int, epochs: int):
@@ -545,7 +547,8 @@ def collect(run: Run, it: int, _first_unit: int = 0) -> None:
         returns = stats["episode_returns"][(stats["episode_envs"] >= rows.start) & (stats["episode_envs"] < rows.stop)]
         run.record(s_, it, "collect", {"episodes": len(returns),
                                        **({"episode_return_mean": float(np.mean(returns))} if len(returns) else {})})
-    run.progress(it, "collect", steps, steps, f"{len(stats['episode_returns'])} episodes finished")
+    run.progress(it, "collect", steps, steps, f"{len(stats['episode_returns'])} episodes finished"
+                 + (f" over {run.num_seeds} seeds" if run.num_seeds > 1 else ""), first_seed=False)
 
 
 def warmup(run: Run, it: int, first_epoch: int) -> None:
@@ -622,8 +625,8 @@ def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
         run.echo(f"[iter {it + 1}/{config.schedule.num_iterations}] seed {run.seeds[0]}: "
                  f"{evaluation_line(records[0], p.horizon)}")
         returns = [r["return_mean"] for r in results]
-        run.loggers[0].progress(it, config.schedule.num_iterations, "evaluate", 1, 1,
-                                f"return over {S} seeds {np.mean(returns):.1f} +- {np.std(returns):.1f}")
+        run.progress(it, "evaluate", 1, 1, f"return over {S} seeds {np.mean(returns):.1f} +- {np.std(returns):.1f}",
+                     first_seed=False)
 
 
 def diagnose(run: Run, it: int, datas: Sequence[Replay], first_step: int) -> None:
