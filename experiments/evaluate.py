@@ -23,9 +23,10 @@ iteration, game, env seed, parameter hashes as in summary.json); with --seed_ind
 lists one such record per seed plus "aggregate" over seeds. Progress goes to stderr. Bad input: one line
 `error: ...` on stderr and exit code 1. Nothing in the workdir is written except the video.
 
-Video (--video, default <workdir>/play.gif, '' disables; the agent only): env 0 of the (first) evaluated seed
-for up to --video_steps frames, beside a dream of the same length imagined from the encoding of its first
-observation with the agent's policy, decoded with the decoder's continuous Bernoulli mean (newest frame of the
+Video (--video, default <workdir>/play.gif, '' disables; the agent only): env --video_env (default 0) of the
+(first) evaluated seed for up to --video_steps frames from its step --video_from (default 0: the episode's
+start), beside a dream of the same length imagined from the encoding of its first shown observation (the newest
+frame replicated to a stack, as at an episode's start) with the agent's policy, decoded with the decoder's continuous Bernoulli mean (newest frame of the
 stack). A green (red) bar under a half marks a positive (negative) reward of that step; the caption gives the
 step and each side's return so far.
 """
@@ -50,6 +51,8 @@ flags.DEFINE_integer("env_seed", 12345, "Env i is seeded env_seed + i; the polic
 flags.DEFINE_integer("max_steps", None, "Cap on agent steps per env (default env.eval_cap: eval_max_steps, or the episode cap).")
 flags.DEFINE_string("video", None, "GIF of a real episode beside a dream (default <workdir>/play.gif; '' = none).")
 flags.DEFINE_integer("video_steps", 300, "At most this many frames in the video.")
+flags.DEFINE_integer("video_env", 0, "Which env (episode) of the first evaluated seed the video shows.")
+flags.DEFINE_integer("video_from", 0, "The video starts at this step of its episode.")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
                     "Directory of JAX's persistent compilation cache ('' disables it).")
 FLAGS = flags.FLAGS
@@ -130,15 +133,17 @@ def last_evaluated_iteration(meta: dict, step: int) -> int:
 # ------------------------------------------------------------------------------------------ playing
 
 class EnvTap:
-    """Passes an EnvPool through to collect.first_episodes; prints progress and keeps env 0's first episode
-    (newest frames [T] and rewards [T], frame t = observation t's, reward t = the step taken from it) for at
-    most `record_frames` frames."""
+    """Passes an EnvPool through to collect.first_episodes; prints progress and keeps env `record_env`'s first
+    episode from its step `record_from` on (newest frames [T] and rewards [T], frame t = observation t's, reward
+    t = the step taken from it) for at most `record_frames` frames."""
 
-    def __init__(self, env, record_frames: int, max_steps: int, label: str, every_s: float = 20.0):
+    def __init__(self, env, record_frames: int, max_steps: int, label: str, record_env: int = 0, record_from: int = 0,
+                 every_s: float = 20.0):
         self.env, self.record_frames, self.max_steps = env, record_frames, max_steps
-        self.label, self.every_s = label, every_s
+        self.label, self.every_s, self.record_env, self.record_from = label, every_s, record_env, record_from
         self.frames, self.rewards = [], []
-        self.recording = record_frames > 0
+        self.recording = record_frames > 0 and record_from == 0
+        self.waiting = record_frames > 0 and record_from > 0
         self.steps, self.start = 0, time.time()
         self.last_echo = self.start
         self.finished = None
@@ -148,7 +153,7 @@ class EnvTap:
         obs, info = self.env.reset()
         self.finished = None
         if self.recording:
-            self.frames.append(envs.frames_of(obs)[0].copy())
+            self.frames.append(envs.frames_of(obs)[self.record_env].copy())
         return obs, info
 
     def step(self, actions):
@@ -157,13 +162,19 @@ class EnvTap:
         obs, reward, terminated, truncated, info = self.env.step(actions)
         done = terminated | truncated
         self.finished = done.copy() if self.finished is None else self.finished | done
+        e = self.record_env
         if self.recording:
-            self.rewards.append(float(reward[0]))
-            if done[0] or len(self.frames) == self.record_frames:
+            self.rewards.append(float(reward[e]))
+            if done[e] or len(self.frames) == self.record_frames:
                 self.recording = False
             else:
-                self.frames.append(envs.frames_of(obs)[0].copy())
+                self.frames.append(envs.frames_of(obs)[e].copy())
         self.steps += 1
+        if self.waiting and self.steps == self.record_from:
+            self.waiting = False
+            if not self.finished[e]:  # the episode is still on: observation record_from is the first frame
+                self.recording = True
+                self.frames.append(envs.frames_of(obs)[e].copy())
         if time.time() - self.last_echo >= self.every_s:
             self.last_echo = time.time()
             echo(f"{self.label}: step {self.steps}/{self.max_steps}, {int(np.sum(self.finished))}/{len(done)} "
@@ -174,16 +185,17 @@ class EnvTap:
         self.env.close()
 
 
-def play(config, policy_fn, key, env_seed: int, num_envs: int, max_steps: int, record_frames: int, label: str):
+def play(config, policy_fn, key, env_seed: int, num_envs: int, max_steps: int, record_frames: int, label: str,
+         record_env: int = 0, record_from: int = 0):
     """collect.evaluate's protocol, per episode: (first_episodes' (returns, lengths, finished, ...) [N],
     episode_stats' dict, EnvTap).
 
     The same calls as collect.evaluate (make_env(seed), step keys split(key, max_steps), first_episodes,
-    episode_stats), kept open to return the per-episode arrays and env 0's frames."""
+    episode_stats), kept open to return the per-episode arrays and env record_env's frames."""
     import jax
     from dlwm_jax import envs
     from dlwm_jax.collect import episode_stats, first_episodes
-    tap = EnvTap(envs.make_env(config.env, num_envs, env_seed), record_frames, max_steps, label)
+    tap = EnvTap(envs.make_env(config.env, num_envs, env_seed), record_frames, max_steps, label, record_env, record_from)
     per_episode = first_episodes(tap, config.env, policy_fn, list(jax.random.split(key, max_steps)))
     return per_episode, episode_stats(*per_episode), tap
 
@@ -239,6 +251,8 @@ def check_flags() -> None:
         raise InputError(f"--max_steps must be >= 1, got {FLAGS.max_steps}")
     if FLAGS.video_steps < 1:
         raise InputError(f"--video_steps must be >= 1, got {FLAGS.video_steps}")
+    if FLAGS.video_env < 0 or FLAGS.video_from < 0:
+        raise InputError(f"--video_env and --video_from must be >= 0, got {FLAGS.video_env} and {FLAGS.video_from}")
     if FLAGS.protocol == "last_eval" and any(FLAGS[name].present for name in ("episodes", "env_seed", "max_steps")):
         raise InputError("--protocol=last_eval uses the run's own envs, seed and step cap; "
                          "drop --episodes/--env_seed/--max_steps or use --protocol=fresh")
@@ -367,16 +381,22 @@ def evaluate_run() -> dict:
         label = f"seed {seeds[index]}" if num_seeds else "run"
         echo(f"{label}: {p['num_envs']} episodes, at most {p['max_steps']} steps each, envs seeded {p['env_seed']}..")
         started = time.time()
-        want_video = bool(video) and video_info is None  # the first evaluated seed's env 0
+        want_video = bool(video) and video_info is None  # the first evaluated seed's env --video_env
+        if want_video and FLAGS.video_env >= p["num_envs"]:
+            raise InputError(f"--video_env={FLAGS.video_env} is out of range: {p['num_envs']} envs are evaluated")
         per_episode, stats, tap = play(config, policy_fn, p["key"], p["env_seed"], p["num_envs"], p["max_steps"],
-                                       FLAGS.video_steps if want_video else 0, label)
+                                       FLAGS.video_steps if want_video else 0, label, FLAGS.video_env, FLAGS.video_from)
         echo(f"{label}: return {stats['return_mean']:.2f} +- {stats['return_std']:.2f} "
              f"({stats['num_finished']}/{p['num_envs']} episodes finished) in {time.time() - started:.1f}s")
         returns, lengths, finished = per_episode[:3]  # first_episodes' (returns, lengths, finished, ...)
         record.update(returns=returns.tolist(), lengths=lengths.tolist(), finished=finished.tolist())
         record.update(stats)
+        if want_video and not tap.frames:
+            raise InputError(f"--video_from={FLAGS.video_from}: env {FLAGS.video_env}'s episode lasted "
+                             f"{int(lengths[FLAGS.video_env])} steps (the step cap is {p['max_steps']})")
         if want_video:
-            video_info = {**write_video(video, tap, world, agent, networks, p["dream_key"]), "seed_index": index}
+            video_info = {**write_video(video, tap, world, agent, networks, p["dream_key"]), "seed_index": index,
+                          "env": FLAGS.video_env, "from_step": FLAGS.video_from}
         records.append(record)
 
     result = {"policy": FLAGS.policy, "protocol": FLAGS.protocol, **header}

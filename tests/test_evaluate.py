@@ -98,6 +98,21 @@ def test_workdir_is_left_alone_except_the_video(fresh):
     assert after == before
 
 
+def test_video_of_another_env_from_a_later_step(single_run, tmp_path):
+    path = str(tmp_path / "env1.gif")
+    result = evaluate(f"--workdir={single_run}", "--episodes=4", "--max_steps=120", "--video_steps=100",
+                      "--video_env=1", "--video_from=50", f"--video={path}")
+    assert not any(result["finished"])  # smoke Pong: no episode ends in 120 steps
+    assert result["video"]["env"] == 1 and result["video"]["from_step"] == 50
+    assert result["video"]["frames"] == 70  # observations 50 .. 119 of env 1, each with the step taken from it
+    with Image.open(path) as gif:
+        assert gif.n_frames == 70
+    assert "out of range" in errors(f"--workdir={single_run}", "--episodes=4", "--max_steps=10", "--video_env=4",
+                                    f"--video={path}")
+    assert "lasted 10 steps" in errors(f"--workdir={single_run}", "--episodes=2", "--max_steps=10",
+                                       "--video_from=20", f"--video={path}")
+
+
 def test_video_is_real_beside_dream(single_run, fresh):
     result, _, _, _ = fresh
     path = os.path.join(single_run, "play.gif")
