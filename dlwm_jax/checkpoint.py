@@ -19,6 +19,7 @@ import zipfile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(RuntimeError):
@@ -56,9 +57,19 @@ def reading(path: str):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
+        """The checkpoints in `directory` (created unless read_only; read_only writes nothing, for evaluation)."""
         self.directory = os.path.abspath(directory)
         self.replay_dir = os.path.join(self.directory, "replay")
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+            try:
+                self._manager = ocp.CheckpointManager(self.directory, options=options)
+            finally:
+                logging.set_verbosity(verbosity)
+            return
         os.makedirs(self.replay_dir, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)

@@ -89,7 +89,7 @@ class Collector:
         self.env = envs.make_env(env_config, num_envs, seed)
         self.num_envs, self.num_stack = self.env.config["num_envs"], env_config.frame_stack
         self.num_actions = envs.num_actions(env_config.game)
-        num_envs = self.num_envs
+        num_envs = self.num_envs  # over all seeds of a pool
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         obs, _ = self.env.reset()
         self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy

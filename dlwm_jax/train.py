@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dlwm_jax import envs, ppo
 from dlwm_jax import world_model as wm
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
-from dlwm_jax.collect import Collector, evaluate
+from dlwm_jax.collect import Collector, Trajectory, evaluate
 from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict, validate
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
@@ -411,10 +411,7 @@ def _start(config: Config, workdir: str, num_seeds: int, echo: Callable[[str], N
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
              f"unit {meta['unit']}")
         for k in range(meta["chunks"]):
-            chunk = checkpoints.load_replay_chunk(k)
-            for s, replay in enumerate(replays):
-                replay.add(*(chunk[f][s * ENVS_PER_SEED:(s + 1) * ENVS_PER_SEED] for f in
-                             ("frames", "actions", "rewards", "terminals", "is_first")))
+            _add_per_seed(replays, Trajectory(**checkpoints.load_replay_chunk(k)))
         if meta["iteration"] < config.schedule.num_iterations:
             _fast_forward(collector, meta["chunks"], checkpoints)
     meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
@@ -437,6 +434,12 @@ def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpoint
         if not np.array_equal(trajectory.frames, chunk["frames"]):
             raise CheckpointError("replaying the stored actions did not reproduce the stored frames; "
                                   "the environment is not deterministic here, cannot resume")
+
+
+def _add_per_seed(replays: Sequence[Replay], trajectory: Trajectory) -> None:
+    """A pooled collection (env rows s * ENVS_PER_SEED .. belong to seed s) into each seed's replay."""
+    for s, replay in enumerate(replays):
+        replay.add(*(x[s * ENVS_PER_SEED:(s + 1) * ENVS_PER_SEED] for x in trajectory))
 
 
 def _stack_batches(batches: Sequence[Any]) -> Any:
@@ -541,10 +544,9 @@ def collect(run: Run, it: int, _first_unit: int = 0) -> None:
     trajectory, stats = run.collector.collect(policy_fn, steps * run.num_seeds, run.keys(it, COLLECT))
     run.checkpoints.save_replay_chunk(run.meta["chunks"], trajectory._asdict())
     run.meta["chunks"] += 1
-    for s_, replay in enumerate(run.replays):
-        rows = slice(s_ * ENVS_PER_SEED, (s_ + 1) * ENVS_PER_SEED)
-        replay.add(*(x[rows] for x in trajectory))
-        returns = stats["episode_returns"][(stats["episode_envs"] >= rows.start) & (stats["episode_envs"] < rows.stop)]
+    _add_per_seed(run.replays, trajectory)
+    for s_ in range(run.num_seeds):
+        returns = stats["episode_returns"][stats["episode_envs"] // ENVS_PER_SEED == s_]
         run.record(s_, it, "collect", {"episodes": len(returns),
                                        **({"episode_return_mean": float(np.mean(returns))} if len(returns) else {})})
     run.progress(it, "collect", steps, steps, f"{len(stats['episode_returns'])} episodes finished"
@@ -655,8 +657,7 @@ def holdout(run: Run) -> list[Replay]:
     pool = Collector(config.env, ENVS_PER_SEED, [derived_seed(root, HOLDOUT_ENV) for root in run.roots])
     trajectory, _ = pool.collect(run.policy(run.programs.random_act), steps * run.num_seeds, run.keys(0, DIAGNOSTICS, 1))
     datas = [Replay(steps, ENVS_PER_SEED, (config.env.image_size,) * 2, config.env.frame_stack) for _ in run.seeds]
-    for s, data in enumerate(datas):
-        data.add(*(x[s * ENVS_PER_SEED:(s + 1) * ENVS_PER_SEED] for x in trajectory))
+    _add_per_seed(datas, trajectory)
     return datas
 
 

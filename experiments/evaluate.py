@@ -83,19 +83,12 @@ def read_meta(workdir: str) -> tuple[int, dict]:
     if os.path.isdir(os.path.join(directory, "process_0")):
         raise InputError(f"workdir {workdir!r} holds a multi-process run (checkpoints/process_*); evaluate.py reads "
                          "one-process runs only so far")
-    import orbax.checkpoint as ocp
-    from dlwm_jax.checkpoint import CheckpointError, reading
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
-    try:
-        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    finally:
-        logging.set_verbosity(verbosity)
-    step = manager.latest_step()
+    from dlwm_jax.checkpoint import Checkpointer, CheckpointError
+    checkpoints = Checkpointer(directory, read_only=True)
+    step = checkpoints.latest_step()
     if step is None:
         raise InputError(f"no checkpoint in workdir {workdir!r} ({directory} holds no complete checkpoint)")
-    with reading(os.path.join(directory, str(step))):
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = checkpoints.restore_meta(step)
     if not isinstance(meta, dict) or "config" not in meta or "iteration" not in meta:
         raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} has no run meta (config, iteration)")
     return step, meta
@@ -114,7 +107,7 @@ def restore_state(workdir: str, step: int, config, num_actions: int, num_seeds: 
         states = [initial_state(config, num_actions, config.seed + s) for s in range(num_seeds)]
         return stack([w for w, _ in states]), stack([a for _, a in states])
     # Shapes only: restore needs the tree structure and ShapeDtypeStructs, not the initial values.
-    state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(step, jax.eval_shape(template))
+    state, _ = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore(step, jax.eval_shape(template))
     return state
 
 
