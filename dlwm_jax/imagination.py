@@ -2,7 +2,8 @@
 
 Start from the code indices of real observations [N, 6, 6]; at every step the policy samples an action
 from the embedded latent, the dynamics network predicts the next grid and a reward class, and both are
-sampled (36 independent categoricals at temperature 1; reward class c -> reward c - 1). The horizon is
+sampled (36 independent categoricals at temperature 1; reward class c -> reward c - 1); given `actions`, a
+scripted (counterfactual) dream takes them instead of the policy's where they are >= 0. The horizon is
 fixed: the last step is marked terminal, so PPO does not bootstrap past it (the reference), unless
 `bootstrap_at_horizon` is set, in which case no step is terminal and V(final latent) is the bootstrap.
 """
@@ -36,12 +37,16 @@ class Carry(NamedTuple):
 
 
 def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
-                     embeddings: jax.Array, carry: Carry, key: jax.Array, temperature: float = 1.0):
-    """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan."""
+                     embeddings: jax.Array, carry: Carry, key: jax.Array, temperature: float = 1.0,
+                     forced_actions: jax.Array | None = None):
+    """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan.
+    forced_actions int [N] (optional): taken instead of the policy's sample where >= 0."""
     action_key, latent_key, reward_key = jax.random.split(key, 3)
     latents = embeddings[carry.indices]
     logits, value = actor_critic.apply(policy_params, latents)
     actions = jax.random.categorical(action_key, logits / temperature).astype(jnp.int32)
+    if forced_actions is not None:
+        actions = jnp.where(forced_actions >= 0, forced_actions.astype(jnp.int32), actions)
     log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), actions[:, None], -1)[:, 0]
     next_logits, reward_logits, state = dynamics.apply(dynamics_params, latents, actions, carry.state)
     next_indices = jax.random.categorical(latent_key, next_logits).astype(jnp.int32)
@@ -52,18 +57,24 @@ def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_para
 
 def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
             embeddings: jax.Array, start_indices: jax.Array, key: jax.Array, horizon: int,
-            bootstrap_at_horizon: bool = False, temperature: float = 1.0, unroll: int = 1) -> Dream:
+            bootstrap_at_horizon: bool = False, temperature: float = 1.0, unroll: int = 1,
+            actions: jax.Array | None = None) -> Dream:
     """Imagines `horizon` steps from start code indices [N, 6, 6] (embeddings [K, D]) -> Dream.
+
+    actions int [horizon, N] (optional): at step t env n takes actions[t, n] instead of the policy's sample where
+    it is >= 0 (log_probs are then the policy's of the action taken); -1 leaves the step to the policy.
 
     Pure and jit-able (modules, horizon, flags static); vmap over a leading seed axis of the arrays.
     """
     chex.assert_rank(start_indices, 3)
     hidden = dynamics.hidden_channels
     carry = Carry(start_indices, initial_state(start_indices.shape[0], hidden, start_indices.shape[1]))
-    step = lambda c, k: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, k,
-                                         temperature)
+    if actions is not None:
+        chex.assert_shape(actions, (horizon, start_indices.shape[0]))
+    step = lambda c, x: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, x[0],
+                                         temperature, x[1])
     carry, (latents, actions, log_probs, values, rewards, indices) = jax.lax.scan(
-        step, carry, jax.random.split(key, horizon), unroll=unroll)
+        step, carry, (jax.random.split(key, horizon), actions), unroll=unroll)
     _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
     last = jnp.arange(horizon) == horizon - 1
     terminals = jnp.broadcast_to((last & (not bootstrap_at_horizon))[:, None], actions.shape)

@@ -29,12 +29,24 @@ start), beside a dream of the same length imagined from the encoding of its firs
 frame replicated to a stack, as at an episode's start) with the agent's policy, decoded with the decoder's continuous Bernoulli mean (newest frame of the
 stack). A green (red) bar under a half marks a positive (negative) reward of that step; the caption gives the
 step and each side's return so far.
+
+Probe (--branch_at=T, the agent only; no evaluation, no video): does the world model know what would happen, and
+does the policy take the way it knows? Env --video_env of the (first) evaluated seed plays its episode to step T
+as in the evaluation; then K copies of that env (same seed) replay its T actions, are checked to show the very
+same observation T, and each plays one branch for --branch_steps steps: `policy` (--branch_samples copies),
+`hold a` (action a every step) and `hold a, then policy` (a for --branch_hold steps) for every action a. The
+dream side imagines each branch --branch_samples times from observation T's encoding (the evaluation's 4-frame
+stack), the scripted steps forced (imagination.imagine's `actions`). JSON "branches": per branch the real
+returns, clipped real returns, the step of the first real reward (-1: none) and whether the episode ended, and the mean clipped dreamed return; stderr gets a
+table. A branch that scores in reality and in dreams but is not the policy's: the policy's fault; one that scores
+in reality only: the world model's.
 """
 import json
 import os
 import sys
 import time
 
+import numpy as np
 from absl import flags, logging
 
 import cli  # experiments/cli.py
@@ -53,6 +65,11 @@ flags.DEFINE_string("video", None, "GIF of a real episode beside a dream (defaul
 flags.DEFINE_integer("video_steps", 300, "At most this many frames in the video.")
 flags.DEFINE_integer("video_env", 0, "Which env (episode) of the first evaluated seed the video shows.")
 flags.DEFINE_integer("video_from", 0, "The video starts at this step of its episode.")
+flags.DEFINE_integer("branch_at", None, "Probe instead of evaluating: at this step of env --video_env's episode, "
+                     "play the branches (see the module doc) in reality and in dreams.")
+flags.DEFINE_integer("branch_steps", 100, "Steps of each branch.")
+flags.DEFINE_integer("branch_hold", 25, "Steps an action is held before the policy takes over ('hold a, then policy').")
+flags.DEFINE_integer("branch_samples", 8, "Real episodes of the 'policy' branch, and dreams per branch.")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
                     "Directory of JAX's persistent compilation cache ('' disables it).")
 FLAGS = flags.FLAGS
@@ -134,7 +151,7 @@ class EnvTap:
                  every_s: float = 20.0):
         self.env, self.record_frames, self.max_steps = env, record_frames, max_steps
         self.label, self.every_s, self.record_env, self.record_from = label, every_s, record_env, record_from
-        self.frames, self.rewards = [], []
+        self.frames, self.rewards, self.actions = [], [], []  # actions: env record_env's, every step
         self.recording = record_frames > 0 and record_from == 0
         self.waiting = record_frames > 0 and record_from > 0
         self.steps, self.start = 0, time.time()
@@ -150,9 +167,9 @@ class EnvTap:
         return obs, info
 
     def step(self, actions):
-        import numpy as np
         from dlwm_jax import envs
         obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.actions.append(int(actions[self.record_env]))
         done = terminated | truncated
         self.finished = done.copy() if self.finished is None else self.finished | done
         e = self.record_env
@@ -198,7 +215,6 @@ def play(config, policy_fn, key, env_seed: int, num_envs: int, max_steps: int, r
 def dream_of(world, agent, networks, start_frame, horizon: int, key):
     """Imagines `horizon` steps from the encoding of an episode's first observation (start_frame [96, 96]
     replicated as collect does); returns (decoded newest frames [T, 96, 96] in [0, 1], rewards [T])."""
-    import numpy as np
     from dlwm_jax import envs
     from dlwm_jax.outputs import decode_mean, dream as _dream, encode
     start = envs.initial_stack(start_frame[None], world.config.env.frame_stack)
@@ -214,7 +230,6 @@ def side_by_side(real, real_rewards, dream, dream_rewards):
     """real uint8 [T, 96, 96], dream float [T, 96, 96] in [0, 1], rewards [T] -> GIF frames uint8
     [T, 96 + CAPTION, 2 * 96 + SEPARATOR, 3]: real | dream with viz.dream_frames' reward bars, and a caption
     with the step and both returns so far (it also keeps consecutive frames distinct, so none are merged)."""
-    import numpy as np
     from PIL import Image, ImageDraw, ImageFont
     from dlwm_jax import viz
     t, h, w = real.shape
@@ -234,6 +249,79 @@ def side_by_side(real, real_rewards, dream, dream_rewards):
     return np.concatenate([frames, np.stack(captions)], 1)
 
 
+# ------------------------------------------------------------------------------------------ probe
+
+def branch_actions(num_actions: int, samples: int, steps: int, hold: int) -> tuple[np.ndarray, list[str]]:
+    """The probe's branches: (forced actions int [steps, K], -1 = the policy acts; the branch name of each column:
+    `samples` columns 'policy', then 'hold a' and 'hold a, then policy' for every action a)."""
+    columns, names = [np.full(steps, -1)] * samples, ["policy"] * samples
+    for a in range(num_actions):
+        columns.append(np.full(steps, a))
+        names.append(f"hold {a}")
+        columns.append(np.where(np.arange(steps) < hold, a, -1))
+        names.append(f"hold {a}, then policy")
+    return np.stack(columns, 1).astype(np.int32), names
+
+
+def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int, steps: int, hold: int,
+          samples: int) -> list[dict]:
+    """The --branch_at probe (module doc) for one seed's evaluation protocol p; returns one dict per branch."""
+    import jax
+    import jax.numpy as jnp
+    from dlwm_jax import envs
+    from dlwm_jax.collect import first_episodes
+    from dlwm_jax.imagination import imagine
+    from dlwm_jax.outputs import encode
+    if at >= p["max_steps"]:
+        raise InputError(f"--branch_at={at} is not before the evaluation's step cap {p['max_steps']}")
+    policy_fn = lambda obs, key: act(world, agent.params, obs, key)
+    tap = EnvTap(envs.make_env(config.env, p["num_envs"], p["env_seed"]), 1, p["max_steps"], "to the branch point",
+                 env_index, at)
+    lengths = first_episodes(tap, config.env, policy_fn, list(jax.random.split(p["key"], p["max_steps"]))[:at])[1]
+    if not tap.frames:
+        raise InputError(f"--branch_at={at}: env {env_index}'s episode lasted {int(lengths[env_index])} steps")
+    forced, names = branch_actions(envs.num_actions(config.env.game), samples, steps, hold)
+    k = forced.shape[1]
+    pool = envs.make_env(config.env, 1, [p["env_seed"] + env_index] * k)  # K copies of env env_index
+    obs, _ = pool.reset()
+    stack = envs.initial_stack(envs.frames_of(obs), config.env.frame_stack)
+    not_first = np.zeros(k, bool)
+    for a in tap.actions[:at]:
+        obs, *_ = pool.step(np.full(k, a, np.int32))
+        stack = envs.push_frame(stack, envs.frames_of(obs), not_first)
+    if not (envs.frames_of(obs) == tap.frames[0]).all():
+        raise RuntimeError(f"the replayed copies of env {env_index} do not show its observation {at}")
+    echo(f"branching at step {at} of env {env_index}: {k} real branches and {k * samples} dreams of {steps} steps")
+    branch_key, dream_key = jax.random.split(jax.random.fold_in(p["dream_key"], at))
+    start = stack
+    returns, clipped, ended = np.zeros(k), np.zeros(k), np.zeros(k, bool)
+    first_reward = np.full(k, -1)  # the branch step of the first real reward, -1: none
+    for t, key in enumerate(jax.random.split(branch_key, steps)):
+        actions = np.where(forced[t] >= 0, forced[t], np.asarray(policy_fn(jnp.asarray(stack), key)))
+        obs, reward, terminated, truncated, _ = pool.step(actions.astype(np.int32))
+        returns += np.where(ended, 0.0, reward)
+        clipped += np.where(ended, 0.0, np.sign(reward))
+        first_reward = np.where((first_reward < 0) & ~ended & (reward != 0), t, first_reward)
+        ended |= terminated | truncated
+        stack = envs.push_frame(stack, envs.frames_of(obs), not_first)
+    pool.close()
+    start_indices, _ = encode(world, jnp.asarray(start))
+    dream = jax.jit(imagine, static_argnames=("dynamics", "actor_critic", "horizon"))(
+        networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
+        world.codebook.embeddings, jnp.tile(start_indices, (samples, 1, 1)), dream_key, steps,
+        actions=jnp.asarray(np.tile(forced, (1, samples))))
+    dreamed = np.asarray(dream.rewards).sum(0).reshape(samples, k)  # [dream sample, branch]
+    rows = []
+    for name in dict.fromkeys(names):
+        cols = [i for i, n in enumerate(names) if n == name]
+        rows.append({"branch": name, "real_returns": returns[cols].tolist(), "real_clipped": clipped[cols].tolist(),
+                     "first_reward_step": first_reward[cols].tolist(), "ended": ended[cols].tolist(), "dream_clipped_mean": float(dreamed[:, cols].mean())})
+        hits = first_reward[cols][first_reward[cols] >= 0]
+        echo(f"  {name:<24} real {np.mean(returns[cols]):8.1f} (clipped {np.mean(clipped[cols]):5.2f}, first reward at "
+             f"step {int(hits.min()) if len(hits) else '-':>4})   dream clipped {rows[-1]['dream_clipped_mean']:5.2f}")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def check_flags() -> None:
@@ -249,6 +337,11 @@ def check_flags() -> None:
     if FLAGS.protocol == "last_eval" and any(FLAGS[name].present for name in ("episodes", "env_seed", "max_steps")):
         raise InputError("--protocol=last_eval uses the run's own envs, seed and step cap; "
                          "drop --episodes/--env_seed/--max_steps or use --protocol=fresh")
+    if FLAGS.branch_at is not None:
+        if FLAGS.branch_at < 1 or FLAGS.branch_steps < 1 or FLAGS.branch_hold < 0 or FLAGS.branch_samples < 1:
+            raise InputError("--branch_at, --branch_steps and --branch_samples must be >= 1 and --branch_hold >= 0")
+        if FLAGS.policy == "random" or FLAGS.seed_index == "all":
+            raise InputError("--branch_at probes one seed's agent: drop --policy=random / --seed_index=all")
     if FLAGS.policy == "random" and FLAGS.video:
         raise InputError("--video shows the agent and its dream; it needs --policy=agent")
     if FLAGS.workdir is None:
@@ -312,7 +405,6 @@ def protocol(config, seed: int, evaluated_iteration: int | None) -> dict:
 
 
 def write_video(path: str, tap: EnvTap, world, agent, networks, dream_key) -> dict:
-    import numpy as np
     from dlwm_jax import viz
     real_rewards = np.asarray(tap.rewards, np.float32)
     real = np.stack(tap.frames[:len(real_rewards)])  # at the step cap the last frame has no step
@@ -352,6 +444,14 @@ def evaluate_run() -> dict:
         state = restore_state(FLAGS.workdir, step, config, num_actions, num_seeds)
         networks = make_networks(config, num_actions)
         act = jax.jit(make_act(networks, 1.0))
+    if FLAGS.branch_at is not None:
+        index = indices[0]
+        world, agent = state if num_seeds is None else unstack(state, index)
+        branches = probe(config, protocol(config, seeds[index], evaluated), world, agent, networks, act,
+                         FLAGS.video_env, FLAGS.branch_at, FLAGS.branch_steps, FLAGS.branch_hold, FLAGS.branch_samples)
+        return {"policy": "agent", "protocol": FLAGS.protocol, **header, "seed_index": index, "seed": seeds[index],
+                "env": FLAGS.video_env, "branch_at": FLAGS.branch_at, "branch_steps": FLAGS.branch_steps,
+                "branch_hold": FLAGS.branch_hold, "branches": branches}
 
     records, video_info = [], None
     for index in indices:

@@ -159,6 +159,23 @@ def test_multi_seed_run_all_seeds_and_one(multi_run):
     assert {k: v for k, v in one.items() if k in every["seeds"][1]} == every["seeds"][1]
 
 
+def test_branch_probe_replays_the_env_and_plays_every_branch(single_run):
+    result = evaluate(f"--workdir={single_run}", "--protocol=last_eval", "--video_env=1", "--branch_at=30",
+                      "--branch_steps=12", "--branch_hold=12", "--branch_samples=2")
+    names = [row["branch"] for row in result["branches"]]
+    assert names == ["policy"] + [f"hold {a}{then}" for a in range(6) for then in ("", ", then policy")]  # Pong: 6
+    rows = {row["branch"]: row for row in result["branches"]}
+    assert len(rows["policy"]["real_returns"]) == 2 and len(rows["hold 3"]["real_returns"]) == 1
+    for a in range(6):  # held for all 12 steps either way: the same deterministic copy of env 1, the same returns
+        assert rows[f"hold {a}"]["real_returns"] == rows[f"hold {a}, then policy"]["real_returns"]
+        assert rows[f"hold {a}"]["first_reward_step"][0] in range(-1, 12)
+    assert all(abs(row["dream_clipped_mean"]) <= 12 for row in rows.values())
+    assert result["env"] == 1 and result["branch_at"] == 30
+    assert "not before the evaluation's step cap" in errors(f"--workdir={single_run}", "--protocol=last_eval",
+                                                            "--branch_at=200")
+    assert "one seed's agent" in errors(f"--workdir={single_run}", "--branch_at=5", "--policy=random")
+
+
 def errors(*args):
     proc = run(EVALUATE, [f"--compilation_cache={CACHE}", *args])
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -111,3 +111,26 @@ def test_ppo_in_imagination_learns_the_rewarding_action():
     p_after = jax.nn.softmax(agent.apply(params, probe)[0])[:, 2].mean()
     assert p_before < 0.6
     assert p_after > 0.9, (float(p_before), float(p_after))
+
+
+def test_forced_actions_replace_the_policy_where_set():
+    nets, v, embeddings, start = _setup()
+    world = GoodActionWorld(num_codes=16, good=2)
+    horizon, key = 6, jax.random.key(4)
+    forced = np.full((horizon, 4), -1, np.int32)
+    forced[:, 0] = 2        # env 0 holds the rewarding action throughout
+    forced[:3, 1] = 1       # env 1 holds another action for 3 steps, then the policy acts
+    run = jax.jit(lambda a: imagine(world, nets.actor_critic, {}, v["actor_critic"], embeddings, start, key, horizon,
+                                    actions=a))
+    free, scripted = run(None), run(jnp.asarray(forced))
+    np.testing.assert_array_equal(scripted.actions[:, 0], 2)
+    np.testing.assert_array_equal(scripted.rewards[:, 0], 1.0)
+    np.testing.assert_array_equal(scripted.actions[:3, 1], 1)
+    np.testing.assert_array_equal(scripted.rewards[:3, 1], 0.0)
+    # where nothing is forced the policy samples with the same keys as without actions
+    np.testing.assert_array_equal(scripted.actions[3:, 1], free.actions[3:, 1])
+    np.testing.assert_array_equal(scripted.actions[:, 2:], free.actions[:, 2:])
+    logp = jax.nn.log_softmax(nets.actor_critic.apply(v["actor_critic"], embeddings[start])[0])
+    np.testing.assert_allclose(scripted.log_probs[0, 0], logp[0, 2], rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError):
+        run(jnp.asarray(forced[:2]))
