@@ -33,7 +33,8 @@ step and each side's return so far.
 Probe (--branch_at=T, the agent only; no evaluation, no video): does the world model know what would happen, and
 does the policy take the way it knows? Env --video_env of the (first) evaluated seed plays its episode to step T
 as in the evaluation; then K copies of that env (same seed) replay its T actions, are checked to show the very
-same observation T, and each plays one branch for --branch_steps steps: `policy` (--branch_samples copies),
+same observation T, and each plays one branch for --branch_steps steps, the policy sampling at
+--branch_temperature: `policy` (--branch_samples copies),
 `hold a` (action a every step) and `hold a, then policy` (a for --branch_hold steps) for every action a. The
 dream side imagines each branch --branch_samples times from observation T's encoding (the evaluation's 4-frame
 stack), the scripted steps forced (imagination.imagine's `actions`). JSON "branches": per branch the real
@@ -70,6 +71,8 @@ flags.DEFINE_integer("branch_at", None, "Probe instead of evaluating: at this st
 flags.DEFINE_integer("branch_steps", 100, "Steps of each branch.")
 flags.DEFINE_integer("branch_hold", 25, "Steps an action is held before the policy takes over ('hold a, then policy').")
 flags.DEFINE_integer("branch_samples", 8, "Real episodes of the 'policy' branch, and dreams per branch.")
+flags.DEFINE_float("branch_temperature", 1.0, "The policy's temperature in the branches, real and dreamed (1: as "
+                   "evaluated; the run's collect_temperature: as it collects).")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
                     "Directory of JAX's persistent compilation cache ('' disables it).")
 FLAGS = flags.FLAGS
@@ -264,8 +267,9 @@ def branch_actions(num_actions: int, samples: int, steps: int, hold: int) -> tup
 
 
 def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int, steps: int, hold: int,
-          samples: int) -> list[dict]:
-    """The --branch_at probe (module doc) for one seed's evaluation protocol p; returns one dict per branch."""
+          samples: int, temperature: float) -> list[dict]:
+    """The --branch_at probe (module doc) for one seed's evaluation protocol p; returns one dict per branch.
+    act: the evaluation's policy (to reach step `at`); the branches sample at `temperature`."""
     import jax
     import jax.numpy as jnp
     from dlwm_jax import envs
@@ -292,12 +296,15 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
     if not (envs.frames_of(obs) == tap.frames[0]).all():
         raise RuntimeError(f"the replayed copies of env {env_index} do not show its observation {at}")
     echo(f"branching at step {at} of env {env_index}: {k} real branches and {k * samples} dreams of {steps} steps")
+    from dlwm_jax.train import make_act
+    branch_act = jax.jit(make_act(networks, temperature))
     branch_key, dream_key = jax.random.split(jax.random.fold_in(p["dream_key"], at))
     start = stack
     returns, clipped, ended = np.zeros(k), np.zeros(k), np.zeros(k, bool)
     first_reward = np.full(k, -1)  # the branch step of the first real reward, -1: none
     for t, key in enumerate(jax.random.split(branch_key, steps)):
-        actions = np.where(forced[t] >= 0, forced[t], np.asarray(policy_fn(jnp.asarray(stack), key)))
+        policy = np.asarray(branch_act(world, agent.params, jnp.asarray(stack), key))
+        actions = np.where(forced[t] >= 0, forced[t], policy)
         obs, reward, terminated, truncated, _ = pool.step(actions.astype(np.int32))
         returns += np.where(ended, 0.0, reward)
         clipped += np.where(ended, 0.0, np.sign(reward))
@@ -309,7 +316,7 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
     dream = jax.jit(imagine, static_argnames=("dynamics", "actor_critic", "horizon"))(
         networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
         world.codebook.embeddings, jnp.tile(start_indices, (samples, 1, 1)), dream_key, steps,
-        actions=jnp.asarray(np.tile(forced, (1, samples))))
+        temperature=temperature, actions=jnp.asarray(np.tile(forced, (1, samples))))
     dreamed = np.asarray(dream.rewards).sum(0).reshape(samples, k)  # [dream sample, branch]
     rows = []
     for name in dict.fromkeys(names):
@@ -338,8 +345,10 @@ def check_flags() -> None:
         raise InputError("--protocol=last_eval uses the run's own envs, seed and step cap; "
                          "drop --episodes/--env_seed/--max_steps or use --protocol=fresh")
     if FLAGS.branch_at is not None:
-        if FLAGS.branch_at < 1 or FLAGS.branch_steps < 1 or FLAGS.branch_hold < 0 or FLAGS.branch_samples < 1:
-            raise InputError("--branch_at, --branch_steps and --branch_samples must be >= 1 and --branch_hold >= 0")
+        if FLAGS.branch_at < 1 or FLAGS.branch_steps < 1 or FLAGS.branch_hold < 0 or FLAGS.branch_samples < 1 \
+                or not FLAGS.branch_temperature > 0:
+            raise InputError("--branch_at, --branch_steps and --branch_samples must be >= 1, --branch_hold >= 0 "
+                             "and --branch_temperature > 0")
         if FLAGS.policy == "random" or FLAGS.seed_index == "all":
             raise InputError("--branch_at probes one seed's agent: drop --policy=random / --seed_index=all")
     if FLAGS.policy == "random" and FLAGS.video:
@@ -448,10 +457,12 @@ def evaluate_run() -> dict:
         index = indices[0]
         world, agent = state if num_seeds is None else unstack(state, index)
         branches = probe(config, protocol(config, seeds[index], evaluated), world, agent, networks, act,
-                         FLAGS.video_env, FLAGS.branch_at, FLAGS.branch_steps, FLAGS.branch_hold, FLAGS.branch_samples)
+                         FLAGS.video_env, FLAGS.branch_at, FLAGS.branch_steps, FLAGS.branch_hold, FLAGS.branch_samples,
+                         FLAGS.branch_temperature)
         return {"policy": "agent", "protocol": FLAGS.protocol, **header, "seed_index": index, "seed": seeds[index],
                 "env": FLAGS.video_env, "branch_at": FLAGS.branch_at, "branch_steps": FLAGS.branch_steps,
-                "branch_hold": FLAGS.branch_hold, "branches": branches}
+                "branch_hold": FLAGS.branch_hold, "branch_temperature": FLAGS.branch_temperature,
+                "branches": branches}
 
     records, video_info = [], None
     for index in indices:
