@@ -34,13 +34,13 @@ Probe (--branch_at=T, the agent only; no evaluation, no video): does the world m
 does the policy take the way it knows? Env --video_env of the (first) evaluated seed plays its episode to step T
 as in the evaluation; then K copies of that env (same seed) replay its T actions, are checked to show the very
 same observation T, and each plays one branch for --branch_steps steps, the policy sampling at
---branch_temperature: `policy` (--branch_samples copies),
-`hold a` (action a every step) and `hold a, then policy` (a for --branch_hold steps) for every action a. The
-dream side imagines each branch --branch_samples times from observation T's encoding (the evaluation's 4-frame
-stack), the scripted steps forced (imagination.imagine's `actions`). JSON "branches": per branch the real
-returns, clipped real returns, the step of the first real reward (-1: none) and whether the episode ended, and the mean clipped dreamed return; stderr gets a
-table. A branch that scores in reality and in dreams but is not the policy's: the policy's fault; one that scores
-in reality only: the world model's.
+--branch_temperature: `policy` (--branch_samples copies), `hold a` (action a every step) and `hold a, then
+policy` (a for --branch_hold steps) for every action a. The dream side imagines each branch --branch_samples
+times from observation T's encoding (the evaluation's 4-frame stack), the scripted steps forced
+(imagination.imagine's `actions`). JSON "branches": per branch the real returns, clipped real returns, the step
+of the first real reward (-1: none) and whether the episode ended, and the mean clipped dreamed return; stderr
+gets a table. A branch that scores in reality and in dreams but is not the policy's: the policy's fault; one
+that scores in reality only: the world model's.
 """
 import json
 import os
@@ -274,8 +274,8 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
     import jax.numpy as jnp
     from dlwm_jax import envs
     from dlwm_jax.collect import first_episodes
-    from dlwm_jax.imagination import imagine
-    from dlwm_jax.outputs import encode
+    from dlwm_jax.outputs import dream as imagine_jit, encode
+    from dlwm_jax.train import make_act
     if at >= p["max_steps"]:
         raise InputError(f"--branch_at={at} is not before the evaluation's step cap {p['max_steps']}")
     policy_fn = lambda obs, key: act(world, agent.params, obs, key)
@@ -296,7 +296,6 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
     if not (envs.frames_of(obs) == tap.frames[0]).all():
         raise RuntimeError(f"the replayed copies of env {env_index} do not show its observation {at}")
     echo(f"branching at step {at} of env {env_index}: {k} real branches and {k * samples} dreams of {steps} steps")
-    from dlwm_jax.train import make_act
     branch_act = jax.jit(make_act(networks, temperature))
     branch_key, dream_key = jax.random.split(jax.random.fold_in(p["dream_key"], at))
     start = stack
@@ -313,7 +312,7 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
         stack = envs.push_frame(stack, envs.frames_of(obs), not_first)
     pool.close()
     start_indices, _ = encode(world, jnp.asarray(start))
-    dream = jax.jit(imagine, static_argnames=("dynamics", "actor_critic", "horizon"))(
+    dream = imagine_jit(
         networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
         world.codebook.embeddings, jnp.tile(start_indices, (samples, 1, 1)), dream_key, steps,
         temperature=temperature, actions=jnp.asarray(np.tile(forced, (1, samples))))
@@ -322,7 +321,8 @@ def probe(config, p: dict, world, agent, networks, act, env_index: int, at: int,
     for name in dict.fromkeys(names):
         cols = [i for i, n in enumerate(names) if n == name]
         rows.append({"branch": name, "real_returns": returns[cols].tolist(), "real_clipped": clipped[cols].tolist(),
-                     "first_reward_step": first_reward[cols].tolist(), "ended": ended[cols].tolist(), "dream_clipped_mean": float(dreamed[:, cols].mean())})
+                     "first_reward_step": first_reward[cols].tolist(), "ended": ended[cols].tolist(),
+                     "dream_clipped_mean": float(dreamed[:, cols].mean())})
         hits = first_reward[cols][first_reward[cols] >= 0]
         echo(f"  {name:<24} real {np.mean(returns[cols]):8.1f} (clipped {np.mean(clipped[cols]):5.2f}, first reward at "
              f"step {int(hits.min()) if len(hits) else '-':>4})   dream clipped {rows[-1]['dream_clipped_mean']:5.2f}")
