@@ -7,19 +7,22 @@ Every figure is the median of `repeats` timed calls after one compiling call (co
 The functions timed are the ones train.py runs: world_model.vqvae_step (batch 40), world_model.dynamics_step
 (4 windows x 11 steps, train-mode encoder pass included), imagination.imagine (16 envs x 50 steps, policy
 sampling included), the policy update of train.py (encode 16 starts + imagine + ppo.ppo_update with 4 epochs),
-the Collector (1 env, as in training) and raw EnvPool stepping. The projected wall time of a whole run of the
+the Collector (1 env, as in training) and raw EnvPool stepping; and the loop's host work per step for 1 and
+`--host-seeds` seeds (`measure_host_loop`: the epochs' own code with the compiled programs stubbed). The projected wall time of a whole run of the
 preset (`projected_run_hours`) multiplies them by the preset's step counts (`schedule_counts`); the formula is in
 benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -130,21 +133,67 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     return out
 
 
-def measure_host_batches(config, repeats: int) -> dict:
-    """Replay sampling per training step (numpy on the host, not overlapped with the jitted steps)."""
+def random_replays(config, num_seeds: int, frames: int = 12_800) -> list:
+    """One Replay per seed of `frames` random frames (one trajectory, episodes of ~500 steps)."""
     from dlwm_jax.replay import Replay
-    rng = np.random.default_rng(0)
-    n = 12_800
-    replay = Replay(n, 1, (config.env.image_size,) * 2, config.env.frame_stack)
-    terminals = rng.random((1, n)) < 0.002
-    starts = np.concatenate([[[True]], terminals[:, :-1]], 1)
-    replay.add(rng.integers(0, 256, (1, n, config.env.image_size, config.env.image_size), dtype=np.uint8),
-               rng.integers(0, 4, (1, n)).astype(np.int32), np.zeros((1, n), np.float32), terminals, starts)
-    obs_iter = replay.observation_batches(jax.random.key(0), config.vqvae.batch_size)
-    seq_iter = replay.sequence_batches(jax.random.key(1), config.dynamics.batch_size, config.dynamics.sequence_length,
-                                       config.dynamics.max_offset)
-    return {"host_vqvae_batch_ms": _timed(lambda: next(obs_iter), repeats * 4)[0] * 1e3,
-            "host_dynamics_batch_ms": _timed(lambda: next(seq_iter), repeats * 4)[0] * 1e3}
+    rng, size, replays = np.random.default_rng(0), config.env.image_size, []
+    for _ in range(num_seeds):
+        replay = Replay(frames, 1, (size, size), config.env.frame_stack)
+        terminals = rng.random((1, frames)) < 0.002
+        replay.add(rng.integers(0, 256, (1, frames, size, size), dtype=np.uint8),
+                   rng.integers(0, 4, (1, frames)).astype(np.int32), np.zeros((1, frames), np.float32), terminals,
+                   np.concatenate([[[True]], terminals[:, :-1]], 1))
+        replays.append(replay)
+    return replays
+
+
+def stub_run(config, replays: list, work=jax.device_put):
+    """A train.Run over `replays` (one per seed) whose compiled programs are stubs: each calls `work` on its
+    inputs and hands its state through unchanged with constant metrics; loggers and checkpoints do nothing.
+    The loop's epoch code (train.warmup_epoch, train.joint_epoch, train.policy) runs on it as in training."""
+    from dlwm_jax import train
+    S, metrics = len(replays), {"loss": jnp.zeros(len(replays))}
+    step = lambda state, *inputs: (work(inputs), state, metrics)[1:]
+    programs = train.Programs(
+        vqvae_step=lambda active, world, batch, lr: step(world, active, batch),
+        encode_sequences=lambda world, observations: (work(observations), None),
+        dynamics_update=lambda active, world, stats, indices, batch, keys, i: step(world, active, batch),
+        policy_update=lambda world, agent, starts, keys: step(agent, starts, keys),
+        act_collect=None, act_eval=None, random_act=None, diagnostics=None, imagined_returns=None)
+
+    class Quiet:  # loggers
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    world = types.SimpleNamespace(config=config)  # all that the epochs read of a world model besides the programs
+    return train.Run(config=config, workdir="", seeds=list(range(S)), seed_dirs=[""] * S, programs=programs,
+                     networks=None, sharding=None, world=world, agent=None, replays=replays, collector=None,
+                     checkpoints=None, meta={}, loggers=[Quiet()] * S, echo=print, lock=None, total_seeds=S,
+                     share=(0, 1))
+
+
+def measure_host_loop(config, num_seeds: int, frames: int = 12_800, updates: int = 200) -> dict:
+    """Host time (ms) per step of the loop's own epoch code for `num_seeds` seeds: per VQ-VAE step of a warm-up
+    epoch (train.warmup_epoch), per dynamics step of a joint epoch (train.joint_epoch) and per policy update
+    (train.policy), on a `stub_run` whose programs only place their inputs on the device (not awaited). That is
+    the work a device waits for if the loop is host-bound: replay gathers, stacking over seeds, key derivation,
+    transfers."""
+    from dlwm_jax import train
+    run = stub_run(config, random_replays(config, num_seeds, frames))
+    out, keys, steps = {}, run.keys(0, train.WARMUP), []
+    start = time.perf_counter()
+    train.warmup_epoch(run.programs, run.world, run.replays, keys, run.put)
+    out["vqvae"] = (time.perf_counter() - start) / run.replays[0].num_observation_batches(config.vqvae.batch_size)
+    start = time.perf_counter()
+    train.joint_epoch(run.programs, run.world, run.replays, keys, 10**9, run.put,  # one VQ-VAE step in the epoch
+                      progress=lambda kind, i, m: steps.append(i) if kind == "dynamics" else None)
+    out["dynamics"] = (time.perf_counter() - start) / len(steps)
+    run.config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, ppo_updates=(updates,)))
+    train.policy(run, 0, 0)  # compiles the phase's key programs
+    start = time.perf_counter()
+    train.policy(run, 0, 0)
+    out["policy"] = (time.perf_counter() - start) / updates
+    return {k: v * 1e3 for k, v in out.items()}
 
 
 def measure_envs(game: str, num_eval_envs: int) -> dict:
@@ -161,9 +210,9 @@ def measure_envs(game: str, num_eval_envs: int) -> dict:
 def project_hours(f: dict, counts: dict[str, int], num_eval_envs: int, eval_episode_steps: int) -> dict:
     """Wall time of a whole run with `counts` (schedule_counts) from the measured figures (benchmarks/README.md)."""
     parts = {
-        "vqvae": counts["vqvae_steps"] * (f["vqvae_step_ms"] + f["host_vqvae_batch_ms"]) / 1e3,
-        "dynamics": counts["dynamics_steps"] * (f["dynamics_step_ms"] + f["host_dynamics_batch_ms"]) / 1e3,
-        "policy": counts["ppo_updates"] * f["ppo_update_ms"] / 1e3,
+        "vqvae": counts["vqvae_steps"] * (f["vqvae_step_ms"] + f["host_vqvae_step_ms"]) / 1e3,
+        "dynamics": counts["dynamics_steps"] * (f["dynamics_step_ms"] + f["host_dynamics_step_ms"]) / 1e3,
+        "policy": counts["ppo_updates"] * (f["ppo_update_ms"] + f["host_policy_update_ms"]) / 1e3,
     }
     if f.get("collector_steps_per_s"):
         parts["collect"] = (counts["random_steps"] / f["collector_steps_per_s"]
@@ -185,6 +234,8 @@ def main() -> None:
     parser.add_argument("--no-envs", action="store_true", help="skip the EnvPool figures (and collect/eval time)")
     parser.add_argument("--eval-episode-steps", type=int, default=5_000,
                         help="assumed agent steps until the last of the eval envs ends its first episode")
+    parser.add_argument("--host-seeds", type=int, default=5,
+                        help="also time the loop's host work per step for this many seeds (besides 1)")
     parser.add_argument("--seeds", action="store_true",
                         help="also time 4 vmapped seeds vs 1 seed on the smoke preset (benchmarks/seeds.py; ~3 more minutes)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -206,7 +257,10 @@ def main() -> None:
     start = time.perf_counter()
 
     figures = measure_training_steps(config, num_actions, args.repeats)
-    figures.update(measure_host_batches(config, args.repeats))
+    host = {n: measure_host_loop(config, n) for n in sorted({1, max(1, args.host_seeds)})}
+    figures.update(host_vqvae_step_ms=host[1]["vqvae"], host_dynamics_step_ms=host[1]["dynamics"],
+                   host_policy_update_ms=host[1]["policy"])
+    figures["host_ms_per_step_by_seeds"] = {str(n): {k: round(v, 2) for k, v in h.items()} for n, h in host.items()}
     if args.no_envs:
         figures.update({"collector_steps_per_s": None, "raw_envpool_steps_per_s": None,
                         "envs_skipped_reason": "--no-envs"})

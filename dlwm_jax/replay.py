@@ -40,9 +40,24 @@ class SequenceBatch(NamedTuple):
     valid: np.ndarray         # bool [B]; False columns are padding (only in an epoch's last batch)
 
 
-def _generator(key: jax.Array) -> np.random.Generator:
-    """A numpy Generator seeded deterministically from a jax key (raw uint32[2] or typed)."""
+def _generator(key: jax.Array | np.random.Generator) -> np.random.Generator:
+    """A numpy Generator seeded deterministically from a jax key (raw uint32[2] or typed); a Generator (from
+    `generators`) is returned as it is."""
+    if isinstance(key, np.random.Generator):
+        return key
     return np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
+
+
+@jax.jit
+def _key_bits(keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.bits(k, (4,), jnp.uint32))(keys.reshape(-1))
+
+
+def generators(keys: jax.Array) -> list[np.random.Generator]:
+    """The Generators `_generator` makes for each of the typed keys [...] (flattened, in order), with one device
+    program and one transfer for all of them: the loop draws a phase's host-side randomness up front, so that no
+    step waits for the device to hand over a key while the device has queued work."""
+    return [np.random.default_rng(bits) for bits in np.asarray(_key_bits(keys))]
 
 
 def window_starts(rng: np.random.Generator, trajectory_starts: np.ndarray, trajectory_lengths: np.ndarray,
@@ -165,7 +180,10 @@ class Replay:
     def observations(self, indices: np.ndarray) -> np.ndarray:
         """int [...] step indices -> stacked observations uint8 [..., H, W, C] (NHWC, oldest in channel 0)."""
         stack = self.stack_indices(indices)
-        return np.ascontiguousarray(np.moveaxis(self._frames[stack], -3, -1))
+        out = np.empty((*stack.shape[:-1], *self.frame_shape, self.frame_stack), np.uint8)
+        for c in range(self.frame_stack):  # channel by channel: 5x faster than moving the axis of one gather
+            out[..., c] = self._frames[stack[..., c]]
+        return out
 
     def sequences(self, starts: np.ndarray, length: int) -> SequenceBatch:
         """int [B] window starts -> time-major SequenceBatch of steps start..start+length-1 (valid all True)."""
@@ -183,9 +201,9 @@ class Replay:
 
         Yields ceil(len / batch_size) ObservationBatch(observations uint8 [B, H, W, C], valid bool [B]).
         """
-        order, valid = _pad(_generator(key).permutation(self._size), batch_size)
-        for i in range(0, len(order), batch_size):
-            yield ObservationBatch(self.observations(order[i:i + batch_size]), valid[i:i + batch_size])
+        order, valid = _pad(_generator(key).permutation(self._size), batch_size)  # drawn now, not at first next()
+        return (ObservationBatch(self.observations(order[i:i + batch_size]), valid[i:i + batch_size])
+                for i in range(0, len(order), batch_size))
 
     def sequence_starts(self, key: jax.Array, length: int = 11, max_offset: int = 10) -> np.ndarray:
         """Shuffled window starts of one dynamics epoch, int64 [num_windows] (SPEC 2; see `window_starts`)."""
@@ -204,9 +222,9 @@ class Replay:
         Windows never cross trajectory (chunk) boundaries but may cross episode boundaries. Yields SequenceBatch
         with observations uint8 [T, B, H, W, C], actions/rewards/terminals [T, B], valid bool [B].
         """
-        starts, valid = _pad(self.sequence_starts(key, length, max_offset), batch_size)
-        for i in range(0, len(starts), batch_size):
-            yield self.sequences(starts[i:i + batch_size], length)._replace(valid=valid[i:i + batch_size])
+        starts, valid = _pad(self.sequence_starts(key, length, max_offset), batch_size)  # drawn now
+        return (self.sequences(starts[i:i + batch_size], length)._replace(valid=valid[i:i + batch_size])
+                for i in range(0, len(starts), batch_size))
 
     def window_starts_from(self, key: jax.Array, count: int, length: int, first_step: int = 0) -> np.ndarray:
         """Up to `count` distinct random starts of `length`-step windows that begin at or after `first_step`, lie
@@ -224,7 +242,7 @@ class Replay:
         candidates = starts[ok]
         return np.sort(_generator(key).choice(candidates, min(count, len(candidates)), replace=False))
 
-    def sample_observations(self, key: jax.Array, n: int = 16) -> np.ndarray:
+    def sample_observations(self, key: jax.Array | np.random.Generator, n: int = 16) -> np.ndarray:
         """n distinct steps uniformly from the whole buffer -> uint8 [n, H, W, C] (start states, SPEC 2, 6)."""
         if n > self._size:
             raise ValueError(f"cannot draw {n} distinct observations from {self._size}")

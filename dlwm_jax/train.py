@@ -54,7 +54,7 @@ from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict, validat
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger, save_images, save_learning_curve, short, write_summary
-from dlwm_jax.replay import Replay
+from dlwm_jax.replay import Replay, generators
 from dlwm_jax.results import aggregate, git_commit, merge_results, write_json, write_results
 
 PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
@@ -72,6 +72,11 @@ class AgentState:
 
 def unit_key(root: jax.Array, iteration: int, phase: int, unit: int = 0) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, iteration), phase), unit)
+
+
+@jax.jit
+def _unit_keys(roots: jax.Array, iteration: int, phase: int, units: jax.Array) -> jax.Array:
+    return jax.vmap(lambda u: jax.vmap(lambda root: unit_key(root, iteration, phase, u))(roots))(units)
 
 
 def derived_seed(root: jax.Array, purpose: int) -> int:
@@ -288,6 +293,10 @@ class Run:
     def keys(self, iteration: int, phase: int, unit: int = 0) -> jax.Array:
         """[S] unit keys, one per seed."""
         return jnp.stack([unit_key(root, iteration, phase, unit) for root in self.roots])
+
+    def unit_keys(self, iteration: int, phase: int, units: range) -> jax.Array:
+        """[U, S] keys: row i is keys(iteration, phase, units[i]), all computed by one program."""
+        return _unit_keys(jnp.stack(self.roots), iteration, phase, jnp.arange(units.start, units.stop))
 
     def put(self, tree: Any) -> Any:
         """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
@@ -585,12 +594,17 @@ def world_model(run: Run, it: int, first_epoch: int) -> None:
 def policy(run: Run, it: int, first_update: int) -> None:
     p, updates = run.config.policy, run.config.schedule.ppo_updates[it]
     report_every = max(1, updates // 20)
-    history = []
-    for u in range(first_update, updates):
-        start_keys, update_keys = zip(*(jax.random.split(k) for k in run.keys(it, POLICY, u)))
-        starts = np.stack([r.sample_observations(k, p.num_envs) for r, k in zip(run.replays, start_keys)])
+    history, units = [], range(first_update, updates)
+    if not units:
+        return
+    # per update u and seed: (start key, update key) = split(keys(it, POLICY, u)[s]), drawn for the whole phase
+    # at once, so that no update waits on the device for its keys (the device stays busy with queued updates)
+    keys = jax.vmap(jax.vmap(jax.random.split))(run.unit_keys(it, POLICY, units))  # [U, S, 2]
+    rngs, S = generators(keys[:, :, 0]), run.num_seeds  # [U x S] in order
+    for i, u in enumerate(units):
+        starts = np.stack([r.sample_observations(rng, p.num_envs) for r, rng in zip(run.replays, rngs[i * S:])])
         run.agent, metrics = run.programs.policy_update(run.world, run.agent, run.put(starts),
-                                                        run.put(jnp.stack(update_keys)))
+                                                        run.put(keys[i, :, 1]))
         history.append(metrics)
         if (u + 1) % report_every == 0 or u + 1 == updates:
             per_seed = _per_seed([(np.ones(run.num_seeds, bool), m) for m in history], run.num_seeds)

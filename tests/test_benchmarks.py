@@ -33,3 +33,12 @@ def test_schedule_counts_reproduce_spec_8_4():
                                                    "schedule.vq_update_intervals": "2", "schedule.ppo_updates": "5"})
     assert schedule_counts(one)["dynamics_steps"] == 291  # SPEC 8.4, iteration 1: 291 dynamics, 146 VQ-VAE steps
     assert schedule_counts(one)["vqvae_steps"] == 50 * 320 + 146
+
+
+def test_host_loop_measures_every_phase_per_step():
+    sys.path.insert(0, os.path.dirname(RUN))
+    from run import measure_host_loop
+    from dlwm_jax import config as config_lib
+    figures = measure_host_loop(config_lib.get_preset("smoke"), 2, frames=400, updates=5)
+    assert set(figures) == {"vqvae", "dynamics", "policy"}
+    assert all(0 < v < 1e3 for v in figures.values()), figures  # ms per step

@@ -28,6 +28,8 @@ from dlwm_jax.results import aggregate
 from dlwm_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from run import random_replays, stub_run  # noqa: E402  (benchmarks/run.py: the loop with stub programs)
 CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
 SMOKE = config_lib.override(config_lib.smoke(), {"env.game": "Pong"})
 NUM_SEEDS = 3
@@ -311,3 +313,47 @@ def test_two_processes_of_two_seeds_match_four_seeds_in_one_process_and_resume_a
     results = json.load(open(os.path.join(two_dir, "results.json")))
     assert [s["seed"] for s in results["seeds"]] == [0, 1, 2, 3]
     assert [s["final_eval_return"] for s in results["seeds"]] == aggregate_two["final_eval_return_per_seed"]
+
+
+def test_loop_phases_queue_every_step_without_waiting_for_the_device():
+    """The warm-up epoch, the joint epoch and the policy phase dispatch all their steps without waiting for any
+    (JAX's asynchronous dispatch keeps the device busy while the host prepares the next batch): with each step a
+    slow device program, the first step's output is still being computed when the phase returns. A step that
+    read anything the device computes after a queued step (e.g. a key turned into numpy) would have waited for
+    it. The end of a phase (its metrics) waits; that is once per phase."""
+    config = config_lib.override(config_lib.get_preset("smoke"), {"schedule.ppo_updates": "4,4"})
+    slow = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ y), x))
+    x = jax.block_until_ready(slow(jnp.full((512, 512), 1e-3), 1))
+    outputs = []  # the first step of a phase takes ~1 s on the device, the others ~nothing
+
+    def work(inputs):
+        outputs.append(slow(x, 10 if outputs else 400))
+    run = stub_run(config, random_replays(config, 2, frames=240), work)
+    keys = run.keys(0, train.WARMUP)
+    phases = {"warm-up epoch": lambda: train.warmup_epoch(run.programs, run.world, run.replays, keys, run.put),
+              "joint epoch": lambda: train.joint_epoch(run.programs, run.world, run.replays, keys, 2, run.put),
+              "policy phase": lambda: train.policy(run, 0, 0)}
+    for name, phase in phases.items():
+        outputs.clear()
+        phase()
+        assert len(outputs) >= 4, name
+        assert not outputs[0].is_ready(), f"the {name} waited for the device before its last step was queued"
+        jax.block_until_ready(outputs)
+
+
+def test_policy_phase_keys_are_the_per_update_keys():
+    """The policy phase draws its keys for all updates at once: row i of Run.unit_keys is Run.keys for unit
+    first + i, and replay.generators gives the Generators replay._generator makes from each key (so a run, and a
+    resumed one, draws exactly what the per-update derivation drew)."""
+    from dlwm_jax.replay import _generator, generators
+    config = config_lib.get_preset("smoke")
+    run = stub_run(config, random_replays(config, 3, frames=40))
+    run.seeds = [0, 7, 3]
+    grid = run.unit_keys(2, train.POLICY, range(4, 9))
+    assert grid.shape == (5, 3)
+    rngs = generators(grid)
+    for i, u in enumerate(range(4, 9)):
+        keys = run.keys(2, train.POLICY, u)
+        np.testing.assert_array_equal(jax.random.key_data(grid[i]), jax.random.key_data(keys))
+        for s in range(3):
+            np.testing.assert_array_equal(rngs[i * 3 + s].integers(0, 2**31, 8), _generator(keys[s]).integers(0, 2**31, 8))
