@@ -32,6 +32,7 @@ bit (tests/test_train_seeds.py says what is compared how tightly).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -451,6 +452,22 @@ def _add_per_seed(replays: Sequence[Replay], trajectory: Trajectory) -> None:
         replay.add(*(x[s * ENVS_PER_SEED:(s + 1) * ENVS_PER_SEED] for x in trajectory))
 
 
+@functools.cache
+def _gather_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                 thread_name_prefix="replay-gather")
+
+
+def _next_batches(streams: Sequence[Any], active: np.ndarray) -> list:
+    """The next batch of each active seed's stream (None for the others). With several seeds the replay gathers
+    run in threads (numpy copies without the GIL), so the host's work per step grows less than S-fold; each
+    stream is still read by one thread at a time, in order."""
+    pull = lambda stream, on: next(stream) if on else None
+    if len(streams) == 1:
+        return [pull(streams[0], active[0])]
+    return list(_gather_pool().map(pull, streams, active))
+
+
 def _stack_batches(batches: Sequence[Any]) -> Any:
     """Per-seed ObservationBatch / SequenceBatch (numpy) -> one with a leading seed axis."""
     return type(batches[0])(*(np.stack(fields) for fields in zip(*batches)))
@@ -476,11 +493,14 @@ def warmup_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequenc
     world [S, ...], one replay and key per seed, put: Run.put. Returns (world, per seed averaged metrics)."""
     config, S = world.config, len(replays)
     streams = [r.observation_batches(k, config.vqvae.batch_size) for r, k in zip(replays, keys)]
+    num_batches = {r.num_observation_batches(config.vqvae.batch_size) for r in replays}
+    assert len(num_batches) == 1, "seeds' replays must have equal sizes"
     lr_scale = jnp.asarray(config.vqvae.warmup_lr_multiplier, jnp.float32)
     active = np.ones(S, bool)
     history = []
-    for i, batches in enumerate(zip(*streams, strict=True)):  # equal replay sizes: equal batch counts
-        world, metrics = programs.vqvae_step(put(active), world, put(_stack_batches(batches)), lr_scale)
+    for i in range(num_batches.pop()):
+        batches = _stack_batches(_next_batches(streams, active))
+        world, metrics = programs.vqvae_step(put(active), world, put(batches), lr_scale)
         history.append((active, metrics))
         if progress is not None:
             progress("vqvae", i, metrics)
@@ -515,7 +535,7 @@ def joint_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence
     filler = {}
 
     def stacked(streams, active):
-        batches = [next(stream) if on else None for stream, on in zip(streams, active)]
+        batches = _next_batches(streams, active)
         if not active.all():
             some = next(b for b in batches if b is not None)
             pad = filler[type(some)] = filler.get(type(some)) or _zeros_like(some)
