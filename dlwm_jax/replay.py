@@ -181,7 +181,7 @@ class Replay:
         """int [...] step indices -> stacked observations uint8 [..., H, W, C] (NHWC, oldest in channel 0)."""
         stack = self.stack_indices(indices)
         out = np.empty((*stack.shape[:-1], *self.frame_shape, self.frame_stack), np.uint8)
-        for c in range(self.frame_stack):  # channel by channel: not a strided copy of the moved axis
+        for c in range(self.frame_stack):  # channel by channel: faster than copying one gather with its axis moved
             out[..., c] = self._frames[stack[..., c]]
         return out
 
