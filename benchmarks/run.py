@@ -8,9 +8,9 @@ The functions timed are the ones train.py runs: world_model.vqvae_step (batch 40
 (4 windows x 11 steps, train-mode encoder pass included), imagination.imagine (16 envs x 50 steps, policy
 sampling included), the policy update of train.py (encode 16 starts + imagine + ppo.ppo_update with 4 epochs),
 the Collector (1 env, as in training) and raw EnvPool stepping; and the loop's host work per step for 1 and
-`--host-seeds` seeds (`measure_host_loop`: the epochs' own code with the compiled programs stubbed). The projected wall time of a whole run of the
-preset (`projected_run_hours`) multiplies them by the preset's step counts (`schedule_counts`); the formula is in
-benchmarks/README.md.
+`--host-seeds` seeds (`measure_host_loop`: the epochs' own code with the compiled programs stubbed). The
+projected wall time of a whole run of the preset (`projected_run_hours`) multiplies them by the preset's step
+counts (`schedule_counts`); the formula is in benchmarks/README.md.
 """
 from __future__ import annotations
 

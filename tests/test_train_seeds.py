@@ -356,4 +356,5 @@ def test_policy_phase_keys_are_the_per_update_keys():
         keys = run.keys(2, train.POLICY, u)
         np.testing.assert_array_equal(jax.random.key_data(grid[i]), jax.random.key_data(keys))
         for s in range(3):
-            np.testing.assert_array_equal(rngs[i * 3 + s].integers(0, 2**31, 8), _generator(keys[s]).integers(0, 2**31, 8))
+            np.testing.assert_array_equal(rngs[i * 3 + s].integers(0, 2**31, 8),
+                                          _generator(keys[s]).integers(0, 2**31, 8))
