@@ -1,18 +1,19 @@
 """One short, time-boxed check of this project on an accelerator machine (benchmarks/README.md, "Device check").
 
-    python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 450]
+    python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 460]
     python benchmarks/device_check.py slim-envpool ENVPOOL.whl ENVPOOL_ASSETS.whl --out wheels/
 
-`check` runs five parts, each a subprocess with its own time limit inside one overall budget, and writes
+`check` runs six parts, in this order, each a subprocess with its own time limit inside one overall budget, and writes
 DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
   devices        jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
   bench_float32  benchmarks/run.py --json at paper sizes with compute.target=accelerator (the plain formulations
                  a GPU/TPU run gets by default), float32
-  bench_bfloat16 the same with compute.dtype=bfloat16 (mixed precision), without the EnvPool figures
+  bench_5_seeds  the same with --num-seeds 5: the loop's programs for 5 vmapped seeds, EnvPool at 5 and 80 envs
   train_1_seed   a slice of a real `paper` run (experiments/train.py: paper networks and batch sizes, two short
                  iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation), with
                  the wall time and throughput of every phase read off its progress lines and metrics.jsonl
   train_5_seeds  the same slice with --num_seeds=5 (one vmapped program for five seeds)
+  bench_bfloat16 bench_float32 with compute.dtype=bfloat16 (mixed precision), without the EnvPool figures
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -57,9 +58,11 @@ TRAIN_SLICE = ("schedule.num_iterations=2", "schedule.initial_steps=6400", "sche
 TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long).
-PART_LIMITS_S = {"devices": 45, "bench_float32": 130, "bench_bfloat16": 90, "train_1_seed": 90, "train_5_seeds": 110}
-TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_bfloat16": 150, "train_1_seed": 200,
-                      "train_5_seeds": 240}
+# In this order: the figures the projections need first, bfloat16 last.
+PART_LIMITS_S = {"devices": 40, "bench_float32": 120, "bench_5_seeds": 100, "train_1_seed": 80, "train_5_seeds": 100,
+                 "bench_bfloat16": 70}
+TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_5_seeds": 150, "train_1_seed": 200,
+                      "train_5_seeds": 240, "bench_bfloat16": 150}
 
 DEVICES_SNIPPET = """
 import json, platform, sys
@@ -81,6 +84,7 @@ print("DEVICE_INFO " + json.dumps(info))
 """
 
 PROGRESS = re.compile(r"^\[iter (\d+)/(\d+)\] (\w+)\s+([\d.]+)/(\d+)\s+elapsed\s+(\d+)s")
+BENCH_LINE = re.compile(r"^\[bench\] (.+) ([\d.]+) ms \(first call ([\d.]+) s\)$")  # benchmarks/run.py's _report
 
 
 # ------------------------------------------------------------------------------------------ subprocesses
@@ -146,16 +150,24 @@ def devices_part(limit_s: float, out: str, env: dict[str, str]) -> dict:
             "info": info, "nvidia_smi": smi, "tail": _tail(run["lines"])}
 
 
-def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, dtype: str) -> dict:
+def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
+    """benchmarks/run.py: `bench_float32` (with the EnvPool figures), `bench_bfloat16` (compute.dtype=bfloat16) or
+    `bench_5_seeds` (float32, the loop's programs for 5 vmapped seeds, EnvPool at 5 and 5 x 16 envs). `partial`
+    holds the step times it printed before a stop at its limit."""
+    dtype, num_seeds = ("bfloat16", 1) if name == "bench_bfloat16" else ("float32", 5 if name == "bench_5_seeds" else 1)
     overrides = [*COMPUTE_OVERRIDES, f"compute.dtype={dtype}"]
     argv = [sys.executable, "benchmarks/run.py", "--json", "--preset", "smoke" if tiny else "paper",
-            "--repeats", "1" if tiny else "3"]
+            "--repeats", "1" if tiny else "3", "--num-seeds", str(num_seeds)]
     if tiny or dtype != "float32":
         argv.append("--no-envs")
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
-    result = None
+    result, partial = None, {}
+    for _, text in run["lines"]:
+        match = BENCH_LINE.match(text)
+        if match:
+            partial[match.group(1)] = {"ms": float(match.group(2)), "first_call_s": float(match.group(3))}
     for _, text in reversed(run["lines"]):
         if text.startswith("{"):
             try:
@@ -164,7 +176,8 @@ def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: b
             except json.JSONDecodeError:
                 pass
     return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "overrides": overrides, "result": result, "tail": _tail(run["lines"])}
+            "num_seeds": num_seeds, "overrides": overrides, "result": result, "partial": partial,
+            "tail": _tail(run["lines"])}
 
 
 def train_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, num_seeds: int,
@@ -259,7 +272,7 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str]) -> dict:
             elif part == "devices":
                 report[part] = devices_part(limit, out, env)
             elif part.startswith("bench_"):
-                report[part] = bench_part(part, limit, out, env, tiny, part[len("bench_"):])
+                report[part] = bench_part(part, limit, out, env, tiny)
             else:
                 report[part] = train_part(part, limit, out, env, tiny, 1 if part == "train_1_seed" else 5, workroot)
             report["wall_s"] = round(time.monotonic() - start, 1)
@@ -279,6 +292,8 @@ def _summary(part: dict) -> str:
         r = part["result"]
         text += (f"; vqvae {r.get('vqvae_step_ms')} ms, dynamics {r.get('dynamics_step_ms')} ms, "
                  f"ppo update {r.get('ppo_update_ms')} ms, projected {r.get('projected_run_hours')} h")
+    elif part.get("partial"):
+        text += "; " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in part["partial"].items())
     if "phases" in part:
         text += "; " + ", ".join(f"{p['phase']}@{p['iteration']} {p['wall_s']:.0f}s" for p in part["phases"])
     return text
@@ -337,7 +352,7 @@ def main() -> None:
     run = commands.add_parser("check", help="run the device check, JSON and logs to --out")
     run.add_argument("--out", default=os.environ.get("OUT") or "device_check_out")
     run.add_argument("--tiny", action="store_true", help="smoke sizes, a few seconds per part (tests, CPU)")
-    run.add_argument("--budget-s", type=float, default=None, help="overall seconds (default 450; tiny 900)")
+    run.add_argument("--budget-s", type=float, default=None, help="overall seconds (default 460; tiny 900)")
     run.add_argument("--parts", default=",".join(PART_LIMITS_S), help="comma list of " + ", ".join(PART_LIMITS_S))
     slim = commands.add_parser("slim-envpool", help="repack EnvPool's wheel with Atari only (ROMs inside)")
     slim.add_argument("envpool_wheel")
@@ -352,7 +367,7 @@ def main() -> None:
     unknown = [p for p in parts if p not in PART_LIMITS_S]
     if unknown:
         sys.exit(f"error: unknown part {unknown[0]!r}; choose from {', '.join(PART_LIMITS_S)}")
-    budget = args.budget_s if args.budget_s is not None else (900.0 if args.tiny else 450.0)
+    budget = args.budget_s if args.budget_s is not None else (900.0 if args.tiny else 460.0)
     report = check(args.out, args.tiny, budget, parts)
     failed = [p for p in parts if report[p].get("rc", 0) not in (0, None) and not report[p].get("timed_out")]
     print(f"[device_check] wrote {os.path.join(args.out, 'device_check.json')} in {report['wall_s']:.0f} s"

@@ -74,18 +74,23 @@ def _world_and_agent(config, num_actions: int):
     return world, networks, params, optimizer, optimizer.init(params)
 
 
-def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
-    """Medians (ms) of the four hot paths as the training loop compiles them (train.compile_programs, one seed),
-    plus their first-call (compile) seconds."""
+def _report(name: str, ms: float, compile_s: float) -> None:
+    """One line per figure as it is measured (stderr), so a run stopped part-way still leaves what it timed."""
+    print(f"[bench] {name} {ms:.3f} ms (first call {compile_s:.1f} s)", file=sys.stderr, flush=True)
+
+
+def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: int = 1) -> dict:
+    """Medians (ms) of the four hot paths as the training loop compiles them (train.compile_programs for
+    `num_seeds` seeds: one step does every seed's work), plus their first-call (compile) seconds."""
     from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
     from dlwm_jax.replay import ObservationBatch, SequenceBatch
     from dlwm_jax.train import AgentState, compile_programs, stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
-    programs = compile_programs(config, num_actions, 1, None)
-    seed_axis = lambda tree: stack([tree])  # the loop's arguments carry a seed axis of length 1
-    one, worlds = jnp.ones(1, bool), seed_axis(world)
+    programs = compile_programs(config, num_actions, num_seeds, None)
+    seed_axis = lambda tree: stack([tree] * num_seeds)  # the loop's arguments carry a seed axis
+    one, worlds = jnp.ones(num_seeds, bool), seed_axis(world)
     frame = (config.env.image_size, config.env.image_size, config.env.frame_stack)
     v, d, p = config.vqvae, config.dynamics, config.policy
     out, compile_s = {}, {}
@@ -95,6 +100,7 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     obs_batches = seed_axis(obs_batch)
     t, c = _timed(lambda: programs.vqvae_step(one, worlds, obs_batches, jnp.float32(1.0))[1], repeats)
     out["vqvae_step_ms"], compile_s["vqvae_step"] = t * 1e3, c
+    _report("vqvae_step", t * 1e3, c)
 
     seq_shape = (d.sequence_length, d.batch_size)
     seq_batch = jax.device_put(SequenceBatch(
@@ -110,6 +116,7 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
         return programs.dynamics_update(one, worlds, batch_stats, indices, seq_batches, keys, 0)[1]
     t, c = _timed(dynamics_step, repeats)
     out["dynamics_step_ms"], compile_s["dynamics_step"] = t * 1e3, c
+    _report("dynamics_step", t * 1e3, c)
 
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
     start_indices, _ = jax.jit(wm.encode)(world, start_obs)
@@ -120,15 +127,18 @@ def measure_training_steps(config, num_actions: int, repeats: int) -> dict:
     t, c = _timed(lambda: dream_fn(params, key).actions, repeats)
     out["imagination_rollout_ms"], compile_s["imagination_rollout"] = t * 1e3, c
     out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
+    _report("imagination_rollout (one seed)", t * 1e3, c)
 
     agents, start_batches = seed_axis(AgentState(params, opt_state)), seed_axis(start_obs)
     t, c = _timed(lambda: programs.policy_update(worlds, agents, start_batches, keys)[1], max(3, repeats // 2))
     out["ppo_update_ms"], compile_s["ppo_update"] = t * 1e3, c
+    _report("ppo_update", t * 1e3, c)
 
     for n in (1, config.env.num_eval_envs):
-        obs = jax.device_put(rng.integers(0, 256, (1, n, *frame), dtype=np.uint8))
+        obs = jax.device_put(rng.integers(0, 256, (num_seeds, n, *frame), dtype=np.uint8))
         t, c = _timed(lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
         out[f"act_batch{n}_ms"], compile_s[f"act_batch{n}"] = t * 1e3, c
+        _report(f"act_batch{n}", t * 1e3, c)
     out["compile_s"] = compile_s
     return out
 
@@ -196,28 +206,37 @@ def measure_host_loop(config, num_seeds: int, frames: int = 12_800, updates: int
     return {k: v * 1e3 for k, v in out.items()}
 
 
-def measure_envs(game: str, num_eval_envs: int) -> dict:
+def measure_envs(game: str, collect_envs: int, eval_envs: int) -> dict:
+    """Collector and raw EnvPool rates (env steps per second, all envs together) with `collect_envs` envs (one
+    per seed, as in training) and `eval_envs` (every seed's evaluation envs)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import collector  # benchmarks/collector.py
-    result = collector.measure(game, num_envs=(1, num_eval_envs), steps=1_024, repeats=3)
+    result = collector.measure(game, num_envs=tuple(sorted({collect_envs, eval_envs})), steps=1_024, repeats=3)
     by_n = result["by_num_envs"]
-    return {"collector_steps_per_s": by_n["1"]["collector_steps_per_s"],
-            "raw_envpool_steps_per_s": by_n["1"]["raw_envpool_steps_per_s"],
-            f"collector_steps_per_s_{num_eval_envs}_envs": by_n[str(num_eval_envs)]["collector_steps_per_s"],
-            f"raw_envpool_steps_per_s_{num_eval_envs}_envs": by_n[str(num_eval_envs)]["raw_envpool_steps_per_s"]}
+    return {"collect_envs": collect_envs,
+            "collector_steps_per_s": by_n[str(collect_envs)]["collector_steps_per_s"],
+            "raw_envpool_steps_per_s": by_n[str(collect_envs)]["raw_envpool_steps_per_s"],
+            f"collector_steps_per_s_{eval_envs}_envs": by_n[str(eval_envs)]["collector_steps_per_s"],
+            f"raw_envpool_steps_per_s_{eval_envs}_envs": by_n[str(eval_envs)]["raw_envpool_steps_per_s"]}
 
 
-def project_hours(f: dict, counts: dict[str, int], num_eval_envs: int, eval_episode_steps: int) -> dict:
-    """Wall time of a whole run with `counts` (schedule_counts) from the measured figures (benchmarks/README.md)."""
+def project_hours(f: dict, counts: dict[str, int], num_eval_envs: int, eval_episode_steps: int,
+                  num_seeds: int = 1) -> dict:
+    """Wall time of a whole run with `counts` (schedule_counts, per seed) from the measured figures
+    (benchmarks/README.md); with `num_seeds` the figures are the N-seed programs' and every seed's envs step
+    together (N collection envs, N x num_eval_envs evaluation envs)."""
+    n = num_seeds
     parts = {
         "vqvae": counts["vqvae_steps"] * (f["vqvae_step_ms"] + f["host_vqvae_step_ms"]) / 1e3,
         "dynamics": counts["dynamics_steps"] * (f["dynamics_step_ms"] + f["host_dynamics_step_ms"]) / 1e3,
         "policy": counts["ppo_updates"] * (f["ppo_update_ms"] + f["host_policy_update_ms"]) / 1e3,
     }
     if f.get("collector_steps_per_s"):
-        parts["collect"] = (counts["random_steps"] / f["collector_steps_per_s"]
-                            + counts["agent_steps"] * (1 / f["collector_steps_per_s"] + f["act_batch1_ms"] / 1e3))
-        per_eval_step = num_eval_envs / f[f"collector_steps_per_s_{num_eval_envs}_envs"] + f[f"act_batch{num_eval_envs}_ms"] / 1e3
+        per_env_step = n / f["collector_steps_per_s"]
+        parts["collect"] = (counts["random_steps"] * per_env_step
+                            + counts["agent_steps"] * (per_env_step + f["act_batch1_ms"] / 1e3))
+        per_eval_step = (n * num_eval_envs / f[f"collector_steps_per_s_{n * num_eval_envs}_envs"]
+                         + f[f"act_batch{num_eval_envs}_ms"] / 1e3)
         parts["evaluate"] = counts["evaluations"] * eval_episode_steps * per_eval_step
     hours = {k: round(v / 3600, 2) for k, v in parts.items()}
     return {"projected_run_hours": round(sum(parts.values()) / 3600, 2), "projected_hours_by_phase": hours,
@@ -234,6 +253,8 @@ def main() -> None:
     parser.add_argument("--no-envs", action="store_true", help="skip the EnvPool figures (and collect/eval time)")
     parser.add_argument("--eval-episode-steps", type=int, default=5_000,
                         help="assumed agent steps until the last of the eval envs ends its first episode")
+    parser.add_argument("--num-seeds", type=int, default=1,
+                        help="time the loop's programs with this many vmapped seeds and project a run of them all")
     parser.add_argument("--host-seeds", type=int, default=5,
                         help="also time the loop's host work per step for this many seeds (besides 1)")
     parser.add_argument("--seeds", action="store_true",
@@ -246,6 +267,8 @@ def main() -> None:
     bad = [s for s in args.set if "=" not in s]
     if bad:
         sys.exit(f"error: --set takes FIELD=VALUE, got {bad[0]!r}")
+    if args.num_seeds < 1 or args.host_seeds < 1:
+        sys.exit(f"error: --num-seeds and --host-seeds must be >= 1, got {args.num_seeds} and {args.host_seeds}")
     try:
         config = config_lib.override(config_lib.get_preset(args.preset), dict(s.split("=", 1) for s in args.set))
         config = config_lib.resolve_compute(config)  # the formulations a run on this backend gets (compute.target)
@@ -256,18 +279,19 @@ def main() -> None:
     load_start = os.getloadavg()
     start = time.perf_counter()
 
-    figures = measure_training_steps(config, num_actions, args.repeats)
-    host = {n: measure_host_loop(config, n) for n in sorted({1, max(1, args.host_seeds)})}
-    figures.update(host_vqvae_step_ms=host[1]["vqvae"], host_dynamics_step_ms=host[1]["dynamics"],
-                   host_policy_update_ms=host[1]["policy"])
+    n = args.num_seeds
+    figures = measure_training_steps(config, num_actions, args.repeats, n)
+    host = {k: measure_host_loop(config, k) for k in sorted({1, n, args.host_seeds})}
+    figures.update(host_vqvae_step_ms=host[n]["vqvae"], host_dynamics_step_ms=host[n]["dynamics"],
+                   host_policy_update_ms=host[n]["policy"])
     figures["host_ms_per_step_by_seeds"] = {str(n): {k: round(v, 2) for k, v in h.items()} for n, h in host.items()}
     if args.no_envs:
         figures.update({"collector_steps_per_s": None, "raw_envpool_steps_per_s": None,
                         "envs_skipped_reason": "--no-envs"})
     else:
-        figures.update(measure_envs(args.game, config.env.num_eval_envs))
+        figures.update(measure_envs(args.game, n, n * config.env.num_eval_envs))
     figures.update(project_hours(figures, schedule_counts(config), config.env.num_eval_envs,
-                                 min(args.eval_episode_steps, config.env.eval_cap)))
+                                 min(args.eval_episode_steps, config.env.eval_cap), n))
     if args.seeds:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import seeds
@@ -276,6 +300,7 @@ def main() -> None:
     result["compile_s"] = {k: round(v, 1) for k, v in figures["compile_s"].items()}
     result.update({
         "preset": args.preset, "game": args.game, "num_actions": num_actions, "repeats": args.repeats,
+        "num_seeds": n,
         "eval_episode_steps_assumed": args.eval_episode_steps, "overrides": args.set,
         "compute": {k: getattr(config.compute, k) for k in config.compute.__dataclass_fields__},
         "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),

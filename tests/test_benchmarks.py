@@ -12,6 +12,7 @@ RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
     (["--set", "compute.vqvae_ynnpack=true"], "compute.vqvae_ynnpack must be"),
     (["--set", "compute.lstm_conv"], "--set takes FIELD=VALUE"),
     (["--game", "Nope"], "unknown game 'Nope'"),
+    (["--num-seeds", "0"], "--num-seeds and --host-seeds must be >= 1"),
 ])
 def test_run_rejects_bad_input_in_one_line(args, message):
     result = subprocess.run([sys.executable, RUN, "--json", "--no-envs", *args], capture_output=True, text=True,
@@ -42,3 +43,26 @@ def test_host_loop_measures_every_phase_per_step():
     figures = measure_host_loop(config_lib.get_preset("smoke"), 2, frames=400, updates=5)
     assert set(figures) == {"vqvae", "dynamics", "policy"}
     assert all(0 < v < 1e3 for v in figures.values()), figures  # ms per step
+
+
+def test_projection_of_n_seeds_steps_every_seeds_envs_together():
+    """With N seeds a loop step is one N-seed program call; collection steps N envs per agent step (the N-env
+    rate) and evaluation N x 16 envs: with rates that scale perfectly with N only the step times differ."""
+    sys.path.insert(0, os.path.dirname(RUN))
+    from run import project_hours
+    counts = {"vqvae_steps": 100, "dynamics_steps": 200, "ppo_updates": 10, "random_steps": 1_000,
+              "agent_steps": 2_000, "evaluations": 2}
+    steps = {"vqvae_step_ms": 10.0, "dynamics_step_ms": 20.0, "ppo_update_ms": 100.0, "host_vqvae_step_ms": 1.0,
+             "host_dynamics_step_ms": 1.0, "host_policy_update_ms": 1.0, "act_batch1_ms": 2.0, "act_batch16_ms": 3.0}
+    one = project_hours({**steps, "collector_steps_per_s": 500.0, "collector_steps_per_s_16_envs": 4_000.0},
+                        counts, 16, 50)
+    five = project_hours({**steps, "collector_steps_per_s": 2_500.0, "collector_steps_per_s_80_envs": 20_000.0},
+                         counts, 16, 50, num_seeds=5)
+    assert one["projected_hours_by_phase"] == five["projected_hours_by_phase"]
+    collect_s = 1_000 / 500 + 2_000 * (1 / 500 + 2e-3)
+    evaluate_s = 2 * 50 * (16 / 4_000 + 3e-3)
+    total_s = 100 * 11e-3 + 200 * 21e-3 + 10 * 101e-3 + collect_s + evaluate_s
+    assert one["projected_run_hours"] == round(total_s / 3600, 2)
+    slower = project_hours({**steps, "collector_steps_per_s": 500.0, "collector_steps_per_s_80_envs": 4_000.0},
+                           counts, 16, 50, num_seeds=5)  # envs that do not scale: 5x the env time
+    assert slower["projected_hours_by_phase"]["collect"] > one["projected_hours_by_phase"]["collect"] * 4

@@ -57,7 +57,8 @@ def test_script_refuses_missing_wheels_and_unknown_parts(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no wheels in")
     result = _run([str(tmp_path / "out"), "--no-install", "--parts", "devices,nope"], timeout=120)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
-        "error: unknown part 'nope'; choose from devices, bench_float32, bench_bfloat16, train_1_seed, train_5_seeds")
+        "error: unknown part 'nope'; choose from devices, bench_float32, bench_5_seeds, train_1_seed, train_5_seeds, "
+        "bench_bfloat16")
 
 
 def test_script_installs_carried_wheels_without_network(tmp_path):
@@ -164,12 +165,18 @@ def test_tiny_device_check_writes_every_part(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert set(report) >= {"mode", "started_utc", "budget_s", "parts", "compute_overrides", "train_slice", "wall_s",
-                           "devices", "bench_float32", "bench_bfloat16", "train_1_seed", "train_5_seeds"}
-    for part in ("devices", "bench_float32", "bench_bfloat16", "train_1_seed", "train_5_seeds"):
+                           "devices", "bench_float32", "bench_5_seeds", "bench_bfloat16", "train_1_seed",
+                           "train_5_seeds"}
+    for part in ("devices", "bench_float32", "bench_5_seeds", "bench_bfloat16", "train_1_seed", "train_5_seeds"):
         assert report[part]["rc"] == 0 and not report[part]["timed_out"], (part, report[part])
         assert (tmp_path / f"{part}.log").exists()
-    for part, dtype in (("bench_float32", "float32"), ("bench_bfloat16", "bfloat16")):
+    for part, dtype, seeds in (("bench_float32", "float32", 1), ("bench_5_seeds", "float32", 5),
+                               ("bench_bfloat16", "bfloat16", 1)):
         figures = report[part]["result"]
+        assert figures["num_seeds"] == seeds and report[part]["num_seeds"] == seeds
+        # every step time was also printed as it was measured (kept when a part is stopped at its limit)
+        assert {"vqvae_step", "dynamics_step", "ppo_update"} <= set(report[part]["partial"])
+        assert report[part]["partial"]["ppo_update"]["ms"] == pytest.approx(figures["ppo_update_ms"], abs=0.01)
         assert all(key in figures for key in BENCH_KEYS), (part, sorted(figures))
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["lstm_conv"] == "xla"
         assert figures["compute"]["upsample"] == "transpose" and figures["compute"]["target"] == "accelerator"
