@@ -250,9 +250,11 @@ def phase_throughput(lines: list[tuple[float, str]], records: list[dict], num_se
     return phases
 
 
-def check(out: str, tiny: bool, budget_s: float, parts: list[str]) -> dict:
+def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     limits = TINY_PART_LIMITS_S if tiny else PART_LIMITS_S
+    if part_limit_s is not None:
+        limits = dict.fromkeys(limits, part_limit_s)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started, start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), time.monotonic()
     report = {"mode": "tiny" if tiny else "full", "started_utc": started, "budget_s": budget_s, "parts": parts,
@@ -354,6 +356,8 @@ def main() -> None:
     run.add_argument("--tiny", action="store_true", help="smoke sizes, a few seconds per part (tests, CPU)")
     run.add_argument("--budget-s", type=float, default=None, help="overall seconds (default 460; tiny 900)")
     run.add_argument("--parts", default=",".join(PART_LIMITS_S), help="comma list of " + ", ".join(PART_LIMITS_S))
+    run.add_argument("--part-limit-s", type=float, default=None,
+                     help="one time limit for every part instead of each part's own (e.g. one longer training part)")
     slim = commands.add_parser("slim-envpool", help="repack EnvPool's wheel with Atari only (ROMs inside)")
     slim.add_argument("envpool_wheel")
     slim.add_argument("assets_wheel")
@@ -368,7 +372,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown part {unknown[0]!r}; choose from {', '.join(PART_LIMITS_S)}")
     budget = args.budget_s if args.budget_s is not None else (900.0 if args.tiny else 460.0)
-    report = check(args.out, args.tiny, budget, parts)
+    report = check(args.out, args.tiny, budget, parts, args.part_limit_s)
     failed = [p for p in parts if report[p].get("rc", 0) not in (0, None) and not report[p].get("timed_out")]
     print(f"[device_check] wrote {os.path.join(args.out, 'device_check.json')} in {report['wall_s']:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

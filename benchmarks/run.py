@@ -79,8 +79,12 @@ def _report(name: str, ms: float, compile_s: float) -> None:
     print(f"[bench] {name} {ms:.3f} ms (first call {compile_s:.1f} s)", file=sys.stderr, flush=True)
 
 
-def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: int = 1) -> dict:
-    """Medians (ms) of the four hot paths as the training loop compiles them (train.compile_programs for
+STEPS = ("vqvae", "dynamics", "imagination", "ppo", "act")  # --only
+
+
+def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: int = 1,
+                           only: tuple[str, ...] = STEPS) -> dict:
+    """Medians (ms) of the hot paths in `only` as the training loop compiles them (train.compile_programs for
     `num_seeds` seeds: one step does every seed's work), plus their first-call (compile) seconds."""
     from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
@@ -95,12 +99,17 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     v, d, p = config.vqvae, config.dynamics, config.policy
     out, compile_s = {}, {}
 
+    def measure(name: str, fn, reps: int, label: str | None = None) -> float:
+        t, c = _timed(fn, reps)
+        out[f"{name}_ms"], compile_s[name] = t * 1e3, c
+        _report(label or name, t * 1e3, c)
+        return t
+
     obs_batch = jax.device_put(ObservationBatch(rng.integers(0, 256, (v.batch_size, *frame), dtype=np.uint8),
                                                 np.ones(v.batch_size, bool)))
     obs_batches = seed_axis(obs_batch)
-    t, c = _timed(lambda: programs.vqvae_step(one, worlds, obs_batches, jnp.float32(1.0))[1], repeats)
-    out["vqvae_step_ms"], compile_s["vqvae_step"] = t * 1e3, c
-    _report("vqvae_step", t * 1e3, c)
+    if "vqvae" in only:
+        measure("vqvae_step", lambda: programs.vqvae_step(one, worlds, obs_batches, jnp.float32(1.0))[1], repeats)
 
     seq_shape = (d.sequence_length, d.batch_size)
     seq_batch = jax.device_put(SequenceBatch(
@@ -114,31 +123,28 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     def dynamics_step():
         indices, batch_stats = programs.encode_sequences(worlds, seq_batches.observations)
         return programs.dynamics_update(one, worlds, batch_stats, indices, seq_batches, keys, 0)[1]
-    t, c = _timed(dynamics_step, repeats)
-    out["dynamics_step_ms"], compile_s["dynamics_step"] = t * 1e3, c
-    _report("dynamics_step", t * 1e3, c)
+    if "dynamics" in only:
+        measure("dynamics_step", dynamics_step, repeats)
 
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
-    start_indices, _ = jax.jit(wm.encode)(world, start_obs)
-    dream_fn = jax.jit(lambda params, key: imagine(
-        networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
-        world.codebook.embeddings, start_indices, key, p.horizon, p.bootstrap_at_horizon,
-        unroll=config.compute.imagination_unroll))
-    t, c = _timed(lambda: dream_fn(params, key).actions, repeats)
-    out["imagination_rollout_ms"], compile_s["imagination_rollout"] = t * 1e3, c
-    out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
-    _report("imagination_rollout (one seed)", t * 1e3, c)
+    if "imagination" in only:
+        start_indices, _ = jax.jit(wm.encode)(world, start_obs)
+        dream_fn = jax.jit(lambda params, key: imagine(
+            networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, params,
+            world.codebook.embeddings, start_indices, key, p.horizon, p.bootstrap_at_horizon,
+            unroll=config.compute.imagination_unroll))
+        t = measure("imagination_rollout", lambda: dream_fn(params, key).actions, repeats,
+                    "imagination_rollout (one seed)")
+        out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
 
     agents, start_batches = seed_axis(AgentState(params, opt_state)), seed_axis(start_obs)
-    t, c = _timed(lambda: programs.policy_update(worlds, agents, start_batches, keys)[1], max(3, repeats // 2))
-    out["ppo_update_ms"], compile_s["ppo_update"] = t * 1e3, c
-    _report("ppo_update", t * 1e3, c)
+    if "ppo" in only:
+        measure("ppo_update", lambda: programs.policy_update(worlds, agents, start_batches, keys)[1],
+                max(3, repeats // 2))
 
-    for n in (1, config.env.num_eval_envs):
+    for n in (1, config.env.num_eval_envs) if "act" in only else ():
         obs = jax.device_put(rng.integers(0, 256, (num_seeds, n, *frame), dtype=np.uint8))
-        t, c = _timed(lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
-        out[f"act_batch{n}_ms"], compile_s[f"act_batch{n}"] = t * 1e3, c
-        _report(f"act_batch{n}", t * 1e3, c)
+        measure(f"act_batch{n}", lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
     out["compile_s"] = compile_s
     return out
 
@@ -255,6 +261,8 @@ def main() -> None:
                         help="assumed agent steps until the last of the eval envs ends its first episode")
     parser.add_argument("--num-seeds", type=int, default=1,
                         help="time the loop's programs with this many vmapped seeds and project a run of them all")
+    parser.add_argument("--only", default=None, metavar="STEP[,STEP]",
+                        help=f"time only these of {', '.join(STEPS)} (no host, EnvPool or projection figures)")
     parser.add_argument("--host-seeds", type=int, default=5,
                         help="also time the loop's host work per step for this many seeds (besides 1)")
     parser.add_argument("--seeds", action="store_true",
@@ -267,6 +275,9 @@ def main() -> None:
     bad = [s for s in args.set if "=" not in s]
     if bad:
         sys.exit(f"error: --set takes FIELD=VALUE, got {bad[0]!r}")
+    only = STEPS if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
+    if not only or set(only) - set(STEPS):
+        sys.exit(f"error: --only takes a comma list of {', '.join(STEPS)}, got {args.only!r}")
     if args.num_seeds < 1 or args.host_seeds < 1:
         sys.exit(f"error: --num-seeds and --host-seeds must be >= 1, got {args.num_seeds} and {args.host_seeds}")
     try:
@@ -280,18 +291,20 @@ def main() -> None:
     start = time.perf_counter()
 
     n = args.num_seeds
-    figures = measure_training_steps(config, num_actions, args.repeats, n)
-    host = {k: measure_host_loop(config, k) for k in sorted({1, n, args.host_seeds})}
-    figures.update(host_vqvae_step_ms=host[n]["vqvae"], host_dynamics_step_ms=host[n]["dynamics"],
-                   host_policy_update_ms=host[n]["policy"])
-    figures["host_ms_per_step_by_seeds"] = {str(n): {k: round(v, 2) for k, v in h.items()} for n, h in host.items()}
-    if args.no_envs:
-        figures.update({"collector_steps_per_s": None, "raw_envpool_steps_per_s": None,
-                        "envs_skipped_reason": "--no-envs"})
-    else:
-        figures.update(measure_envs(args.game, n, n * config.env.num_eval_envs))
-    figures.update(project_hours(figures, schedule_counts(config), config.env.num_eval_envs,
-                                 min(args.eval_episode_steps, config.env.eval_cap), n))
+    figures = measure_training_steps(config, num_actions, args.repeats, n, only)
+    if only == STEPS:  # the whole picture: host work, EnvPool and the projected run
+        host = {k: measure_host_loop(config, k) for k in sorted({1, n, args.host_seeds})}
+        figures.update(host_vqvae_step_ms=host[n]["vqvae"], host_dynamics_step_ms=host[n]["dynamics"],
+                       host_policy_update_ms=host[n]["policy"])
+        figures["host_ms_per_step_by_seeds"] = {str(k): {x: round(y, 2) for x, y in h.items()}
+                                                for k, h in host.items()}
+        if args.no_envs:
+            figures.update({"collector_steps_per_s": None, "raw_envpool_steps_per_s": None,
+                            "envs_skipped_reason": "--no-envs"})
+        else:
+            figures.update(measure_envs(args.game, n, n * config.env.num_eval_envs))
+        figures.update(project_hours(figures, schedule_counts(config), config.env.num_eval_envs,
+                                     min(args.eval_episode_steps, config.env.eval_cap), n))
     if args.seeds:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import seeds
@@ -300,7 +313,7 @@ def main() -> None:
     result["compile_s"] = {k: round(v, 1) for k, v in figures["compile_s"].items()}
     result.update({
         "preset": args.preset, "game": args.game, "num_actions": num_actions, "repeats": args.repeats,
-        "num_seeds": n,
+        "num_seeds": n, "only": list(only),
         "eval_episode_steps_assumed": args.eval_episode_steps, "overrides": args.set,
         "compute": {k: getattr(config.compute, k) for k in config.compute.__dataclass_fields__},
         "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),

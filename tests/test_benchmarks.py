@@ -13,6 +13,7 @@ RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
     (["--set", "compute.lstm_conv"], "--set takes FIELD=VALUE"),
     (["--game", "Nope"], "unknown game 'Nope'"),
     (["--num-seeds", "0"], "--num-seeds and --host-seeds must be >= 1"),
+    (["--only", "vqvae,nope"], "--only takes a comma list of vqvae, dynamics"),
 ])
 def test_run_rejects_bad_input_in_one_line(args, message):
     result = subprocess.run([sys.executable, RUN, "--json", "--no-envs", *args], capture_output=True, text=True,
