@@ -8,12 +8,12 @@ DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part
   devices        jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
   bench_float32  benchmarks/run.py --json at paper sizes with compute.target=accelerator (the plain formulations
                  a GPU/TPU run gets by default), float32
-  bench_5_seeds  the same with --num-seeds 5: the loop's programs for 5 vmapped seeds, EnvPool at 5 and 80 envs
+  bench_5_seeds  the same with --num-seeds 5: the loop's programs for 5 vmapped seeds, EnvPool at 5 and 5 x 32 envs
   train_1_seed   a slice of a real `paper` run (experiments/train.py: paper networks and batch sizes, two short
                  iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation), with
                  the wall time and throughput of every phase read off its progress lines and metrics.jsonl
   train_5_seeds  the same slice with --num_seeds=5 (one vmapped program for five seeds)
-  bench_bfloat16 bench_float32 with compute.dtype=bfloat16 (mixed precision), without the EnvPool figures
+  bench_bfloat16 the VQ-VAE, dynamics and PPO steps of bench_float32 with compute.dtype=bfloat16 (mixed precision)
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -50,17 +50,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPUTE_OVERRIDES = ("compute.target=accelerator",)
 
 # The `paper` run cut to two short iterations: the paper's networks, batch sizes, horizon and PPO epochs; fewer
-# steps of every kind (6,400 random + 1,600 agent steps, 1 warm-up epoch, 1 joint epoch per iteration, 25 PPO
-# updates per iteration, evaluation capped at 400 agent steps per env).
-TRAIN_SLICE = ("schedule.num_iterations=2", "schedule.initial_steps=6400", "schedule.steps_per_iteration=1600",
+# steps of every kind (3,200 random + 1,600 agent steps, 1 warm-up epoch, 1 joint epoch per iteration, 25 PPO
+# updates per iteration, evaluation capped at 200 agent steps per env). On the first H100 check (2026-11-27) a
+# slice with 6,400 random steps and a 400-step evaluation cap was stopped in iteration 2 (1 seed, 80 s) and 1
+# (5 seeds, 100 s): iteration 1 pays for process start, env creation and loading or compiling every program.
+TRAIN_SLICE = ("schedule.num_iterations=2", "schedule.initial_steps=3200", "schedule.steps_per_iteration=1600",
                "schedule.warmup_epochs=1", "schedule.joint_epochs=1,1", "schedule.vq_update_intervals=2,2",
-               "schedule.ppo_updates=25,25", "env.eval_max_steps=400")
+               "schedule.ppo_updates=25,25", "env.eval_max_steps=200")
 TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long).
 # In this order: the figures the projections need first, bfloat16 last.
-PART_LIMITS_S = {"devices": 40, "bench_float32": 120, "bench_5_seeds": 100, "train_1_seed": 80, "train_5_seeds": 100,
-                 "bench_bfloat16": 70}
+PART_LIMITS_S = {"devices": 30, "bench_float32": 110, "bench_5_seeds": 90, "train_1_seed": 100,
+                 "train_5_seeds": 130, "bench_bfloat16": 50}
+BFLOAT16_STEPS = "vqvae,dynamics,ppo"  # bench_bfloat16 times these only (host and EnvPool figures are float32's)
 TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_5_seeds": 150, "train_1_seed": 200,
                       "train_5_seeds": 240, "bench_bfloat16": 150}
 
@@ -151,15 +154,17 @@ def devices_part(limit_s: float, out: str, env: dict[str, str]) -> dict:
 
 
 def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
-    """benchmarks/run.py: `bench_float32` (with the EnvPool figures), `bench_bfloat16` (compute.dtype=bfloat16) or
-    `bench_5_seeds` (float32, the loop's programs for 5 vmapped seeds, EnvPool at 5 and 5 x 16 envs). `partial`
-    holds the step times it printed before a stop at its limit."""
+    """benchmarks/run.py: `bench_float32` (with the EnvPool figures), `bench_5_seeds` (float32, the loop's programs
+    for 5 vmapped seeds, EnvPool at 5 and 5 x num_eval_envs) or `bench_bfloat16` (compute.dtype=bfloat16, the
+    three training steps only). `partial` holds the step times it printed, kept when stopped at its limit."""
     dtype, num_seeds = ("bfloat16", 1) if name == "bench_bfloat16" else ("float32", 5 if name == "bench_5_seeds" else 1)
     overrides = [*COMPUTE_OVERRIDES, f"compute.dtype={dtype}"]
     argv = [sys.executable, "benchmarks/run.py", "--json", "--preset", "smoke" if tiny else "paper",
             "--repeats", "1" if tiny else "3", "--num-seeds", str(num_seeds)]
     if tiny or dtype != "float32":
         argv.append("--no-envs")
+    if dtype != "float32":
+        argv += ["--only", BFLOAT16_STEPS]
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)

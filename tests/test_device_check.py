@@ -52,6 +52,19 @@ def test_devices_part_alone_writes_its_keys(tmp_path):
     assert (tmp_path / "devices.log").exists()
 
 
+def test_train_slice_is_a_short_paper_run():
+    """The full check's training slice (run only on a device) is valid on the paper preset and keeps the paper's
+    networks and batch sizes: only step counts change."""
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT)))
+    from run import schedule_counts
+    paper = config_lib.paper()
+    cut = config_lib.override(paper, dict(item.split("=", 1) for item in device_check.TRAIN_SLICE))
+    assert (cut.vqvae, cut.dynamics, cut.policy) == (paper.vqvae, paper.dynamics, paper.policy)
+    counts = schedule_counts(cut)
+    assert counts["random_steps"] == 3_200 and counts["agent_steps"] == 1_600 and counts["ppo_updates"] == 50
+    assert 0 < counts["dynamics_steps"] < 1_000 and cut.env.eval_max_steps == 200
+
+
 def test_script_refuses_missing_wheels_and_unknown_parts(tmp_path):
     result = _run([str(tmp_path / "out"), "--wheels", str(tmp_path / "none")], timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no wheels in")
@@ -173,11 +186,15 @@ def test_tiny_device_check_writes_every_part(tmp_path):
     for part, dtype, seeds in (("bench_float32", "float32", 1), ("bench_5_seeds", "float32", 5),
                                ("bench_bfloat16", "bfloat16", 1)):
         figures = report[part]["result"]
+        if dtype == "bfloat16":  # the three training steps only
+            assert figures["only"] == ["vqvae", "dynamics", "ppo"] and "ppo_update_ms" in figures
+            assert "projected_run_hours" not in figures and "imagination_rollout_ms" not in figures
+        else:
+            assert all(key in figures for key in BENCH_KEYS), (part, sorted(figures))
         assert figures["num_seeds"] == seeds and report[part]["num_seeds"] == seeds
         # every step time was also printed as it was measured (kept when a part is stopped at its limit)
         assert {"vqvae_step", "dynamics_step", "ppo_update"} <= set(report[part]["partial"])
         assert report[part]["partial"]["ppo_update"]["ms"] == pytest.approx(figures["ppo_update_ms"], abs=0.01)
-        assert all(key in figures for key in BENCH_KEYS), (part, sorted(figures))
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["lstm_conv"] == "xla"
         assert figures["compute"]["upsample"] == "transpose" and figures["compute"]["target"] == "accelerator"
         plain = config_lib.COMPUTE_PRESETS["accelerator"]
