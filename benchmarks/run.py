@@ -1,7 +1,7 @@
 """Hot-path benchmarks of the real training code at `paper` sizes, and the projected wall time of a paper run.
 
 Usage: python benchmarks/run.py [--json] [--repeats 5] [--game BankHeist] [--no-envs] [--set compute.lstm_conv=xla]
-                                [--preset paper|short|demo]
+                                [--preset paper|short|demo] [--num-seeds N] [--only vqvae,dynamics,...]
 
 Every figure is the median of `repeats` timed calls after one compiling call (compile time reported apart).
 The functions timed are the ones train.py runs: world_model.vqvae_step (batch 40), world_model.dynamics_step
@@ -10,7 +10,8 @@ sampling included), the policy update of train.py (encode 16 starts + imagine + 
 the Collector (1 env, as in training) and raw EnvPool stepping; and the loop's host work per step for 1 and
 `--host-seeds` seeds (`measure_host_loop`: the epochs' own code with the compiled programs stubbed). The
 projected wall time of a whole run of the preset (`projected_run_hours`) multiplies them by the preset's step
-counts (`schedule_counts`); the formula is in benchmarks/README.md.
+counts (`schedule_counts`); the formula is in benchmarks/README.md. `--num-seeds N` times the programs of N
+vmapped seeds and projects the run of all N; `--only` times some steps and nothing else.
 """
 from __future__ import annotations
 
