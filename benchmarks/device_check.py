@@ -63,7 +63,10 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 # In this order: the figures the projections need first, bfloat16 last.
 PART_LIMITS_S = {"devices": 30, "bench_float32": 110, "bench_5_seeds": 90, "train_1_seed": 100,
                  "train_5_seeds": 130, "bench_bfloat16": 50}
-BFLOAT16_STEPS = "vqvae,dynamics,ppo"  # bench_bfloat16 times these only (host and EnvPool figures are float32's)
+# The bench parts: (compute.dtype, vmapped seeds, run.py --only); bench_bfloat16 times the three training steps only
+# (host and EnvPool figures are float32's).
+BENCH_PARTS = {"bench_float32": ("float32", 1, None), "bench_5_seeds": ("float32", 5, None),
+               "bench_bfloat16": ("bfloat16", 1, "vqvae,dynamics,ppo")}
 TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_5_seeds": 150, "train_1_seed": 200,
                       "train_5_seeds": 240, "bench_bfloat16": 150}
 
@@ -157,14 +160,14 @@ def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: b
     """benchmarks/run.py: `bench_float32` (with the EnvPool figures), `bench_5_seeds` (float32, the loop's programs
     for 5 vmapped seeds, EnvPool at 5 and 5 x num_eval_envs) or `bench_bfloat16` (compute.dtype=bfloat16, the
     three training steps only). `partial` holds the step times it printed, kept when stopped at its limit."""
-    dtype, num_seeds = ("bfloat16", 1) if name == "bench_bfloat16" else ("float32", 5 if name == "bench_5_seeds" else 1)
+    dtype, num_seeds, only = BENCH_PARTS[name]
     overrides = [*COMPUTE_OVERRIDES, f"compute.dtype={dtype}"]
     argv = [sys.executable, "benchmarks/run.py", "--json", "--preset", "smoke" if tiny else "paper",
             "--repeats", "1" if tiny else "3", "--num-seeds", str(num_seeds)]
-    if tiny or dtype != "float32":
+    if tiny:
         argv.append("--no-envs")
-    if dtype != "float32":
-        argv += ["--only", BFLOAT16_STEPS]
+    if only:
+        argv += ["--only", only]
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
@@ -278,7 +281,7 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s:
                 report[part] = {"skipped": f"overall budget of {budget_s:.0f} s spent"}
             elif part == "devices":
                 report[part] = devices_part(limit, out, env)
-            elif part.startswith("bench_"):
+            elif part in BENCH_PARTS:
                 report[part] = bench_part(part, limit, out, env, tiny)
             else:
                 report[part] = train_part(part, limit, out, env, tiny, 1 if part == "train_1_seed" else 5, workroot)

@@ -293,7 +293,7 @@ def main() -> None:
 
     n = args.num_seeds
     figures = measure_training_steps(config, num_actions, args.repeats, n, only)
-    if only == STEPS:  # the whole picture: host work, EnvPool and the projected run
+    if args.only is None:  # the whole picture: host work, EnvPool and the projected run
         host = {k: measure_host_loop(config, k) for k in sorted({1, n, args.host_seeds})}
         figures.update(host_vqvae_step_ms=host[n]["vqvae"], host_dynamics_step_ms=host[n]["dynamics"],
                        host_policy_update_ms=host[n]["policy"])
