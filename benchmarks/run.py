@@ -85,12 +85,13 @@ STEPS = ("vqvae", "dynamics", "imagination", "ppo", "act")  # --only
 
 def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: int = 1,
                            only: tuple[str, ...] = STEPS) -> dict:
-    """Medians (ms) of the hot paths in `only` as the training loop compiles them (train.compile_programs for
+    """Medians (ms) of the hot paths in `only` as the training loop compiles them (programs.compile_programs for
     `num_seeds` seeds: one step does every seed's work), plus their first-call (compile) seconds."""
     from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
     from dlwm_jax.replay import ObservationBatch, SequenceBatch
-    from dlwm_jax.train import AgentState, compile_programs, stack
+    from dlwm_jax.programs import AgentState, compile_programs
+    from dlwm_jax.seed_axis import stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
     programs = compile_programs(config, num_actions, num_seeds, None)
@@ -165,13 +166,14 @@ def random_replays(config, num_seeds: int, frames: int = 12_800) -> list:
 
 
 def stub_run(config, replays: list, work=jax.device_put):
-    """A train.Run over `replays` (one per seed) whose compiled programs are stubs: each calls `work` on its
+    """A run_state.Run over `replays` (one per seed) whose compiled programs are stubs: each calls `work` on its
     inputs and hands its state through unchanged with constant metrics; loggers and checkpoints do nothing.
-    The loop's epoch code (train.warmup_epoch, train.joint_epoch, train.policy) runs on it as in training."""
-    from dlwm_jax import train
+    The loop's epoch code (epochs.warmup_epoch, epochs.joint_epoch, phases.policy) runs on it as in training."""
+    from dlwm_jax.programs import Programs
+    from dlwm_jax.run_state import Run
     S, metrics = len(replays), {"loss": jnp.zeros(len(replays))}
     step = lambda state, *inputs: (work(inputs), state, metrics)[1:]
-    programs = train.Programs(
+    programs = Programs(
         vqvae_step=lambda active, world, batch, lr: step(world, active, batch),
         encode_sequences=lambda world, observations: (work(observations), None),
         dynamics_update=lambda active, world, stats, indices, batch, keys, i: step(world, active, batch),
@@ -183,7 +185,7 @@ def stub_run(config, replays: list, work=jax.device_put):
             return lambda *args, **kwargs: None
 
     world = types.SimpleNamespace(config=config)  # all that the epochs read of a world model besides the programs
-    return train.Run(config=config, workdir="", seeds=list(range(S)), seed_dirs=[""] * S, programs=programs,
+    return Run(config=config, workdir="", seeds=list(range(S)), seed_dirs=[""] * S, programs=programs,
                      networks=None, sharding=None, world=world, agent=None, replays=replays, collector=None,
                      checkpoints=None, meta={}, loggers=[Quiet()] * S, echo=print, lock=None, total_seeds=S,
                      share=(0, 1))
@@ -191,24 +193,26 @@ def stub_run(config, replays: list, work=jax.device_put):
 
 def measure_host_loop(config, num_seeds: int, frames: int = 12_800, updates: int = 200) -> dict:
     """Host time (ms) per step of the loop's own epoch code for `num_seeds` seeds: per VQ-VAE step of a warm-up
-    epoch (train.warmup_epoch), per dynamics step of a joint epoch (train.joint_epoch) and per policy update
-    (train.policy), on a `stub_run` whose programs only place their inputs on the device (not awaited). That is
+    epoch (epochs.warmup_epoch), per dynamics step of a joint epoch (epochs.joint_epoch) and per policy update
+    (phases.policy), on a `stub_run` whose programs only place their inputs on the device (not awaited). That is
     the work a device waits for if the loop is host-bound: replay gathers, stacking over seeds, key derivation,
     transfers."""
-    from dlwm_jax import train
+    from dlwm_jax.epochs import joint_epoch, warmup_epoch
+    from dlwm_jax.phases import policy
+    from dlwm_jax.run_state import WARMUP
     run = stub_run(config, random_replays(config, num_seeds, frames))
-    out, keys, steps = {}, run.keys(0, train.WARMUP), []
+    out, keys, steps = {}, run.keys(0, WARMUP), []
     start = time.perf_counter()
-    train.warmup_epoch(run.programs, run.world, run.replays, keys, run.put)
+    warmup_epoch(run.programs, run.world, run.replays, keys, run.put)
     out["vqvae"] = (time.perf_counter() - start) / run.replays[0].num_observation_batches(config.vqvae.batch_size)
     start = time.perf_counter()
-    train.joint_epoch(run.programs, run.world, run.replays, keys, 10**9, run.put,  # one VQ-VAE step in the epoch
-                      progress=lambda kind, i, m: steps.append(i) if kind == "dynamics" else None)
+    joint_epoch(run.programs, run.world, run.replays, keys, 10**9, run.put,  # one VQ-VAE step in the epoch
+                progress=lambda kind, i, m: steps.append(i) if kind == "dynamics" else None)
     out["dynamics"] = (time.perf_counter() - start) / len(steps)
     run.config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, ppo_updates=(updates,)))
-    train.policy(run, 0, 0)  # compiles the phase's key programs
+    policy(run, 0, 0)  # compiles the phase's key programs
     start = time.perf_counter()
-    train.policy(run, 0, 0)
+    policy(run, 0, 0)
     out["policy"] = (time.perf_counter() - start) / updates
     return {k: v * 1e3 for k, v in out.items()}
 

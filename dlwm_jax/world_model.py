@@ -1,6 +1,6 @@
 """World-model training: VQ-VAE (SPEC 3.7) and dynamics (SPEC 4.6) losses, their state and pure steps
-(`(state, batch, key) -> (state, metrics)`, uncompiled: train.py compiles them for its seed axis, and owns the
-warm-up / joint epoch schedule of SPEC 8.3), the eval-mode encoder used by imagination and acting, and the
+(`(state, batch, key) -> (state, metrics)`, uncompiled: programs.py compiles them for the seed axis, epochs.py
+owns the warm-up / joint epoch schedule of SPEC 8.3), the eval-mode encoder used by imagination and acting, and the
 world-model diagnostics.
 
 `WorldModelState` carries the config and the action count as static (non-pytree) fields, so the steps rebuild
@@ -164,7 +164,7 @@ def vqvae_step(state: WorldModelState, batch: ObservationBatch, lr_scale: jax.Ar
 
     lr_scale is warmup_lr_multiplier during warm-up epochs and 1 otherwise (SPEC 8.2); pass it traced (a float32
     array) for one compilation of both. batch.observations uint8 [B, 96, 96, C], batch.valid bool [B].
-    Returns (new state, scalar metrics). Pure and uncompiled: train.py compiles it (ComputeConfig's XLA options).
+    Returns (new state, scalar metrics). Pure and uncompiled: programs.py compiles it (ComputeConfig's XLA options).
     """
     chex.assert_rank(batch.observations, 4)
     v = state.config.vqvae
@@ -295,7 +295,7 @@ def dynamics_update(state: WorldModelState, indices: jax.Array, actions: jax.Arr
 
 def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
     """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]): encode_sequences,
-    then dynamics_update. train.py compiles the two parts as two programs (the encoder pass gets the VQ-VAE step's
+    then dynamics_update. programs.py compiles the two parts as two programs (the encoder pass gets the VQ-VAE step's
     XLA options, the ConvLSTM update XLA's defaults). Returns (new state, scalar metrics).
     """
     chex.assert_rank(batch.observations, 5)

@@ -59,7 +59,7 @@ def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path):
 
 
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path):
-    from dlwm_jax.train import lock_workdir
+    from dlwm_jax.run_state import lock_workdir
     workdir = tmp_path / "w"
     workdir.mkdir()
     held = lock_workdir(str(workdir))

@@ -160,9 +160,9 @@ def test_bfloat16_ppo_updates_track_float32_and_keep_float32_state(data):
 
 
 def test_bfloat16_policy_update_as_the_driver_runs_it(data):
-    """train.make_policy_update under bfloat16 with the CPU formulations (dream convs `rows`): the dream's scan
+    """programs.make_policy_update under bfloat16 with the CPU formulations (dream convs `rows`): the dream's scan
     carries float32 state, the update is finite and the agent stays float32."""
-    from dlwm_jax.train import AgentState, make_policy_update
+    from dlwm_jax.programs import AgentState, make_policy_update
     replay, num_actions, world = data
     assert BF16.compute.dream_lstm_conv == "rows"
     networks = make_networks(BF16, num_actions)

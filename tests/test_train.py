@@ -175,7 +175,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
 def test_resume_accepts_a_config_saved_before_an_option_was_added_but_not_a_changed_value():
     import dataclasses
     from dlwm_jax import config as config_lib
-    from dlwm_jax.train import same_config
+    from dlwm_jax.run_state import same_config
     config = config_lib.override(config_lib.short(), {"env.game": "Pong", "seed": 2})
     saved = json.loads(json.dumps(dataclasses.asdict(config)))
     assert same_config(saved, config)
@@ -187,7 +187,7 @@ def test_resume_accepts_a_config_saved_before_an_option_was_added_but_not_a_chan
 
 
 def test_evaluation_line_says_when_episodes_were_left_unfinished_at_the_cap():
-    from dlwm_jax.train import evaluation_line
+    from dlwm_jax.phases import evaluation_line
     record = {"eval_return_mean": 5.0, "eval_return_std": 1.0, "eval_num_finished": 16.0, "eval_num_envs": 16.0,
               "imagined_return_mean": 0.5, "real_return_per_horizon": 0.25}
     assert "unfinished" not in evaluation_line(record, 50) and "(16/16 episodes finished)" in evaluation_line(record, 50)

@@ -1,6 +1,6 @@
-"""The seed axis of the training loop (dlwm_jax/train.py): N vmapped seeds == N one-seed runs (to float tolerance),
-the pooled EnvPool == the one-seed runs' envs, padded joint epochs == per-seed joint epochs, and (slow) the seed
-axis sharded over 4 forced CPU devices == the unsharded run.
+"""The seed axis of the training loop (dlwm_jax/seed_axis.py, epochs.py, train.py): N vmapped seeds == N one-seed
+runs (to float tolerance), the pooled EnvPool == the one-seed runs' envs, padded joint epochs == per-seed joint
+epochs, and (slow) the seed axis sharded over 4 forced CPU devices == the unsharded run.
 
 What is compared how tightly, and why: vmapped convs/matmuls may differ from unbatched ones in the last bits.
 Everything that does not pass through a network is exact (env data of the random first collection, episode
@@ -21,10 +21,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dlwm_jax import config as config_lib
-from dlwm_jax import envs, train
+from dlwm_jax import envs
 from dlwm_jax import world_model as wm
+from dlwm_jax.epochs import joint_epoch, warmup_epoch
+from dlwm_jax.phases import policy as policy_phase
+from dlwm_jax.programs import compile_programs
 from dlwm_jax.replay import Replay
 from dlwm_jax.results import aggregate
+from dlwm_jax.run_state import POLICY, WARMUP
+from dlwm_jax.seed_axis import seed_sharding, stack, unstack
 from dlwm_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,8 +145,8 @@ def test_aggregate_over_seeds():
 
 def test_indivisible_seed_count_is_refused():
     with pytest.raises(ValueError, match="multiple of the 4"):
-        train.seed_sharding(3, jax.devices() * 4)
-    assert train.seed_sharding(3, jax.devices()[:1]) is None
+        seed_sharding(3, jax.devices() * 4)
+    assert seed_sharding(3, jax.devices()[:1]) is None
 
 
 def test_padded_joint_epoch_equals_each_seeds_own(single_runs):
@@ -163,17 +168,17 @@ def test_padded_joint_epoch_equals_each_seeds_own(single_runs):
                 if count(replays[0], ks[0]) != count(replays[1], ks[1]))
     worlds = [wm.init_world_model(config, 6, jax.random.key(10 + s)) for s in range(2)]
     interval = 2
-    one, two = (train.compile_programs(config, 6, n, None) for n in (1, 2))
+    one, two = (compile_programs(config, 6, n, None) for n in (1, 2))
     expected = []
     for w, r, k in zip(worlds, replays, keys):
-        world, [metrics] = train.joint_epoch(one, train.stack([w]), [r], jnp.stack([k]), interval)
-        expected.append((train.unstack(world, 0), metrics))
-    stacked, got = train.joint_epoch(two, train.stack(worlds), replays, jnp.stack(keys), interval)
+        world, [metrics] = joint_epoch(one, stack([w]), [r], jnp.stack([k]), interval)
+        expected.append((unstack(world, 0), metrics))
+    stacked, got = joint_epoch(two, stack(worlds), replays, jnp.stack(keys), interval)
     for s, (world, metrics) in enumerate(expected):
         for kind in ("vqvae", "dynamics"):
             assert got[s][kind]["steps"] == metrics[kind]["steps"]
             np.testing.assert_allclose(got[s][kind]["loss"], metrics[kind]["loss"], rtol=1e-4)
-        mine = train.unstack(stacked, s)
+        mine = unstack(stacked, s)
         assert int(mine.dynamics_steps) == int(world.dynamics_steps) == count(replays[s], keys[s])
         assert int(mine.vqvae_steps) == int(world.vqvae_steps)
         for part in PARTS:
@@ -329,10 +334,10 @@ def test_loop_phases_queue_every_step_without_waiting_for_the_device():
     def work(inputs):
         outputs.append(slow(x, 10 if outputs else 400))
     run = stub_run(config, random_replays(config, 2, frames=240), work)
-    keys = run.keys(0, train.WARMUP)
-    phases = {"warm-up epoch": lambda: train.warmup_epoch(run.programs, run.world, run.replays, keys, run.put),
-              "joint epoch": lambda: train.joint_epoch(run.programs, run.world, run.replays, keys, 2, run.put),
-              "policy phase": lambda: train.policy(run, 0, 0)}
+    keys = run.keys(0, WARMUP)
+    phases = {"warm-up epoch": lambda: warmup_epoch(run.programs, run.world, run.replays, keys, run.put),
+              "joint epoch": lambda: joint_epoch(run.programs, run.world, run.replays, keys, 2, run.put),
+              "policy phase": lambda: policy_phase(run, 0, 0)}
     for name, phase in phases.items():
         outputs.clear()
         phase()
@@ -349,11 +354,11 @@ def test_policy_phase_keys_are_the_per_update_keys():
     config = config_lib.get_preset("smoke")
     run = stub_run(config, random_replays(config, 3, frames=40))
     run.seeds = [0, 7, 3]
-    grid = run.unit_keys(2, train.POLICY, range(4, 9))
+    grid = run.unit_keys(2, POLICY, range(4, 9))
     assert grid.shape == (5, 3)
     rngs = generators(grid)
     for i, u in enumerate(range(4, 9)):
-        keys = run.keys(2, train.POLICY, u)
+        keys = run.keys(2, POLICY, u)
         np.testing.assert_array_equal(jax.random.key_data(grid[i]), jax.random.key_data(keys))
         for s in range(3):
             np.testing.assert_array_equal(rngs[i * 3 + s].integers(0, 2**31, 8),

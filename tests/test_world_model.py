@@ -12,11 +12,13 @@ import pytest
 from conftest import breakout_replay
 
 from dlwm_jax import config as config_lib
-from dlwm_jax import train
 from dlwm_jax import world_model as wm
+from dlwm_jax.epochs import joint_epoch, warmup_epoch
 from dlwm_jax.networks.dynamics import initial_state
 from dlwm_jax.networks.vqvae import quantize
+from dlwm_jax.programs import compile_programs
 from dlwm_jax.replay import ObservationBatch
+from dlwm_jax.seed_axis import stack, unstack
 
 CFG = config_lib.override(config_lib.smoke(), {"compute.dynamics_unroll": 1})
 NUM_FRAMES = 252  # not a multiple of the VQ-VAE batch (8): the last batch of an epoch is padded
@@ -36,13 +38,13 @@ def initial(atari):
 @pytest.fixture(scope="module")
 def programs(atari):
     """The training loop's compiled programs for one seed."""
-    return train.compile_programs(CFG, atari[1], 1, None)
+    return compile_programs(CFG, atari[1], 1, None)
 
 
 def one_seed(epoch_fn, programs, state, replay, key, *args, **kwargs):
-    """train.warmup_epoch / joint_epoch for one seed: (state, its metrics)."""
-    world, per_seed = epoch_fn(programs, train.stack([state]), [replay], jnp.stack([key]), *args, **kwargs)
-    return train.unstack(world, 0), per_seed[0]
+    """epochs.warmup_epoch / joint_epoch for one seed: (state, its metrics)."""
+    world, per_seed = epoch_fn(programs, stack([state]), [replay], jnp.stack([key]), *args, **kwargs)
+    return unstack(world, 0), per_seed[0]
 
 
 vqvae_step, dynamics_step, encode = jax.jit(wm.vqvae_step), jax.jit(wm.dynamics_step), jax.jit(wm.encode)
@@ -58,9 +60,9 @@ def _tree_equal(a, b) -> bool:
 def test_vqvae_learns_atari_frames_and_uses_several_codes(atari, initial, programs):
     replay, _ = atari
     first = []
-    state, epoch1 = one_seed(train.warmup_epoch, programs, initial, replay, jax.random.key(1),
+    state, epoch1 = one_seed(warmup_epoch, programs, initial, replay, jax.random.key(1),
                              progress=lambda kind, i, m: first.append(float(m["recon_nll"][0])) if i == 0 else None)
-    state, epoch2 = one_seed(train.warmup_epoch, programs, state, replay, jax.random.key(2))
+    state, epoch2 = one_seed(warmup_epoch, programs, state, replay, jax.random.key(2))
     pixels = 96 * 96 * CFG.env.frame_stack
     # At init the logits are ~0, where the CB log-density is ~0 for every pixel; mostly-black Atari frames
     # are then fitted with large negative logits (log-density up to ~2.77 per pixel, SPEC 3.6).
@@ -226,11 +228,11 @@ def test_dynamics_step_two_programs_equal_one(atari, initial, programs):
     computes what wm.dynamics_step does as one program."""
     replay, _ = atari
     batch = next(replay.sequence_batches(jax.random.key(9), CFG.dynamics.batch_size))
-    worlds, batches = train.stack([initial]), train.stack([batch])
+    worlds, batches = stack([initial]), stack([batch])
     indices, batch_stats = programs.encode_sequences(worlds, batches.observations)
     split_state, split_metrics = programs.dynamics_update(jnp.ones(1, bool), worlds, batch_stats, indices, batches,
                                                           jnp.stack([jax.random.key(10)]), 3)
-    split_state, split_metrics = train.unstack((split_state, split_metrics), 0)
+    split_state, split_metrics = unstack((split_state, split_metrics), 0)
     one_state, one_metrics = dynamics_step(initial, batch, jax.random.fold_in(jax.random.key(10), 3))
     for a, b in zip(jax.tree.leaves((split_state, split_metrics)), jax.tree.leaves((one_state, one_metrics))):
         if jnp.issubdtype(a.dtype, jnp.floating):
@@ -242,9 +244,9 @@ def test_dynamics_step_two_programs_equal_one(atari, initial, programs):
 def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):
     replay, _ = atari
     interval = 2
-    state_a, metrics_a = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(9), interval)
-    state_b, metrics_b = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(9), interval)
-    state_c, metrics_c = one_seed(train.joint_epoch, programs, initial, replay, jax.random.key(10), interval)
+    state_a, metrics_a = one_seed(joint_epoch, programs, initial, replay, jax.random.key(9), interval)
+    state_b, metrics_b = one_seed(joint_epoch, programs, initial, replay, jax.random.key(9), interval)
+    state_c, metrics_c = one_seed(joint_epoch, programs, initial, replay, jax.random.key(10), interval)
     assert metrics_a == metrics_b and _tree_equal(state_a, state_b)
     assert metrics_a["dynamics"]["next_latent_loss"] != metrics_c["dynamics"]["next_latent_loss"]
     assert metrics_a["vqvae"]["recon_nll"] != metrics_c["vqvae"]["recon_nll"]

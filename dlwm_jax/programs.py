@@ -1,0 +1,137 @@
+"""The loop's compiled programs: the pure steps of world_model.py, ppo.py and imagination.py, compiled for S seeds
+by seed_axis.over_seeds with each program's XLA options (ComputeConfig), and the initial state of one seed."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from dlwm_jax import ppo
+from dlwm_jax import world_model as wm
+from dlwm_jax.config import Config, resolve_compute
+from dlwm_jax.imagination import imagine
+from dlwm_jax.networks import make_networks
+from dlwm_jax.seed_axis import masked, over_seeds
+
+
+@flax.struct.dataclass
+class AgentState:
+    params: Any
+    opt_state: Any
+
+
+def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.WorldModelState, AgentState]:
+    """One seed's (world, agent) before any training."""
+    root = jax.random.key(seed)
+    init_key, agent_key = jax.random.split(jax.random.fold_in(root, 2**31))  # apart from every iteration
+    world = wm.init_world_model(config, num_actions, init_key)
+    actor_critic = make_networks(config, num_actions).actor_critic
+    agent_params = jax.jit(actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
+    return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
+
+
+def _dynamics_update(state: wm.WorldModelState, batch_stats, indices, batch, steps_key, i):
+    state = state.replace(encoder_batch_stats=batch_stats)  # wm.dynamics_step, split at its encoder pass
+    return wm.dynamics_update(state, indices, batch.actions, batch.rewards, batch.terminals, batch.valid,
+                              jax.random.fold_in(steps_key, i))
+
+
+class Programs(NamedTuple):
+    """Every compiled program of the loop; arguments and outputs [S, ...] unless said otherwise."""
+    vqvae_step: Callable        # (active, world, ObservationBatch, lr_scale shared) -> (world, metrics)
+    encode_sequences: Callable  # (world, observations [S, T, B, ...]) -> (indices, batch_stats)
+    dynamics_update: Callable   # (active, world, batch_stats, indices, SequenceBatch, steps_key, i shared)
+    act_collect: Callable       # (world, agent_params, observations [S, E, ...], key) -> actions [S, E]
+    act_eval: Callable
+    random_act: Callable        # (observations [S, E, ...], key) -> uniform actions [S, E]
+    policy_update: Callable     # (world, agent, start observations, key) -> (agent, metrics)
+    diagnostics: Callable       # (world, observations, actions, rewards, key) -> metrics
+    imagined_returns: Callable  # (world, agent_params, start observations, key) -> returns [S, N]
+
+
+def compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
+    """The loop's programs for S seeds: the pure steps, with each program's XLA options (ComputeConfig). Built
+    once per (config, num_actions, S, sharding) in a process, so later runs reuse the compiled executables."""
+    return _compile_programs(resolve_compute(config), num_actions, num_seeds, sharding)
+
+
+@functools.cache
+def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
+    S, networks = num_seeds, make_networks(config, num_actions)
+    compile_ = lambda fn, in_axes, program=None: over_seeds(
+        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None)
+    return Programs(
+        vqvae_step=compile_(masked(wm.vqvae_step, S), (0, 0, 0, None), "vqvae_step"),
+        encode_sequences=compile_(wm.encode_sequences, (0, 0), "vqvae_step"),
+        dynamics_update=compile_(masked(_dynamics_update, S), (0, 0, 0, 0, 0, 0, None)),
+        act_collect=compile_(make_act(networks, config.env.collect_temperature), (0, 0, 0, 0)),
+        act_eval=compile_(make_act(networks, 1.0), (0, 0, 0, 0)),
+        random_act=compile_(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32), (0, 0)),
+        policy_update=make_policy_update(config, networks, ppo.make_optimizer(config.policy),
+                                         lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
+        diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5),
+        imagined_returns=compile_(functools.partial(imagined_returns, networks, config), (0,) * 4))
+
+
+def make_act(networks, temperature: float):
+    """act(world, agent_params, obs uint8 [N,96,96,C], key) -> actions [N]: encoder in eval mode, quantise,
+    sample from the policy at `temperature` (SPEC 5, 8.3)."""
+    def act(world, agent_params, observations, key):
+        _, z_q = wm.encode(world, observations)
+        logits, _ = networks.actor_critic.apply(agent_params, z_q)
+        return ppo.sample_action(logits, key, temperature)
+    return act
+
+
+def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):
+    """update(world, agent, start_observations, key) -> (agent, metrics): encode 16 real start observations
+    (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7).
+
+    Two compiled programs, so each gets its own XLA options (ComputeConfig.compiler_options): the dream and
+    the PPO update. compile_fn(fn, num_args, compiler_options) compiles each (default: jax.jit; the loop
+    passes its seed-axis one).
+    """
+    config = resolve_compute(config)
+    p = config.policy
+
+    def dream(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+        dream_key, ppo_key = jax.random.split(key)
+        start_indices, _ = wm.encode(world, start_observations)
+        dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
+                        world.codebook.embeddings, start_indices, dream_key, p.horizon, p.bootstrap_at_horizon,
+                        unroll=config.compute.imagination_unroll)
+        rollout = ppo.Rollout(dream.observations, dream.actions, dream.log_probs, dream.values, dream.rewards,
+                              dream.terminals)
+        return rollout, dream.bootstrap_value, ppo_key, jnp.mean(dream.rewards)
+
+    def improve(agent: AgentState, rollout: ppo.Rollout, bootstrap_value, ppo_key):
+        params, opt_state, metrics = ppo.ppo_update(agent.params, agent.opt_state, rollout, bootstrap_value,
+                                                    ppo_key, p, networks.actor_critic.apply, optimizer,
+                                                    config.compute.ppo_unroll)
+        return AgentState(params, opt_state), metrics
+
+    compile_fn = compile_fn or (lambda fn, num_args, options: jax.jit(fn, compiler_options=options))
+    dream_program = compile_fn(dream, 4, {})
+    improve_program = compile_fn(improve, 4, config.compute.compiler_options("ppo_update"))
+
+    def update(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+        rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, start_observations, key)
+        agent, metrics = improve_program(agent, rollout, bootstrap_value, ppo_key)
+        return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
+    return update
+
+
+def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,
+                     key: jax.Array) -> jax.Array:
+    """The policy's return in its own dreams: start observations uint8 [N, 96, 96, C] -> summed imagined rewards
+    [N] over one horizon (SPEC 6), to set beside the real evaluation's clipped return per horizon."""
+    start_indices, _ = wm.encode(world, start_observations)
+    dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent_params,
+                    world.codebook.embeddings, start_indices, key, config.policy.horizon,
+                    config.policy.bootstrap_at_horizon, unroll=config.compute.imagination_unroll)
+    return jnp.sum(dream.rewards, axis=0)
+
