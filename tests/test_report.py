@@ -1,5 +1,6 @@
-"""experiments/report.py: IQM and aggregates, the stratified bootstrap's CIs, the Table-4 output for synthetic results
-files and workdirs (shaped like the ones train.py writes), each one-line error, the PNG."""
+"""experiments/report.py and dlwm_jax/report.py: the Table-4 output for synthetic results files and workdirs (shaped
+like the ones train.py writes), each one-line error, the PNG, the per-iteration diagnostics. The statistics:
+test_stats.py."""
 import importlib.util
 import json
 import os
@@ -9,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import stats
+
+from dlwm_jax.report import diagnostics_rows, format_diagnostics, load_results_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "report.py")
@@ -94,62 +96,6 @@ def row(out, label, after=""):
     lines = out[out.index(after):].splitlines()
     line = next(l for l in lines if l.strip().startswith(label))
     return line.strip()[len(label):].split()
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-
-def test_iqm_hand_examples_and_scipy():
-    assert report.iqm(np.arange(1.0, 9.0)) == 4.5               # drop 1,2 and 7,8: mean(3,4,5,6)
-    assert report.iqm(np.array([10.0, 1.0, 2.0, 3.0, 100.0])) == 5.0  # floor(5/4)=1 per side: mean(2,3,10)
-    assert report.iqm(np.array([7.0])) == 7.0
-    x = np.random.default_rng(0).normal(size=(3, 11))
-    np.testing.assert_allclose(report.iqm(x), [stats.trim_mean(r, 0.25) for r in x])  # batched over leading axes
-
-
-def test_aggregates_ragged_games():
-    per_game = [np.array([1.0, 3.0]), np.array([10.0]), np.array([0.0, 0.0, 6.0])]  # game means 2, 10, 2
-    assert report.mean_of_game_means(per_game) == pytest.approx(14 / 3)
-    assert report.median_of_game_means(per_game) == 2.0
-    assert report.pooled_iqm(per_game) == 2.5  # pooled sorted 0 0 1 3 6 10 -> mean(0, 1, 3, 6)
-    np.testing.assert_allclose(report.human_normalised([14.2, 753.1, 383.65], 14.2, 753.1), [0.0, 1.0, 0.5])
-
-
-def _synthetic_games(rng, runs):
-    """5 games with different location and skewed (exponential) spread: G arrays [runs]."""
-    return [g + (1 + g / 2) * rng.exponential(size=runs) for g in range(5)]
-
-
-def test_bootstrap_ci_covers_true_iqm():
-    true_iqm = float(report.pooled_iqm(_synthetic_games(np.random.default_rng(123), 400_000)))
-    rng = np.random.default_rng(0)
-    covered = 0
-    for _ in range(200):
-        low, high = report.stratified_bootstrap_ci(_synthetic_games(rng, 5), report.pooled_iqm, 1000, rng)
-        covered += low <= true_iqm <= high
-    assert covered >= 0.85 * 200, covered  # nominal 95%; measured 93% with these seeds
-
-
-def test_bootstrap_ci_shrinks_with_runs():
-    rng = np.random.default_rng(1)
-    def width(runs):
-        intervals = [report.stratified_bootstrap_ci(_synthetic_games(rng, runs), report.pooled_iqm, 500, rng)
-                     for _ in range(20)]
-        return np.mean([high - low for low, high in intervals])
-    w5, w20, w80 = width(5), width(20), width(80)
-    assert w5 > w20 > w80 > 0
-    assert w80 < 0.4 * w5  # ~1/sqrt(runs): 0.25 expected
-
-
-def test_bootstrap_is_stratified_and_degenerate_with_one_run():
-    rng = np.random.default_rng(0)
-    assert report.stratified_bootstrap_ci([np.array([3.0])], report.pooled_iqm, 100, rng) == (3.0, 3.0)
-    # game 0 keeps its single run in every resample; game 1's mean is 0, 0.5 or 1: mean of means in [2.5, 3]
-    low, high = report.stratified_bootstrap_ci([np.array([5.0]), np.array([0.0, 1.0])], report.mean_of_game_means,
-                                               2000, rng)
-    assert (low, high) == (2.5, 3.0)
-    # same seed, same interval
-    a = report.normalised_aggregates([np.array([0.1, 0.4, 0.2])], 300, seed=7)
-    assert a == report.normalised_aggregates([np.array([0.1, 0.4, 0.2])], 300, seed=7)
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -275,12 +221,12 @@ def test_diagnostics_rows_average_over_seeds_and_pool_reward_counts(tmp_path):
                                  "reward_pos_as_pos": 1 + s, "reward_pos_as_zero": 3, "reward_pos_as_neg": 0,
                                  "reward_zero_as_pos": 2, "reward_zero_as_zero": 98, "reward_zero_as_neg": 0}
     json.dump(data, open(path, "w"))
-    rows = report.diagnostics_rows(report.load_results_file(path))
+    rows = diagnostics_rows(load_results_file(path))
     assert [r["iteration"] for r in rows] == [1, 2] and [r["model_iteration"] for r in rows] == [1, 1]
     assert rows[1]["eval_return"] == 200.0 and rows[0]["eval_return"] == 100.0
     assert rows[0]["latent_acc_1"] == pytest.approx(0.85) and rows[0]["copy_acc_10"] == pytest.approx(0.4)
     assert rows[0]["pos_recall"] == pytest.approx(3 / 9) and rows[0]["pos_count"] == 9  # (1 + 2) of (4 + 5)
     assert rows[0]["zero_as_pos"] == pytest.approx(4 / 200)
     assert rows[0]["imagined_return"] == 1.5 and rows[0]["real_return"] == 0.5
-    text = report.format_diagnostics({"Seaquest": report.load_results_file(path)})
+    text = format_diagnostics({"Seaquest": load_results_file(path)})
     assert "0.85/0.70/0.50" in text and "0.33 (9)" in text
