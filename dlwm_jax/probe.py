@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 from dlwm_jax import envs, outputs, viz
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import episode_stats, first_episodes
-from dlwm_jax.train import COLLECT, EVALUATE, PHASES, derived_seed, initial_state, make_act, stack, unit_key
+from dlwm_jax.programs import initial_state, make_act
+from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES, derived_seed, unit_key
+from dlwm_jax.seed_axis import stack
 
 FRESH_KEY_PURPOSE_DREAM = 2**31  # the fresh protocol's dream key: fold_in(key(env_seed), this), apart from acting
 SEPARATOR = 2      # pixels between real and dream

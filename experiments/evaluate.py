@@ -7,7 +7,7 @@
 
 Protocol (collect.evaluate, SPEC 9): `--episodes` fresh envs seeded env_seed, env_seed+1, ...; each env plays
 from reset until its first episode ends or `--max_steps` agent steps were taken; the agent acts as train.py
-evaluates it (train.make_act: encoder in eval mode, actions sampled at temperature 1). Statistics are
+evaluates it (programs.make_act: encoder in eval mode, actions sampled at temperature 1). Statistics are
 collect.episode_stats': over the finished episodes, or over the partial returns at the cap if none finished.
 
   --protocol=fresh (default): envs seeded --env_seed (default 12345, a seed no training run derives: train.py's
@@ -57,8 +57,9 @@ from dlwm_jax.collect import random_policy
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import params_hash
 from dlwm_jax.probe import InputError
+from dlwm_jax.programs import make_act
 from dlwm_jax.results import aggregate
-from dlwm_jax.train import make_act, unstack
+from dlwm_jax.seed_axis import unstack
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py (single or multi-seed).")
 flags.DEFINE_string("seed_index", "0", "Which seed of a multi-seed run (0 .. num_seeds-1), or 'all'.")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dlwm_jax import probe
-from dlwm_jax.train import COLLECT, EVALUATE, PHASES
+from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES
 
 
 def test_branch_actions_policy_copies_then_hold_and_hold_then_policy_per_action():
