@@ -19,6 +19,7 @@ import time
 import jax
 
 from dlwm_jax import config as config_lib
+from dlwm_jax.seed_axis import DEFAULT_COMPILATION_CACHE, use_compilation_cache
 from dlwm_jax.train import train_and_evaluate
 
 
@@ -51,11 +52,10 @@ def main():
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--game", default="Pong")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dlwm_jax/xla"))
+    parser.add_argument("--compilation-cache", default=DEFAULT_COMPILATION_CACHE)
     args = parser.parse_args()
     if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        use_compilation_cache(args.compilation_cache)
     print(json.dumps(measure(args.num_seeds, args.preset, args.game, args.repeats)))
 
 

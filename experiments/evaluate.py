@@ -59,7 +59,7 @@ from dlwm_jax.outputs import params_hash
 from dlwm_jax.probe import InputError
 from dlwm_jax.programs import make_act
 from dlwm_jax.results import aggregate
-from dlwm_jax.seed_axis import unstack
+from dlwm_jax.seed_axis import DEFAULT_COMPILATION_CACHE, unstack, use_compilation_cache
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py (single or multi-seed).")
 flags.DEFINE_string("seed_index", "0", "Which seed of a multi-seed run (0 .. num_seeds-1), or 'all'.")
@@ -82,7 +82,7 @@ flags.DEFINE_integer("branch_hold", 25, "Steps an action is held before the poli
 flags.DEFINE_integer("branch_samples", 8, "Real episodes of the 'policy' branch, and dreams per branch.")
 flags.DEFINE_float("branch_temperature", 1.0, "The policy's temperature in the branches, real and dreamed (1: as "
                    "evaluated; the run's collect_temperature: as it collects).")
-flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
+flags.DEFINE_string("compilation_cache", DEFAULT_COMPILATION_CACHE,
                     "Directory of JAX's persistent compilation cache ('' disables it).")
 FLAGS = flags.FLAGS
 
@@ -243,8 +243,7 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        use_compilation_cache(FLAGS.compilation_cache)
     try:
         result = evaluate_run()
     except (ValueError, OSError, CheckpointError) as e:

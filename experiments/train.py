@@ -21,7 +21,7 @@ flags.DEFINE_integer("num_iterations", None, "Override schedule.num_iterations (
 flags.DEFINE_integer("frame_stack", None, "Override env.frame_stack (4 = paper, 1 = released script).")
 flags.DEFINE_integer("max_episode_steps", None, "Override env.max_episode_steps (27000 default, 100000 = reference).")
 flags.DEFINE_multi_string("set", [], "Override any config field: --set section.field=value (repeatable).")
-flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/dlwm_jax/xla"),
+flags.DEFINE_string("compilation_cache", "~/.cache/dlwm_jax/xla",
                     "Directory of JAX's persistent compilation cache ('' disables it); saves minutes of XLA compiles per run.")
 flags.DEFINE_integer("num_seeds", 1, "Seeds --seed .. --seed+N-1 trained together, one vmapped program per step; with "
                      "N > 1 outputs per seed in <workdir>/seed_<s>, aggregate in <workdir>/aggregate.json.")
@@ -78,20 +78,22 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.game:
         cli.fail("--game is required, e.g. --game=BankHeist", 2)
-    if FLAGS.compilation_cache:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:  # the flags' own errors before JAX is imported: a typo costs a second, not the import's ~3 s
+        config, share = build_config(), process_share()
+    except ValueError as e:
+        cli.fail(str(e).splitlines()[0])
     import jax
     from dlwm_jax.checkpoint import CheckpointError
     from dlwm_jax.outputs import NonFiniteError
+    from dlwm_jax.seed_axis import use_compilation_cache
     from dlwm_jax.train import train_and_evaluate
+    if FLAGS.compilation_cache:
+        use_compilation_cache(os.path.expanduser(FLAGS.compilation_cache))
     try:
-        config = build_config()
         workdir = FLAGS.workdir or os.path.join(
             "runs", f"{config.env.game}-{config.seed}" + (f"x{FLAGS.num_seeds}" if FLAGS.num_seeds > 1 else ""))
         devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
-        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=process_share())
+        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=share)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:

@@ -8,18 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CACHE, ROOT, shared_run
 from PIL import Image
 
 from dlwm_jax import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "experiments", "train.py")
 EVALUATE = os.path.join(ROOT, "experiments", "evaluate.py")
-CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
-# The smoke preset evaluates 2 envs for 60 steps (Pong: return -1 or 0 whatever the policy); 3 envs x 200 steps
-# give returns of about -3 .. -5 that differ per env, so reproducing them means something.
-SMOKE = ["--game=Pong", "--preset=smoke", f"--compilation_cache={CACHE}",
-         "--set", "env.eval_max_steps=200", "--set", "env.num_eval_envs=3"]
 FRAME, SEPARATOR, CAPTION, SCALE = 96, 2, 12, 3  # evaluate.py's layout; viz.save_gif scales by 3
 
 
@@ -47,18 +41,12 @@ def snapshot(directory, skip=()):
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("evaluate") / "single")
-    proc = run(TRAIN, [*SMOKE, f"--workdir={workdir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
+    return shared_run(tmp_path_factory, "single")[0]  # evaluate.py writes only play.gif into it
 
 
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("evaluate") / "multi")
-    proc = run(TRAIN, [*SMOKE, "--num_seeds=2", f"--workdir={workdir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
+    return shared_run(tmp_path_factory, "two_seeds")[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import textwrap
 import time
 
 import pytest
+from conftest import ROOT, SMOKE, shared_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "train.py")
-CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
-SMOKE = ["--game=Pong", "--preset=smoke", f"--compilation_cache={CACHE}"]
 
 
 def run(args, timeout=600):
@@ -29,14 +27,11 @@ def error_lines(proc):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
-    proc = run([*SMOKE, f"--workdir={workdir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, proc
+    return shared_run(tmp_path_factory, "single")  # (workdir, stdout)
 
 
 def test_smoke_run_writes_every_output(smoke_run):
-    workdir, proc = smoke_run
+    workdir, stdout = smoke_run
     files = os.listdir(workdir)
     for name in ("metrics.jsonl", "summary.json", "results.json", "learning_curve.png", "reconstructions_iter1.png",
                  "reconstructions_iter2.png", "dream_iter1.gif", "dream_iter2.gif", "checkpoints"):
@@ -51,7 +46,7 @@ def test_smoke_run_writes_every_output(smoke_run):
                 assert math.isfinite(v), (r["phase"], k, v)
     evals = [r for r in records if r["phase"] == "evaluate"]
     assert [r["iteration"] for r in evals] == [1, 2] and [r["real_steps"] for r in evals] == [96, 144]
-    assert "eta" in proc.stdout and "[iter 2/2] evaluate" in proc.stdout
+    assert "eta" in stdout and "[iter 2/2] evaluate" in stdout
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["real_steps"] == 144 and set(summary["hashes"]) == {"encoder", "decoder", "codebook", "dynamics", "policy"}
     # Diagnostics: iteration 1 on held-back data after training, iteration 2 on the fresh chunk before training on it.
@@ -65,10 +60,10 @@ def test_smoke_run_writes_every_output(smoke_run):
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert results["format"] == "dlwm-jax-results/1" and results["game"] == "Pong" and results["preset"] == "smoke"
     [seed] = results["seeds"]
-    assert seed["final_eval_return"] == evals[-1]["eval_return_mean"] and len(seed["final_eval_returns"]) == 2
+    assert seed["final_eval_return"] == evals[-1]["eval_return_mean"] and len(seed["final_eval_returns"]) == 3
     assert [it["diagnostics"]["model_iteration"] for it in seed["iterations"]] == [1, 1]
     random_agent = results["random_agent"]["per_seed"][0]
-    assert random_agent["num_envs"] == 2 and random_agent["lengths"] == [60, 60]  # the same cap as the agent's
+    assert random_agent["num_envs"] == 3 and random_agent["lengths"] == [200] * 3  # the same cap as the agent's
     assert results["config"]["env"]["game"] == "Pong" and results["wall_time_s"] > 0 and results["git_commits"]
 
 
