@@ -88,13 +88,18 @@ def params_hash(tree: Any) -> str:
     return digest.hexdigest()
 
 
+def state_hashes(world: wm.WorldModelState, agent_params: Any) -> dict[str, str]:
+    """params_hash of every trained part of one seed (summary.json's "hashes")."""
+    return {"encoder": params_hash((world.encoder_params, world.encoder_batch_stats)),
+            "decoder": params_hash(world.decoder_params), "codebook": params_hash(world.codebook),
+            "dynamics": params_hash(world.dynamics_params), "policy": params_hash(agent_params)}
+
+
 def write_summary(seed_dir: str, game: str, seed: int, real_steps: int, final_return: float | None,
                   world: wm.WorldModelState, agent_params: Any) -> dict:
     """summary.json of one seed: the final evaluation return and a hash of every trained part."""
     summary = {"game": game, "seed": seed, "real_steps": real_steps, "final_eval_return_mean": final_return,
-               "hashes": {"encoder": params_hash((world.encoder_params, world.encoder_batch_stats)),
-                          "decoder": params_hash(world.decoder_params), "codebook": params_hash(world.codebook),
-                          "dynamics": params_hash(world.dynamics_params), "policy": params_hash(agent_params)}}
+               "hashes": state_hashes(world, agent_params)}
     with open(os.path.join(seed_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

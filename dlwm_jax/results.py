@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dlwm_jax.config import Config, to_dict
+from dlwm_jax.stats import iqm
 
 RESULTS_FORMAT = "dlwm-jax-results/1"
 
@@ -82,12 +83,10 @@ def write_json(path: str, data) -> None:
 
 
 def aggregate(values: list[float]) -> dict[str, float]:
-    """Mean, std (population), median and IQM (mean of the middle 50%, trimming floor(n/4) per side as
-    scipy.stats.trim_mean(x, 0.25) and rliable do) over seeds."""
-    x = np.sort(np.asarray(values, np.float64))
-    cut = int(0.25 * len(x))
+    """Mean, std (population), median and IQM (stats.iqm) over seeds."""
+    x = np.asarray(values, np.float64)
     return {"mean": float(x.mean()), "std": float(x.std()), "median": float(np.median(x)),
-            "iqm": float(x[cut:len(x) - cut].mean()), "num_seeds": len(x)}
+            "iqm": float(iqm(x)), "num_seeds": len(x)}
 
 
 def random_agent_summary(per_seed: list[dict]) -> dict:

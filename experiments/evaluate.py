@@ -55,7 +55,7 @@ from dlwm_jax import config as config_lib, envs, probe
 from dlwm_jax.checkpoint import CheckpointError
 from dlwm_jax.collect import random_policy
 from dlwm_jax.networks import make_networks
-from dlwm_jax.outputs import params_hash
+from dlwm_jax.outputs import state_hashes
 from dlwm_jax.probe import InputError
 from dlwm_jax.programs import make_act
 from dlwm_jax.results import aggregate
@@ -201,9 +201,7 @@ def evaluate_run() -> dict:
         if agent_policy:
             world, agent = state if num_seeds is None else unstack(state, index)
             policy_fn = lambda obs, key, w=world, a=agent.params: act(w, a, obs, key)
-            record["hashes"] = {"encoder": params_hash((world.encoder_params, world.encoder_batch_stats)),
-                                "decoder": params_hash(world.decoder_params), "codebook": params_hash(world.codebook),
-                                "dynamics": params_hash(world.dynamics_params), "policy": params_hash(agent.params)}
+            record["hashes"] = state_hashes(world, agent.params)
         else:
             policy_fn = random_policy(num_actions)
         label = f"seed {seeds[index]}" if num_seeds else "run"

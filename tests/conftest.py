@@ -61,8 +61,10 @@ def shared_run(tmp_path_factory, name: str) -> tuple[str, str]:
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"), *SMOKE,
                                    *SHARED_RUNS[name], f"--workdir={workdir}"], capture_output=True, text=True,
                                   timeout=1200, cwd=ROOT)
-            (done if proc.returncode == 0 else failed).write_text(proc.stdout if proc.returncode == 0 else
-                                                                   proc.stderr[-3000:])
+            if proc.returncode == 0:
+                done.write_text(proc.stdout)
+            else:  # the other worker reports this instead of making the run again
+                failed.write_text(proc.stderr[-3000:])
     if failed.exists():
         raise AssertionError(f"the shared smoke run {name!r} failed:\n{failed.read_text()}")
     return str(workdir), done.read_text()

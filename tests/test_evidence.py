@@ -5,11 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CACHE, ROOT
 
 from dlwm_jax.results import merge_results
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("DLWM_JAX_CACHE", os.path.expanduser("~/.cache/dlwm_jax/xla"))
 
 
 def part(seed, game="Pong", gamma=0.99, returns=(1.0, 3.0)):
