@@ -89,44 +89,51 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     `num_seeds` seeds: one step does every seed's work), plus their first-call (compile) seconds."""
     from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
-    from dlwm_jax.replay import ObservationBatch, SequenceBatch
     from dlwm_jax.programs import AgentState, compile_programs
+    from dlwm_jax.slots import SharedSlots, Slots
     from dlwm_jax.seed_axis import stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
     programs = compile_programs(config, num_actions, num_seeds, None)
     seed_axis = lambda tree: stack([tree] * num_seeds)  # the loop's arguments carry a seed axis
-    one, worlds = jnp.ones(num_seeds, bool), seed_axis(world)
+    worlds = seed_axis(world)
     frame = (config.env.image_size, config.env.image_size, config.env.frame_stack)
     v, d, p = config.vqvae, config.dynamics, config.policy
     out, compile_s = {}, {}
 
-    def measure(name: str, fn, reps: int, label: str | None = None) -> float:
+    def measure(name: str, fn, reps: int, label: str | None = None, per_call: int = 1) -> float:
         t, c = _timed(fn, reps)
+        t /= per_call
         out[f"{name}_ms"], compile_s[name] = t * 1e3, c
         _report(label or name, t * 1e3, c)
         return t
 
-    obs_batch = jax.device_put(ObservationBatch(rng.integers(0, 256, (v.batch_size, *frame), dtype=np.uint8),
-                                                np.ones(v.batch_size, bool)))
-    obs_batches = seed_axis(obs_batch)
-    if "vqvae" in only:
-        measure("vqvae_step", lambda: programs.vqvae_step(one, worlds, obs_batches, jnp.float32(1.0))[1], repeats)
-
-    seq_shape = (d.sequence_length, d.batch_size)
-    seq_batch = jax.device_put(SequenceBatch(
-        rng.integers(0, 256, (*seq_shape, *frame), dtype=np.uint8),
-        rng.integers(0, num_actions, seq_shape).astype(np.int32),
-        rng.choice([-1.0, 0.0, 1.0], seq_shape).astype(np.float32),
-        rng.random(seq_shape) < 0.05, np.ones(d.batch_size, bool)))
+    # The world model's steps as the loop runs them: a chunk of programs.chunk_slots slots (programs.world_model_chunk:
+    # one scanned program, or a program per step on the CPU), batches gathered from frames on the device.
+    n, pool = programs.chunk_slots, 4_096
+    frames = seed_axis(jax.device_put(rng.integers(0, 256, (pool, *frame[:2]), dtype=np.uint8)))
     key = jax.random.key(1)
-    seq_batches, keys = seed_axis(seq_batch), seed_axis(key)
+    keys = seed_axis(key)
 
-    def dynamics_step():
-        indices, batch_stats = programs.encode_sequences(worlds, seq_batches.observations)
-        return programs.dynamics_update(one, worlds, batch_stats, indices, seq_batches, keys, 0)[1]
-    if "dynamics" in only:
-        measure("dynamics_step", dynamics_step, repeats)
+    def chunk_of(kind: str) -> tuple:
+        on, C, T = np.full((num_seeds, n), True), frame[2], d.sequence_length
+        index = lambda *shape: rng.integers(0, pool, (num_seeds, n, *shape)).astype(np.int32)
+        vq, dyn = (on if kind == "vqvae" else ~on), (on if kind == "dynamics" else ~on)
+        slots = Slots(vq, index(v.batch_size, C), np.ones((num_seeds, n, v.batch_size), bool), dyn,
+                      index(T, d.batch_size, C), rng.integers(0, num_actions, (num_seeds, n, T, d.batch_size)).astype(np.int32),
+                      rng.choice([-1.0, 0.0, 1.0], (num_seeds, n, T, d.batch_size)).astype(np.float32),
+                      rng.random((num_seeds, n, T, d.batch_size)) < 0.05, np.ones((num_seeds, n, d.batch_size), bool))
+        return slots, SharedSlots(np.arange(n, dtype=np.int32), vq[0], dyn[0])
+    state = [worlds]
+
+    def world_model_chunk(slots, shared):  # threads the world through: the scanned program donates it
+        state[0], vq_sums, dyn_sums = programs.world_model_chunk(state[0], frames, slots, shared, keys, jnp.float32(1.0))
+        return state[0], vq_sums, dyn_sums
+    for kind in ("vqvae", "dynamics"):
+        if kind in only:
+            slots, shared = chunk_of(kind)
+            measure(f"{kind}_step", lambda: world_model_chunk(slots, shared), repeats,
+                    f"{kind}_step (per step of a {n}-slot chunk)", per_call=n)
 
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
     if "imagination" in only:
@@ -139,9 +146,10 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
                     "imagination_rollout (one seed)")
         out["simulated_steps_per_s"] = p.num_envs * p.horizon / t
 
-    agents, start_batches = seed_axis(AgentState(params, opt_state)), seed_axis(start_obs)
+    agents = seed_axis(AgentState(params, opt_state))
+    start_stacks = seed_axis(rng.integers(0, pool, (p.num_envs, frame[2])).astype(np.int32))
     if "ppo" in only:
-        measure("ppo_update", lambda: programs.policy_update(worlds, agents, start_batches, keys)[1],
+        measure("ppo_update", lambda: programs.policy_update(worlds, agents, frames, start_stacks, keys)[1],
                 max(3, repeats // 2))
 
     for n in (1, config.env.num_eval_envs) if "act" in only else ():
@@ -173,12 +181,14 @@ def stub_run(config, replays: list, work=jax.device_put):
     from dlwm_jax.run_state import Run
     S, metrics = len(replays), {"loss": jnp.zeros(len(replays))}
     step = lambda state, *inputs: (work(inputs), state, metrics)[1:]
-    programs = Programs(
-        vqvae_step=lambda active, world, batch, lr: step(world, active, batch),
-        encode_sequences=lambda world, observations: (work(observations), None),
-        dynamics_update=lambda active, world, stats, indices, batch, keys, i: step(world, active, batch),
-        policy_update=lambda world, agent, starts, keys: step(agent, starts, keys),
-        act_collect=None, act_eval=None, random_act=None, diagnostics=None, imagined_returns=None)
+    sums = {"loss": jnp.zeros(S), "steps": jnp.ones(S)}
+
+    def world_model_chunk(world, frames, slots, shared, steps_keys, lr_scale):
+        work((slots, steps_keys))
+        return world, [sums], [sums]
+    programs = Programs(chunk_slots=2, world_model_chunk=world_model_chunk,
+                        policy_update=lambda world, agent, frames, starts, keys: step(agent, starts, keys),
+                        act_collect=None, act_eval=None, random_act=None, diagnostics=None, imagined_returns=None)
 
     class Quiet:  # loggers
         def __getattr__(self, name):
@@ -186,7 +196,8 @@ def stub_run(config, replays: list, work=jax.device_put):
 
     world = types.SimpleNamespace(config=config)  # all that the epochs read of a world model besides the programs
     return Run(config=config, workdir="", seeds=list(range(S)), seed_dirs=[""] * S, programs=programs,
-                     networks=None, sharding=None, world=world, agent=None, replays=replays, collector=None,
+                     networks=None, sharding=None, world=world, agent=None, replays=replays, frames=None,
+                     collector=None,
                      checkpoints=None, meta={}, loggers=[Quiet()] * S, echo=print, lock=None, total_seeds=S,
                      share=(0, 1))
 
@@ -195,20 +206,20 @@ def measure_host_loop(config, num_seeds: int, frames: int = 12_800, updates: int
     """Host time (ms) per step of the loop's own epoch code for `num_seeds` seeds: per VQ-VAE step of a warm-up
     epoch (epochs.warmup_epoch), per dynamics step of a joint epoch (epochs.joint_epoch) and per policy update
     (phases.policy), on a `stub_run` whose programs only place their inputs on the device (not awaited). That is
-    the work a device waits for if the loop is host-bound: replay gathers, stacking over seeds, key derivation,
-    transfers."""
+    the work a device waits for if the loop is host-bound: drawing the batches' frame indices (replay plans),
+    laying them out as slots over seeds, key derivation, transfers of the indices."""
     from dlwm_jax.epochs import joint_epoch, warmup_epoch
     from dlwm_jax.phases import policy
     from dlwm_jax.run_state import WARMUP
     run = stub_run(config, random_replays(config, num_seeds, frames))
     out, keys, steps = {}, run.keys(0, WARMUP), []
     start = time.perf_counter()
-    warmup_epoch(run.programs, run.world, run.replays, keys, run.put)
+    warmup_epoch(run.programs, run.world, run.replays, run.frames, keys)
     out["vqvae"] = (time.perf_counter() - start) / run.replays[0].num_observation_batches(config.vqvae.batch_size)
     start = time.perf_counter()
-    joint_epoch(run.programs, run.world, run.replays, keys, 10**9, run.put,  # one VQ-VAE step in the epoch
-                progress=lambda kind, i, m: steps.append(i) if kind == "dynamics" else None)
-    out["dynamics"] = (time.perf_counter() - start) / len(steps)
+    joint_epoch(run.programs, run.world, run.replays, run.frames, keys, 10**9,  # one VQ-VAE step in the epoch
+                progress=lambda kind, i, m: steps.append(i + 1))
+    out["dynamics"] = (time.perf_counter() - start) / steps[-1]
     run.config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, ppo_updates=(updates,)))
     policy(run, 0, 0)  # compiles the phase's key programs
     start = time.perf_counter()

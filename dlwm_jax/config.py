@@ -119,10 +119,10 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
                 policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
-                ppo_ynnpack="reduce", threefry_partitionable=False),
+                ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
     "accelerator": dict(upsample="transpose", dynamics_unroll=1, lstm_conv="xla", dream_lstm_conv="xla",
                         policy_conv="xla", imagination_unroll=1, ppo_unroll=False, vqvae_ynnpack="all",
-                        ppo_ynnpack="all", threefry_partitionable=True),
+                        ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=64),
 }
 
 
@@ -159,6 +159,8 @@ class ComputeConfig:
                                         # YNNPACK reductions)
     threefry_partitionable: bool | None = None  # False / True: the partitionable PRNG compiles several times slower
                                                 # on XLA:CPU (why True elsewhere: COMPUTE_PRESETS)
+    epoch_chunk: int | None = None  # 0 / 64: world-model epoch slots per compiled scan (0: a program per step
+                                    # kind with its own XLA:CPU options, a host loop dispatching them; programs.py)
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)
 
@@ -246,6 +248,8 @@ def validate(config: Config) -> Config:
     for name in ("dynamics_unroll", "imagination_unroll"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ValueError(f"compute.{name} must be >= 1, got {getattr(c, name)}")
+    if c.epoch_chunk is not None and c.epoch_chunk < 0:
+        raise ValueError(f"compute.epoch_chunk must be >= 0 (0 = a program per step kind), got {c.epoch_chunk}")
     positive = {"env.frame_stack": config.env.frame_stack, "env.num_eval_envs": config.env.num_eval_envs,
                 "schedule.num_iterations": s.num_iterations, "schedule.initial_steps": s.initial_steps,
                 "vqvae.batch_size": config.vqvae.batch_size, "dynamics.batch_size": config.dynamics.batch_size,

@@ -1,12 +1,11 @@
 """Epochs over the seed axis (SPEC 8.3): one warm-up epoch of VQ-VAE steps, one joint epoch of VQ-VAE and
-dynamics steps, for S seeds at once. The host draws each seed's batches from its replay (replay.py's
-generators, in order) and feeds them to the compiled programs (programs.py); seeds whose epochs are shorter get
-masked steps."""
+dynamics steps, for S seeds at once. The host draws each seed's batches as frame indices from its replay
+(replay.py's plans: its generators, in order) and lays them out as slots (slots.py); programs.world_model_chunk
+runs them a chunk at a time, gathering the batches from the frames on the device (Run.frames) and summing the
+metrics there, so the epoch's one host sync is the fetch of its sums at the end. Seeds whose epochs are shorter
+get masked slots."""
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -14,35 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlwm_jax import world_model as wm
+from dlwm_jax.config import Config
 from dlwm_jax.programs import Programs
-from dlwm_jax.replay import Replay
+from dlwm_jax.replay import ObservationPlan, Replay, SequencePlan
 from dlwm_jax.seed_axis import unstack
-
-
-@functools.cache
-def _gather_pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                                 thread_name_prefix="replay-gather")
-
-
-def _next_batches(streams: Sequence[Any], active: np.ndarray) -> list:
-    """The next batch of each active seed's stream (None for the others). With several seeds the replay gathers
-    run in threads (numpy copies without the GIL), so the host's work per step grows less than S-fold; each
-    stream is still read by one thread at a time, in order."""
-    pull = lambda stream, on: next(stream) if on else None
-    if len(streams) == 1:
-        return [pull(streams[0], active[0])]
-    return list(_gather_pool().map(pull, streams, active))
-
-
-def _stack_batches(batches: Sequence[Any]) -> Any:
-    """Per-seed ObservationBatch / SequenceBatch (numpy) -> one with a leading seed axis."""
-    return type(batches[0])(*(np.stack(fields) for fields in zip(*batches)))
-
-
-def _zeros_like(batch: Any) -> Any:
-    """A padding batch: zeros everywhere, valid all False (masked out of losses and the EMA anyway)."""
-    return type(batch)(*(np.zeros_like(x) for x in batch))
+from dlwm_jax.slots import SharedSlots, Slots
 
 
 def per_seed_metrics(history: list, num_seeds: int) -> list[dict[str, float]]:
@@ -51,77 +26,99 @@ def per_seed_metrics(history: list, num_seeds: int) -> list[dict[str, float]]:
     return [wm.average_metrics([unstack(m, s) for on, m in history if on[s]]) for s in range(num_seeds)]
 
 
-def warmup_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence[Replay], keys: jax.Array,
-                 put: Callable = lambda tree: tree, progress: wm.Progress | None = None
+def _rows(plans: Sequence[Any], rows: np.ndarray, active: np.ndarray) -> list[np.ndarray]:
+    """Per field, [S, L, ...]: row rows[i] of seed s's plan where active[s, i], else zeros (a masked slot)."""
+    def field(xs):
+        return np.stack([np.where(on.reshape(-1, *[1] * (x.ndim - 1)), x[np.minimum(rows, len(x) - 1)], 0)
+                         if len(x) else np.zeros((len(rows), *x.shape[1:]), x.dtype) for x, on in zip(xs, active)])
+    return [field(xs) for xs in zip(*plans)]
+
+
+def epoch_slots(config: Config, vq_plans: Sequence[ObservationPlan], seq_plans: Sequence[SequencePlan] | None = None,
+                interval: int = 1) -> tuple[Slots, SharedSlots]:
+    """Slots [S, L] and shared [L] of one epoch per seed. seq_plans None: a warm-up epoch, slot i = VQ-VAE batch i.
+    Otherwise a joint epoch: slot i = (VQ-VAE batch i // interval if i % interval == 0, batches are left and
+    i <= D_s; dynamics batch i if i < D_s) for i < max D_s + 1 (D_s: seed s's dynamics batches)."""
+    num_vq = {len(p.valid) for p in vq_plans}
+    assert len(num_vq) == 1, "seeds' replays must have equal sizes"
+    num_vq = num_vq.pop()
+    if seq_plans is None:
+        d, stack = config.dynamics, config.env.frame_stack
+        empty = lambda *shape, dtype=np.int32: np.zeros((0, *shape), dtype)
+        seq_plans = [SequencePlan(empty(d.sequence_length, d.batch_size, stack), empty(d.sequence_length, d.batch_size),
+                                  empty(d.sequence_length, d.batch_size, dtype=np.float32),
+                                  empty(d.sequence_length, d.batch_size, dtype=bool), empty(d.batch_size, dtype=bool))
+                     for _ in vq_plans]
+        index, interval = np.arange(num_vq), 1
+        vq_active = np.ones((len(vq_plans), num_vq), bool)
+    else:
+        counts = np.array([len(p.valid) for p in seq_plans])
+        index = np.arange(counts.max() + 1)
+        vq_active = (index % interval == 0) & (index // interval < num_vq) & (index[None] <= counts[:, None])
+    dyn_active = index[None] < np.array([len(p.valid) for p in seq_plans])[:, None]
+    vq_frames, vq_valid = _rows(vq_plans, index // interval, vq_active)
+    dyn_frames, actions, rewards, terminals, dyn_valid = _rows(seq_plans, index, dyn_active)
+    slots = Slots(vq_active, vq_frames, vq_valid, dyn_active, dyn_frames, actions, rewards, terminals, dyn_valid)
+    return slots, SharedSlots(index.astype(np.int32), vq_active.any(0), dyn_active.any(0))
+
+
+def run_slots(programs: Programs, world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: SharedSlots,
+              steps_keys: jax.Array, lr_scale: float, progress: wm.Progress | None = None,
+              ) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
+    """An epoch's slots through programs.world_model_chunk, programs.chunk_slots at a time (the last chunk padded
+    with slots no seed takes). Returns (world, per seed {"vqvae": metrics, "dynamics": metrics} averaged over the
+    steps it took; {} for a kind it took none of)."""
+    n, length = programs.chunk_slots, len(shared.index)
+    pad = -length % n
+    slots = Slots(*(np.concatenate([x, np.zeros((x.shape[0], pad, *x.shape[2:]), x.dtype)], 1) for x in slots))
+    shared = SharedSlots(np.concatenate([shared.index, np.arange(length, length + pad, dtype=np.int32)]),
+                         *(np.concatenate([x, np.zeros(pad, bool)]) for x in shared[1:]))
+    lr_scale = jnp.asarray(lr_scale, jnp.float32)
+    sums = {"vqvae": [], "dynamics": []}
+    for start in range(0, length + pad, n):
+        part = Slots(*(x[:, start:start + n] for x in slots))
+        world, vq, dyn = programs.world_model_chunk(world, frames, part, SharedSlots(*(x[start:start + n] for x in shared)),
+                                                    steps_keys, lr_scale)
+        sums["vqvae"] += vq
+        sums["dynamics"] += dyn
+        if progress is not None:
+            progress("dynamics" if shared.dyn_on.any() else "vqvae", min(start + n, length) - 1, None)
+    totals = {kind: jax.tree.map(lambda *xs: np.sum(xs, 0, dtype=np.float64), *jax.device_get(found))
+              for kind, found in sums.items() if found}
+    return world, [{kind: wm.metrics_from_sums(unstack(totals[kind], s)) if kind in totals else {} for kind in sums}
+                   for s in range(slots.vq_active.shape[0])]
+
+
+def warmup_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence[Replay], frames: jax.Array,
+                 keys: jax.Array, progress: wm.Progress | None = None
                  ) -> tuple[wm.WorldModelState, list[dict[str, float]]]:
     """One warm-up epoch per seed (SPEC 8.3, iteration 1): a full shuffled pass of VQ-VAE steps at lr x multiplier.
-    world [S, ...], one replay and key per seed, put: Run.put. Returns (world, per seed averaged metrics)."""
-    config, S = world.config, len(replays)
-    streams = [r.observation_batches(k, config.vqvae.batch_size) for r, k in zip(replays, keys)]
-    num_batches = {r.num_observation_batches(config.vqvae.batch_size) for r in replays}
-    assert len(num_batches) == 1, "seeds' replays must have equal sizes"
-    lr_scale = jnp.asarray(config.vqvae.warmup_lr_multiplier, jnp.float32)
-    active = np.ones(S, bool)
-    history = []
-    for i in range(num_batches.pop()):
-        batches = _stack_batches(_next_batches(streams, active))
-        world, metrics = programs.vqvae_step(put(active), world, put(batches), lr_scale)
-        history.append((active, metrics))
-        if progress is not None:
-            progress("vqvae", i, metrics)
-    return world, per_seed_metrics(history, S)
+    world [S, ...], one replay and key per seed, frames [S, capacity, H, W] (Run.frames). Returns (world, per seed
+    averaged metrics)."""
+    config = world.config
+    plans = [r.observation_plan(k, config.vqvae.batch_size) for r, k in zip(replays, keys)]
+    slots, shared = epoch_slots(config, plans)
+    world, per_seed = run_slots(programs, world, frames, slots, shared, keys, config.vqvae.warmup_lr_multiplier,
+                                progress)
+    return world, [metrics["vqvae"] for metrics in per_seed]
 
 
-def joint_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence[Replay], keys: jax.Array,
-                interval: int, put: Callable = lambda tree: tree, lr_scale: float = 1.0,
-                progress: wm.Progress | None = None) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
+def joint_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence[Replay], frames: jax.Array,
+                keys: jax.Array, interval: int, lr_scale: float = 1.0, progress: wm.Progress | None = None
+                ) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
     """One joint epoch per seed (SPEC 8.3): for i = 0, 1, ...: if i % interval == 0 and the VQ-VAE stream is not
     exhausted, one VQ-VAE step; then one dynamics step with key fold_in(split(key, 3)[2], i); the epoch ends when
     the dynamics stream is exhausted (floor(D / interval) + 1 VQ-VAE steps for D window batches).
 
     Seeds whose epochs have fewer dynamics batches D_s (window offsets are random per seed, SPEC 2) get masked
-    no-op steps until the longest is done. world [S, ...], one replay and key per seed, put: Run.put.
+    no-op steps until the longest is done. world [S, ...], one replay and key per seed, frames as warmup_epoch.
     Returns (world, per seed {"vqvae": ..., "dynamics": ...} averaged).
     """
-    config, S = world.config, len(replays)
-    d = config.dynamics
+    config, d = world.config, world.config.dynamics
     split = [jax.random.split(k, 3) for k in keys]  # (vqvae order, dynamics order, dynamics steps) per seed
-    vq_streams = [r.observation_batches(k[0], config.vqvae.batch_size) for r, k in zip(replays, split)]
-    num_vq = {r.num_observation_batches(config.vqvae.batch_size) for r in replays}
-    assert len(num_vq) == 1, "seeds' replays must have equal sizes"
-    num_vq = num_vq.pop()
-    dyn_counts = np.array([r.num_sequence_batches(k[1], d.batch_size, d.sequence_length, d.max_offset)
-                           for r, k in zip(replays, split)])
-    dyn_streams = [r.sequence_batches(k[1], d.batch_size, d.sequence_length, d.max_offset)
-                   for r, k in zip(replays, split)]
-    steps_keys = put(jnp.stack([k[2] for k in split]))
-    lr_scale = jnp.asarray(lr_scale, jnp.float32)
-    vq_history, dyn_history = [], []
-    filler = {}
-
-    def stacked(streams, active):
-        batches = _next_batches(streams, active)
-        if not active.all():
-            some = next(b for b in batches if b is not None)
-            pad = filler[type(some)] = filler.get(type(some)) or _zeros_like(some)
-            batches = [pad if b is None else b for b in batches]
-        return put(_stack_batches(batches))
-
-    for i in range(int(dyn_counts.max()) + 1):
-        vq_active = np.full(S, i % interval == 0 and i // interval < num_vq) & (i <= dyn_counts)
-        if vq_active.any():
-            world, metrics = programs.vqvae_step(put(vq_active), world, stacked(vq_streams, vq_active), lr_scale)
-            vq_history.append((vq_active, metrics))
-        dyn_active = i < dyn_counts
-        if dyn_active.any():
-            batch = stacked(dyn_streams, dyn_active)
-            indices, batch_stats = programs.encode_sequences(world, batch.observations)
-            world, metrics = programs.dynamics_update(put(dyn_active), world, batch_stats, indices, batch,
-                                                      steps_keys, i)
-            dyn_history.append((dyn_active, metrics))
-            if progress is not None:
-                progress("dynamics", i, metrics)
-    vqvae, dynamics = per_seed_metrics(vq_history, S), per_seed_metrics(dyn_history, S)
-    return world, [{"vqvae": v, "dynamics": dy} for v, dy in zip(vqvae, dynamics)]
-
-
+    vq_plans = [r.observation_plan(k[0], config.vqvae.batch_size) for r, k in zip(replays, split)]
+    seq_plans = [r.sequence_plan(k[1], d.batch_size, d.sequence_length, d.max_offset) for r, k in zip(replays, split)]
+    slots, shared = epoch_slots(config, vq_plans, seq_plans, interval)
+    world, per_seed = run_slots(programs, world, frames, slots, shared, jnp.stack([k[2] for k in split]), lr_scale,
+                                progress)
+    return world, per_seed

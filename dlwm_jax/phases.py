@@ -32,7 +32,7 @@ def collect(run: Run, it: int, _first_unit: int = 0) -> None:
     trajectory, stats = run.collector.collect(policy_fn, steps * run.num_seeds, run.keys(it, COLLECT))
     run.checkpoints.save_replay_chunk(run.meta["chunks"], trajectory._asdict())
     run.meta["chunks"] += 1
-    add_per_seed(run.replays, trajectory)
+    run.add_chunk(trajectory)
     for s_ in range(run.num_seeds):
         returns = stats["episode_returns"][stats["episode_envs"] // ENVS_PER_SEED == s_]
         run.record(s_, it, "collect", {"episodes": len(returns),
@@ -44,7 +44,7 @@ def collect(run: Run, it: int, _first_unit: int = 0) -> None:
 def warmup(run: Run, it: int, first_epoch: int) -> None:
     epochs = run.config.schedule.warmup_epochs
     for epoch in range(first_epoch, epochs):
-        run.world, per_seed = warmup_epoch(run.programs, run.world, run.replays, run.keys(it, WARMUP, epoch), run.put,
+        run.world, per_seed = warmup_epoch(run.programs, run.world, run.replays, run.frames, run.keys(it, WARMUP, epoch),
                                            run.heartbeat(it, "warmup", epoch, epochs))
         for s in range(run.num_seeds):
             run.record(s, it, "warmup", per_seed[s], unit=epoch)
@@ -58,8 +58,8 @@ def world_model(run: Run, it: int, first_epoch: int) -> None:
     if it > 0 and first_epoch == 0:  # the last world model on the chunk it has not trained on yet
         diagnose(run, it, run.replays, len(run.replays[0]) - s.steps_per_iteration)
     for epoch in range(first_epoch, epochs):
-        run.world, per_seed = joint_epoch(run.programs, run.world, run.replays, run.keys(it, WORLD_MODEL, epoch),
-                                          s.vq_update_intervals[it], run.put,
+        run.world, per_seed = joint_epoch(run.programs, run.world, run.replays, run.frames,
+                                          run.keys(it, WORLD_MODEL, epoch), s.vq_update_intervals[it],
                                           progress=run.heartbeat(it, "world_model", epoch, epochs))
         for seed_index in range(run.num_seeds):
             for kind in ("vqvae", "dynamics"):
@@ -81,8 +81,8 @@ def policy(run: Run, it: int, first_update: int) -> None:
     keys = jax.vmap(jax.vmap(jax.random.split))(run.unit_keys(it, POLICY, units))  # [U, S, 2]
     rngs, S = generators(keys[:, :, 0]), run.num_seeds  # [U x S] in order
     for i, u in enumerate(units):
-        starts = np.stack([r.sample_observations(rng, p.num_envs) for r, rng in zip(run.replays, rngs[i * S:])])
-        run.agent, metrics = run.programs.policy_update(run.world, run.agent, run.put(starts),
+        starts = np.stack([r.sample_stacks(rng, p.num_envs) for r, rng in zip(run.replays, rngs[i * S:])])
+        run.agent, metrics = run.programs.policy_update(run.world, run.agent, run.frames, run.put(starts),
                                                         run.put(keys[i, :, 1]))
         history.append(metrics)
         if (u + 1) % report_every == 0 or u + 1 == updates:

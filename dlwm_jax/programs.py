@@ -8,14 +8,16 @@ from typing import Any, Callable, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
-from dlwm_jax import ppo
+from dlwm_jax import ppo, slots
 from dlwm_jax import world_model as wm
 from dlwm_jax.config import Config, resolve_compute
+from dlwm_jax.device_replay import gather
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
-from dlwm_jax.seed_axis import masked, over_seeds
+from dlwm_jax.seed_axis import over_seeds
 
 
 @flax.struct.dataclass
@@ -34,21 +36,15 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
     return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
 
 
-def _dynamics_update(state: wm.WorldModelState, batch_stats, indices, batch, steps_key, i):
-    state = state.replace(encoder_batch_stats=batch_stats)  # wm.dynamics_step, split at its encoder pass
-    return wm.dynamics_update(state, indices, batch.actions, batch.rewards, batch.terminals, batch.valid,
-                              jax.random.fold_in(steps_key, i))
-
-
 class Programs(NamedTuple):
     """Every compiled program of the loop; arguments and outputs [S, ...] unless said otherwise."""
-    vqvae_step: Callable        # (active, world, ObservationBatch, lr_scale shared) -> (world, metrics)
-    encode_sequences: Callable  # (world, observations [S, T, B, ...]) -> (indices, batch_stats)
-    dynamics_update: Callable   # (active, world, batch_stats, indices, SequenceBatch, steps_key, i shared)
+    chunk_slots: int            # slots per world_model_chunk call (ComputeConfig.epoch_chunk; 16 when that is 0)
+    world_model_chunk: Callable  # (world, frames, Slots [S, L] numpy, SharedSlots [L] numpy, steps_keys, lr_scale)
+                                 # -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py)
     act_collect: Callable       # (world, agent_params, observations [S, E, ...], key) -> actions [S, E]
     act_eval: Callable
     random_act: Callable        # (observations [S, E, ...], key) -> uniform actions [S, E]
-    policy_update: Callable     # (world, agent, start observations, key) -> (agent, metrics)
+    policy_update: Callable     # (world, agent, frames, start stacks [S, n, C], key) -> (agent, metrics)
     diagnostics: Callable       # (world, observations, actions, rewards, key) -> metrics
     imagined_returns: Callable  # (world, agent_params, start observations, key) -> returns [S, N]
 
@@ -65,9 +61,7 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
     compile_ = lambda fn, in_axes, program=None: over_seeds(
         fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None)
     return Programs(
-        vqvae_step=compile_(masked(wm.vqvae_step, S), (0, 0, 0, None), "vqvae_step"),
-        encode_sequences=compile_(wm.encode_sequences, (0, 0), "vqvae_step"),
-        dynamics_update=compile_(masked(_dynamics_update, S), (0, 0, 0, 0, 0, 0, None)),
+        *make_world_model_chunk(config, S, sharding),
         act_collect=compile_(make_act(networks, config.env.collect_temperature), (0, 0, 0, 0)),
         act_eval=compile_(make_act(networks, 1.0), (0, 0, 0, 0)),
         random_act=compile_(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32), (0, 0)),
@@ -75,6 +69,43 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
                                          lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
         diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5),
         imagined_returns=compile_(functools.partial(imagined_returns, networks, config), (0,) * 4))
+
+
+def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedSharding | None) -> tuple[int, Callable]:
+    """(chunk_slots, world_model_chunk) of Programs. compute.epoch_chunk = n > 0: a chunk of n slots is one compiled
+    lax.scan (slots.chunk; world donated), one dispatch and no host sync per n slots. 0 (the CPU's choice): each
+    part of a slot is its own program with its own XLA options (the VQ-VAE step and the dynamics step's encoder
+    pass want other XLA:CPU kernels than the ConvLSTM update), dispatched by a host loop over the chunk's slots."""
+    S, mask, n = num_seeds, num_seeds > 1, config.compute.epoch_chunk
+    put = (lambda tree: jax.device_put(tree, sharding)) if sharding is not None else (lambda tree: tree)
+    compile_ = lambda fn, in_axes, program=None, donate=(): over_seeds(
+        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate)
+    if n:
+        program = compile_(functools.partial(slots.chunk, mask=mask), (0, 0, 0, None, 0, None), donate=(0,))
+
+        def scanned(world, frames, part, shared, steps_keys, lr_scale):
+            world, (vq, dyn) = program(world, frames, put(part), shared, put(steps_keys), lr_scale)
+            return world, [vq], [dyn]
+        return n, scanned
+
+    vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step")
+    encode = compile_(slots.encode_slot, (0, 0, 0), "vqvae_step")
+    dynamics = compile_(functools.partial(slots.dynamics_slot, mask=mask), (0, 0, 0, 0, 0, None))
+
+    def per_slot(world, frames, part, shared, steps_keys, lr_scale):
+        vq_sums, dyn_sums = [], []
+        steps_keys = put(steps_keys)
+        for j in np.flatnonzero(shared.vq_on | shared.dyn_on):
+            slot = put(slots.Slots(*(x[:, j] for x in part)))
+            if shared.vq_on[j]:
+                world, sums = vqvae(world, frames, slot, lr_scale)
+                vq_sums.append(sums)
+            if shared.dyn_on[j]:
+                indices, batch_stats = encode(world, frames, slot)
+                world, sums = dynamics(world, batch_stats, indices, slot, steps_keys, shared.index[j])
+                dyn_sums.append(sums)
+        return world, vq_sums, dyn_sums
+    return 16, per_slot
 
 
 def make_act(networks, temperature: float):
@@ -88,8 +119,9 @@ def make_act(networks, temperature: float):
 
 
 def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):
-    """update(world, agent, start_observations, key) -> (agent, metrics): encode 16 real start observations
-    (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7).
+    """update(world, agent, frames, start_stacks, key) -> (agent, metrics): gather 16 real start observations
+    (start_stacks int [16, C]: their frame indices, Replay.sample_stacks) from frames uint8 [N, H, W] (the
+    replay's on the device), encode them (eval BN), imagine 50 steps, one PPO update (SPEC 6, 7).
 
     Two compiled programs, so each gets its own XLA options (ComputeConfig.compiler_options): the dream and
     the PPO update. compile_fn(fn, num_args, compiler_options) compiles each (default: jax.jit; the loop
@@ -98,9 +130,9 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
     config = resolve_compute(config)
     p = config.policy
 
-    def dream(world: wm.WorldModelState, agent: AgentState, start_observations, key):
+    def dream(world: wm.WorldModelState, agent: AgentState, frames, start_stacks, key):
         dream_key, ppo_key = jax.random.split(key)
-        start_indices, _ = wm.encode(world, start_observations)
+        start_indices, _ = wm.encode(world, gather(frames, start_stacks))
         dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent.params,
                         world.codebook.embeddings, start_indices, dream_key, p.horizon, p.bootstrap_at_horizon,
                         unroll=config.compute.imagination_unroll)
@@ -115,11 +147,11 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         return AgentState(params, opt_state), metrics
 
     compile_fn = compile_fn or (lambda fn, num_args, options: jax.jit(fn, compiler_options=options))
-    dream_program = compile_fn(dream, 4, {})
+    dream_program = compile_fn(dream, 5, {})
     improve_program = compile_fn(improve, 4, config.compute.compiler_options("ppo_update"))
 
-    def update(world: wm.WorldModelState, agent: AgentState, start_observations, key):
-        rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, start_observations, key)
+    def update(world: wm.WorldModelState, agent: AgentState, frames, start_stacks, key):
+        rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, frames, start_stacks, key)
         agent, metrics = improve_program(agent, rollout, bootstrap_value, ppo_key)
         return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
     return update

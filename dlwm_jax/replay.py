@@ -31,6 +31,22 @@ class ObservationBatch(NamedTuple):
     valid: np.ndarray         # bool [B]; False rows are padding (only in an epoch's last batch)
 
 
+class ObservationPlan(NamedTuple):
+    """The frame indices of an epoch's VQ-VAE batches (what `observation_batches` gathers), for a gather elsewhere
+    (device_replay.gather)."""
+    frames: np.ndarray  # int32 [N, B, C]: frame indices of each batch row's stack, oldest first
+    valid: np.ndarray   # bool [N, B]
+
+
+class SequencePlan(NamedTuple):
+    """An epoch's dynamics batches (what `sequence_batches` yields) with frame indices in place of frames."""
+    frames: np.ndarray     # int32 [N, T, B, C]
+    actions: np.ndarray    # int32 [N, T, B]
+    rewards: np.ndarray    # float32 [N, T, B], raw
+    terminals: np.ndarray  # bool [N, T, B]
+    valid: np.ndarray      # bool [N, B]
+
+
 class SequenceBatch(NamedTuple):
     """Dynamics minibatch, time-major (SPEC 2, 4.6)."""
     observations: np.ndarray  # uint8 [T, B, H, W, C]
@@ -179,11 +195,19 @@ class Replay:
 
     def observations(self, indices: np.ndarray) -> np.ndarray:
         """int [...] step indices -> stacked observations uint8 [..., H, W, C] (NHWC, oldest in channel 0)."""
-        stack = self.stack_indices(indices)
+        return self.gather(self.stack_indices(indices))
+
+    def gather(self, stack: np.ndarray) -> np.ndarray:
+        """int [..., C] frame indices (stack_indices) -> uint8 [..., H, W, C]; device_replay.gather on the device."""
         out = np.empty((*stack.shape[:-1], *self.frame_shape, self.frame_stack), np.uint8)
         for c in range(self.frame_stack):  # channel by channel: faster than copying one gather with its axis moved
             out[..., c] = self._frames[stack[..., c]]
         return out
+
+    @property
+    def frames(self) -> np.ndarray:
+        """uint8 [len, H, W]: every stored frame (a view)."""
+        return self._frames[:self._size]
 
     def sequences(self, starts: np.ndarray, length: int) -> SequenceBatch:
         """int [B] window starts -> time-major SequenceBatch of steps start..start+length-1 (valid all True)."""
@@ -196,14 +220,17 @@ class Replay:
         """Batches in one `observation_batches` pass: ceil(len / batch_size) (last partial batch kept)."""
         return -(-self._size // batch_size)
 
-    def observation_batches(self, key: jax.Array, batch_size: int = 40) -> Iterator[ObservationBatch]:
-        """One full shuffled pass over all stored observations (SPEC 2, VQ-VAE use: window 1, no offset).
+    def observation_plan(self, key: jax.Array, batch_size: int = 40) -> ObservationPlan:
+        """One full shuffled pass over all stored observations (SPEC 2, VQ-VAE use: window 1, no offset), as the
+        frame indices of ceil(len / batch_size) batches; the last is padded (valid False)."""
+        order, valid = _pad(_generator(key).permutation(self._size), batch_size)
+        return ObservationPlan(self.stack_indices(order).astype(np.int32).reshape(-1, batch_size, self.frame_stack),
+                               valid.reshape(-1, batch_size))
 
-        Yields ceil(len / batch_size) ObservationBatch(observations uint8 [B, H, W, C], valid bool [B]).
-        """
-        order, valid = _pad(_generator(key).permutation(self._size), batch_size)  # drawn now, not at first next()
-        return (ObservationBatch(self.observations(order[i:i + batch_size]), valid[i:i + batch_size])
-                for i in range(0, len(order), batch_size))
+    def observation_batches(self, key: jax.Array, batch_size: int = 40) -> Iterator[ObservationBatch]:
+        """`observation_plan`'s batches gathered here: ObservationBatch(observations uint8 [B, H, W, C], valid [B])."""
+        plan = self.observation_plan(key, batch_size)  # drawn now, not at first next()
+        return (ObservationBatch(self.gather(frames), valid) for frames, valid in zip(*plan))
 
     def sequence_starts(self, key: jax.Array, length: int = 11, max_offset: int = 10) -> np.ndarray:
         """Shuffled window starts of one dynamics epoch, int64 [num_windows] (SPEC 2; see `window_starts`)."""
@@ -215,16 +242,22 @@ class Replay:
         """Batches `sequence_batches` yields for the same arguments: ceil(num_windows / batch_size) (SPEC 8.4)."""
         return -(-len(self.sequence_starts(key, length, max_offset)) // batch_size)
 
+    def sequence_plan(self, key: jax.Array, batch_size: int = 4, length: int = 11,
+                      max_offset: int = 10) -> SequencePlan:
+        """One dynamics epoch (SPEC 2, dynamics use; drop_last_time, last partial batch kept and padded), with
+        frame indices [N, T, B, C] in place of observations. Windows never cross trajectory (chunk) boundaries but
+        may cross episode boundaries."""
+        starts, valid = _pad(self.sequence_starts(key, length, max_offset), batch_size)
+        steps = starts.reshape(-1, 1, batch_size) + np.arange(length)[None, :, None]  # [N, T, B]
+        return SequencePlan(self.stack_indices(steps).astype(np.int32), self._actions[steps], self._rewards[steps],
+                            self._terminals[steps], valid.reshape(-1, batch_size))
+
     def sequence_batches(self, key: jax.Array, batch_size: int = 4, length: int = 11,
                          max_offset: int = 10) -> Iterator[SequenceBatch]:
-        """One dynamics epoch (SPEC 2, dynamics use; drop_last_time, last partial batch kept and padded).
-
-        Windows never cross trajectory (chunk) boundaries but may cross episode boundaries. Yields SequenceBatch
-        with observations uint8 [T, B, H, W, C], actions/rewards/terminals [T, B], valid bool [B].
-        """
-        starts, valid = _pad(self.sequence_starts(key, length, max_offset), batch_size)  # drawn now
-        return (self.sequences(starts[i:i + batch_size], length)._replace(valid=valid[i:i + batch_size])
-                for i in range(0, len(starts), batch_size))
+        """`sequence_plan`'s batches gathered here: SequenceBatch with observations uint8 [T, B, H, W, C],
+        actions/rewards/terminals [T, B], valid bool [B]."""
+        plan = self.sequence_plan(key, batch_size, length, max_offset)  # drawn now
+        return (SequenceBatch(self.gather(frames), *rest) for frames, *rest in zip(*plan))
 
     def window_starts_from(self, key: jax.Array, count: int, length: int, first_step: int = 0) -> np.ndarray:
         """Up to `count` distinct random starts of `length`-step windows that begin at or after `first_step`, lie
@@ -242,11 +275,16 @@ class Replay:
         candidates = starts[ok]
         return np.sort(_generator(key).choice(candidates, min(count, len(candidates)), replace=False))
 
-    def sample_observations(self, key: jax.Array | np.random.Generator, n: int = 16) -> np.ndarray:
-        """n distinct steps uniformly from the whole buffer -> uint8 [n, H, W, C] (start states, SPEC 2, 6)."""
+    def sample_stacks(self, key: jax.Array | np.random.Generator, n: int = 16) -> np.ndarray:
+        """n distinct steps uniformly from the whole buffer -> their frame indices int32 [n, C] (start states,
+        SPEC 2, 6), for a gather here (`sample_observations`) or on the device (device_replay.gather)."""
         if n > self._size:
             raise ValueError(f"cannot draw {n} distinct observations from {self._size}")
-        return self.observations(_generator(key).choice(self._size, n, replace=False))
+        return self.stack_indices(_generator(key).choice(self._size, n, replace=False)).astype(np.int32)
+
+    def sample_observations(self, key: jax.Array | np.random.Generator, n: int = 16) -> np.ndarray:
+        """`sample_stacks` gathered here: uint8 [n, H, W, C]."""
+        return self.gather(self.sample_stacks(key, n))
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:

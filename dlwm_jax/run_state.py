@@ -27,6 +27,7 @@ from dlwm_jax import world_model as wm
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, Trajectory
 from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict
+from dlwm_jax.device_replay import empty_frames, seed_chunks, write_frames
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger
 from dlwm_jax.programs import AgentState, Programs, compile_programs, initial_state
@@ -68,6 +69,7 @@ class Run:
     world: wm.WorldModelState
     agent: AgentState
     replays: list[Replay]
+    frames: jax.Array           # uint8 [S, capacity, H, W]: the replays' frames on the device (device_replay.py)
     collector: Collector
     checkpoints: Checkpointer
     meta: dict
@@ -94,6 +96,12 @@ class Run:
     def unit_keys(self, iteration: int, phase: int, units: range) -> jax.Array:
         """[U, S] keys: row i is keys(iteration, phase, units[i]), all computed by one program."""
         return _unit_keys(jnp.stack(self.roots), iteration, phase, jnp.arange(units.start, units.stop))
+
+    def add_chunk(self, trajectory: Trajectory) -> None:
+        """A pooled collection into each seed's replay and into the frames on the device."""
+        start = len(self.replays[0])
+        add_per_seed(self.replays, trajectory)
+        self.frames = write_frames(self.frames, self.put(seed_chunks(trajectory.frames, self.num_seeds)), start)
 
     def put(self, tree: Any) -> Any:
         """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
@@ -204,7 +212,7 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
     meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offsets": [0] * per_process,
             "log_steps": [0] * per_process, "eval_histories": [[] for _ in seeds], "last_evals": [None] * per_process,
             "save_index": 0}
-    latest = checkpoints.latest_step()
+    latest, chunks = checkpoints.latest_step(), []
     if latest is not None:
         if "num_seeds" not in checkpoints.restore_meta(latest):  # the one-seed loop before the seed axis
             raise CheckpointError(f"workdir {workdir!r} holds a checkpoint of the older one-seed format (before the "
@@ -216,8 +224,7 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
                              "--num_seeds or number of processes; use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
              f"unit {meta['unit']}")
-        for k in range(meta["chunks"]):
-            add_per_seed(replays, Trajectory(**checkpoints.load_replay_chunk(k)))
+        chunks = [Trajectory(**checkpoints.load_replay_chunk(k)) for k in range(meta["chunks"])]
         if meta["iteration"] < config.schedule.num_iterations:
             _fast_forward(collector, meta["chunks"], checkpoints)
     meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
@@ -225,9 +232,13 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
                for d, offset, step in zip(seed_dirs, meta["metrics_offsets"], meta["log_steps"])]
     loggers[0].echo = echo  # progress lines: seed 0's clock
     networks = make_networks(config, num_actions)
+    frames = empty_frames(per_process, config.total_real_steps, (config.env.image_size,) * 2, sharding)
     run = Run(config, workdir, seeds, seed_dirs, compile_programs(config, num_actions, per_process, sharding), networks,
-              sharding, world, agent, replays, collector, checkpoints, meta, loggers, echo, lock, num_seeds, share)
+              sharding, world, agent, replays, frames, collector, checkpoints, meta, loggers, echo, lock, num_seeds,
+              share)
     run.world, run.agent = run.put(world), run.put(agent)
+    for chunk in chunks:
+        run.add_chunk(chunk)
     return run
 
 

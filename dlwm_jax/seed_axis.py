@@ -47,9 +47,9 @@ def seed_sharding(num_seeds: int, devices: Sequence[jax.Device] | None = None) -
 
 
 def over_seeds(fn: Callable, num_seeds: int, sharding: NamedSharding | None, in_axes: tuple,
-               compiler_options: dict[str, str] | None = None) -> Callable:
+               compiler_options: dict[str, str] | None = None, donate_argnums: tuple[int, ...] = ()) -> Callable:
     """fn compiled for all seeds: arguments with in_axes 0 carry a leading seed axis [S, ...] (None: shared),
-    every output gets one.
+    every output gets one. donate_argnums: arguments whose buffers the program may reuse (the caller drops them).
 
     S = 1: jit of fn on the squeezed axis, the program of a single run. S > 1: jit(vmap(fn)); with a sharding
     each device runs the vmapped fn on its own seeds (shard_map: no cross-seed communication exists, and XLA's
@@ -60,24 +60,12 @@ def over_seeds(fn: Callable, num_seeds: int, sharding: NamedSharding | None, in_
         def single(*args):
             args = [jax.tree.map(lambda x: x[0], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
             return jax.tree.map(lambda x: x[None], fn(*args))
-        return jax.jit(single, compiler_options=compiler_options)
+        return jax.jit(single, compiler_options=compiler_options, donate_argnums=donate_argnums)
     vmapped = jax.vmap(fn, in_axes=in_axes)
     if sharding is None:
-        return jax.jit(vmapped, compiler_options=compiler_options)
+        return jax.jit(vmapped, compiler_options=compiler_options, donate_argnums=donate_argnums)
     seed, shared = PartitionSpec("seed"), PartitionSpec()
     in_specs = tuple(seed if axis == 0 else shared for axis in in_axes)
     # check_vma off: scans start from unvarying zeros (initial LSTM state) and there are no collectives.
     return jax.jit(jax.shard_map(vmapped, mesh=sharding.mesh, in_specs=in_specs, out_specs=seed, check_vma=False),
-                   compiler_options=compiler_options)
-
-
-def masked(step: Callable, num_seeds: int) -> Callable:
-    """step(state, *args) -> (state, metrics) into masked(active, state, *args): inactive seeds keep `state`
-    (seeds whose epoch has fewer batches wait; an Adam step on zero gradients is not a no-op)."""
-    def masked_step(active, state, *args):
-        new_state, metrics = step(state, *args)
-        if num_seeds == 1:  # the one seed is always active
-            return new_state, metrics
-        return jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state), metrics
-    return masked_step
-
+                   compiler_options=compiler_options, donate_argnums=donate_argnums)

@@ -384,3 +384,19 @@ def average_metrics(history: list[Metrics]) -> dict[str, float]:
             result[k] = summed[f"reward_correct_{c}"] / n if n > 0 else -1.0
     result["steps"] = float(len(history))
     return result
+
+
+def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """average_metrics from the sums of each metric over the steps taken and their number (sums["steps"], which
+    is kept): the epoch's metrics reduced on the device (slots.py). {} if no step was taken."""
+    steps = float(sums["steps"])
+    if steps == 0:
+        return {}
+    result = {k: float(v) if k.startswith(("reward_count_", "reward_correct_")) or k in ("next_latent_count", "steps")
+              else float(v) / steps for k, v in sums.items()}
+    for k in sums:
+        if k.startswith("reward_acc_"):
+            c = k.rsplit("_", 1)[1]
+            n = result[f"reward_count_{c}"]
+            result[k] = result[f"reward_correct_{c}"] / n if n > 0 else -1.0
+    return result

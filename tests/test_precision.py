@@ -169,8 +169,8 @@ def test_bfloat16_policy_update_as_the_driver_runs_it(data):
     params = networks.actor_critic.init(jax.random.key(13), jnp.zeros((1, 6, 6, BF16.vqvae.code_dim)))
     optimizer = ppo.make_optimizer(BF16.policy)
     update = make_policy_update(BF16, networks, optimizer)
-    starts = replay.sample_observations(jax.random.key(14), BF16.policy.num_envs)
-    agent, metrics = update(world.replace(config=BF16), AgentState(params, optimizer.init(params)), starts,
-                            jax.random.key(15))
+    starts = replay.sample_stacks(jax.random.key(14), BF16.policy.num_envs)
+    agent, metrics = update(world.replace(config=BF16), AgentState(params, optimizer.init(params)),
+                            jnp.asarray(replay.frames), starts, jax.random.key(15))
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert _float_dtypes((agent.params, agent.opt_state)) == {"float32"}

@@ -274,3 +274,53 @@ def test_diagnostic_windows_stay_in_a_trajectory_after_first_step_and_cross_no_e
              if trajectory[s] == trajectory[s + length - 1] and not replay._terminals[s:s + length - 1].any()]
     assert every.tolist() == brute
     assert len(replay.window_starts_from(jax.random.key(0), 5, length, len(replay) - 3)) == 0
+
+
+def test_plans_gathered_on_the_device_are_the_host_batches_bit_for_bit():
+    """device_replay.gather of the plans' frame indices, inside a compiled program, gives the batches the host
+    gathers (observation, sequence and start-state sampling drawn as before the plans existed: same generator
+    calls, same padding); the device copy written chunk by chunk (write_frames) is the replay's frames."""
+    import jax.numpy as jnp
+    from dlwm_jax.device_replay import empty_frames, gather, seed_chunks, write_frames
+    rng = np.random.default_rng(12)
+    replay = replay_lib.Replay(400, 2, SHAPE, 4)
+    fill(replay, rng, [60, 45, 50])
+    frames = jnp.asarray(replay.frames)
+    on_device = lambda indices: np.asarray(jax.jit(gather)(frames, indices))
+    key = jax.random.key(4)
+    order, valid = replay_lib._pad(replay_lib._generator(key).permutation(len(replay)), 40)
+    plan = replay.observation_plan(key, 40)
+    assert plan.frames.shape == (8, 40, 4) and plan.frames.dtype == np.int32
+    for k, batch in enumerate(replay.observation_batches(key, 40)):
+        expected = replay.observations(order[40 * k:40 * (k + 1)])
+        for got in (on_device(plan.frames[k]), batch.observations):
+            np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(plan.valid[k], valid[40 * k:40 * (k + 1)])
+    starts, valid = replay_lib._pad(replay.sequence_starts(key, 11, 10), 4)
+    plan = replay.sequence_plan(key, 4, 11, 10)
+    assert len(plan.valid) == len(starts) // 4 > 3 and not plan.valid.all()
+    for k, batch in enumerate(replay.sequence_batches(key, 4, 11, 10)):
+        expected = replay.sequences(starts[4 * k:4 * (k + 1)], 11)._replace(valid=valid[4 * k:4 * (k + 1)])
+        np.testing.assert_array_equal(on_device(plan.frames[k]), expected.observations)
+        for got, want in zip((batch, SequenceBatchOf(plan, k)), (expected, expected)):
+            for x, y in zip(got[1:], want[1:]):
+                np.testing.assert_array_equal(x, y)
+    chosen = replay_lib._generator(key).choice(len(replay), 16, replace=False)
+    np.testing.assert_array_equal(on_device(replay.sample_stacks(key, 16)), replay.observations(chosen))
+    # The device copy, written as Run.add_chunk writes it: per pooled collection (2 seeds x 2 envs), every seed's
+    # new steps at once.
+    device, copies, last = empty_frames(2, 400, SHAPE), [replay_lib.Replay(400, 2, SHAPE, 4) for _ in range(2)], None
+    for t in (30, 20):
+        pooled = make_chunk(rng, 4, t, 1000 + len(copies[0]), 0.1, last)
+        start, last = len(copies[0]), pooled[3][:, -1]
+        for s, copy in enumerate(copies):
+            copy.add(*(x[2 * s:2 * s + 2] for x in pooled))
+        device = write_frames(device, seed_chunks(pooled[0], 2), start)
+    for s, copy in enumerate(copies):
+        np.testing.assert_array_equal(np.asarray(device[s, :len(copy)]), copy.frames)
+        assert not np.asarray(device[s, len(copy):]).any()
+
+
+def SequenceBatchOf(plan, k):
+    """Row k of a SequencePlan as a SequenceBatch (its frames field holds the indices, not compared)."""
+    return replay_lib.SequenceBatch(*(x[k] for x in plan))

@@ -163,9 +163,10 @@ def test_padded_joint_epoch_equals_each_seeds_own():
     one, two = (compile_programs(config, 6, n, None) for n in (1, 2))
     expected = []
     for w, r, k in zip(worlds, replays, keys):
-        world, [metrics] = joint_epoch(one, stack([w]), [r], jnp.stack([k]), interval)
+        world, [metrics] = joint_epoch(one, stack([w]), [r], jnp.asarray(r.frames)[None], jnp.stack([k]), interval)
         expected.append((unstack(world, 0), metrics))
-    stacked, got = joint_epoch(two, stack(worlds), replays, jnp.stack(keys), interval)
+    frames = jnp.stack([r.frames for r in replays])
+    stacked, got = joint_epoch(two, stack(worlds), replays, frames, jnp.stack(keys), interval)
     for s, (world, metrics) in enumerate(expected):
         for kind in ("vqvae", "dynamics"):
             assert got[s][kind]["steps"] == metrics[kind]["steps"]
@@ -327,8 +328,8 @@ def test_loop_phases_queue_every_step_without_waiting_for_the_device():
         outputs.append(slow(x, 10 if outputs else 400))
     run = stub_run(config, random_replays(config, 2, frames=240), work)
     keys = run.keys(0, WARMUP)
-    phases = {"warm-up epoch": lambda: warmup_epoch(run.programs, run.world, run.replays, keys, run.put),
-              "joint epoch": lambda: joint_epoch(run.programs, run.world, run.replays, keys, 2, run.put),
+    phases = {"warm-up epoch": lambda: warmup_epoch(run.programs, run.world, run.replays, run.frames, keys),
+              "joint epoch": lambda: joint_epoch(run.programs, run.world, run.replays, run.frames, keys, 2),
               "policy phase": lambda: policy_phase(run, 0, 0)}
     for name, phase in phases.items():
         outputs.clear()

@@ -42,8 +42,9 @@ def programs(atari):
 
 
 def one_seed(epoch_fn, programs, state, replay, key, *args, **kwargs):
-    """epochs.warmup_epoch / joint_epoch for one seed: (state, its metrics)."""
-    world, per_seed = epoch_fn(programs, stack([state]), [replay], jnp.stack([key]), *args, **kwargs)
+    """epochs.warmup_epoch / joint_epoch for one seed, its frames on the device: (state, its metrics)."""
+    frames = jnp.asarray(replay.frames)[None]
+    world, per_seed = epoch_fn(programs, stack([state]), [replay], frames, jnp.stack([key]), *args, **kwargs)
     return unstack(world, 0), per_seed[0]
 
 
@@ -59,9 +60,10 @@ def _tree_equal(a, b) -> bool:
 
 def test_vqvae_learns_atari_frames_and_uses_several_codes(atari, initial, programs):
     replay, _ = atari
-    first = []
-    state, epoch1 = one_seed(warmup_epoch, programs, initial, replay, jax.random.key(1),
-                             progress=lambda kind, i, m: first.append(float(m["recon_nll"][0])) if i == 0 else None)
+    _, first_step = vqvae_step(initial, next(replay.observation_batches(jax.random.key(1), CFG.vqvae.batch_size)),
+                               CFG.vqvae.warmup_lr_multiplier)
+    first = [float(first_step["recon_nll"])]
+    state, epoch1 = one_seed(warmup_epoch, programs, initial, replay, jax.random.key(1))
     state, epoch2 = one_seed(warmup_epoch, programs, state, replay, jax.random.key(2))
     pixels = 96 * 96 * CFG.env.frame_stack
     # At init the logits are ~0, where the CB log-density is ~0 for every pixel; mostly-black Atari frames
@@ -223,22 +225,44 @@ def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, in
     assert 0.5 * math.log(3) < float(metrics["reward_loss"]) < 2 * math.log(3)
 
 
-def test_dynamics_step_two_programs_equal_one(atari, initial, programs):
-    """The loop's dynamics step (encoder pass and ConvLSTM update compiled apart, each with its XLA options)
-    computes what wm.dynamics_step does as one program."""
-    replay, _ = atari
-    batch = next(replay.sequence_batches(jax.random.key(9), CFG.dynamics.batch_size))
-    worlds, batches = stack([initial]), stack([batch])
-    indices, batch_stats = programs.encode_sequences(worlds, batches.observations)
-    split_state, split_metrics = programs.dynamics_update(jnp.ones(1, bool), worlds, batch_stats, indices, batches,
-                                                          jnp.stack([jax.random.key(10)]), 3)
-    split_state, split_metrics = unstack((split_state, split_metrics), 0)
-    one_state, one_metrics = dynamics_step(initial, batch, jax.random.fold_in(jax.random.key(10), 3))
-    for a, b in zip(jax.tree.leaves((split_state, split_metrics)), jax.tree.leaves((one_state, one_metrics))):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(float(jnp.max(jnp.abs(b))), 1e-6))
-        elif not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            np.testing.assert_array_equal(a, b)
+def _assert_trees_close(a, b, rtol=1e-4):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * max(float(jnp.max(jnp.abs(y))), 1e-6))
+        elif not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_joint_epoch_per_slot_programs_and_scanned_chunks_equal_the_per_step_loop(atari, initial, programs):
+    """A joint epoch three ways: wm.vqvae_step and wm.dynamics_step (one program each) called step by step on
+    batches the host gathers (the loop before slots); the loop's per-slot programs (compute.epoch_chunk=0: the
+    encoder pass and the ConvLSTM update compiled apart, batches gathered on the device); and scanned chunks of 4
+    slots (epoch_chunk=4: one lax.scan per chunk, the last chunk's padded slots skipped). Same steps, same
+    parameters to float tolerance (other programs round differently in the last bits)."""
+    replay, num_actions = atari
+    interval, key = 2, jax.random.key(11)
+    vq_key, dyn_key, steps_key = jax.random.split(key, 3)
+    vq_batches = replay.observation_batches(vq_key, CFG.vqvae.batch_size)
+    seq_batches = list(replay.sequence_batches(dyn_key, CFG.dynamics.batch_size, CFG.dynamics.sequence_length,
+                                               CFG.dynamics.max_offset))
+    reference, num_vq = initial, replay.num_observation_batches(CFG.vqvae.batch_size)
+    for i in range(len(seq_batches) + 1):
+        if i % interval == 0 and i // interval < num_vq:
+            reference, _ = vqvae_step(reference, next(vq_batches), 1.0)
+        if i < len(seq_batches):
+            reference, _ = dynamics_step(reference, seq_batches[i], jax.random.fold_in(steps_key, i))
+    per_slot, per_slot_metrics = one_seed(joint_epoch, programs, initial, replay, key, interval)
+    scanned_programs = compile_programs(config_lib.override(CFG, {"compute.epoch_chunk": 4}), num_actions, 1, None)
+    assert scanned_programs.chunk_slots == 4 and len(seq_batches) % 4 != 3  # the last chunk has padded slots
+    scanned, scanned_metrics = one_seed(joint_epoch, scanned_programs, initial, replay, key, interval)
+    assert int(per_slot.dynamics_steps) == int(scanned.dynamics_steps) == len(seq_batches)
+    assert int(per_slot.vqvae_steps) == int(scanned.vqvae_steps) == int(reference.vqvae_steps)
+    _assert_trees_close(per_slot, reference)
+    _assert_trees_close(scanned, reference)
+    for kind in ("vqvae", "dynamics"):
+        assert per_slot_metrics[kind].keys() == scanned_metrics[kind].keys()
+        for name, value in per_slot_metrics[kind].items():
+            assert scanned_metrics[kind][name] == pytest.approx(value, rel=1e-4, abs=1e-4), (kind, name)
 
 
 def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):

@@ -1,0 +1,99 @@
+"""The world model's epochs as slots on the device (SPEC 8.3). Slot i of a joint epoch holds its VQ-VAE step
+(when i % interval == 0 and VQ-VAE batches are left) and its i-th dynamics step (key fold_in(steps_key, i));
+a warm-up epoch is slots with VQ-VAE steps only. Batches are gathered on the device from the replay's frames
+(device_replay.gather) by the frame indices the host drew with replay.py's generators, so they are the ones the
+host would gather. Each step returns the sums of its metrics over the seed's active steps ("steps": their
+number), so that an epoch's metrics are reduced on the device and fetched once (world_model.metrics_from_sums).
+
+Pure and unjitted: programs.py compiles a chunk of slots as one lax.scan, or each part of a slot as its own
+program (ComputeConfig.epoch_chunk); epochs.py draws the slots and runs an epoch.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dlwm_jax import world_model as wm
+from dlwm_jax.device_replay import gather
+from dlwm_jax.replay import ObservationBatch
+
+Sums = dict  # {metric: sum over active steps, "steps": number of active steps}, float32 scalars
+
+
+class Slots(NamedTuple):
+    """One seed's slots, each field [L, ...] (a leading seed axis [S, L, ...] in the loop)."""
+    vq_active: Any    # bool [L]: this seed takes the slot's VQ-VAE step
+    vq_frames: Any    # int32 [L, B, C]: frame indices of the VQ-VAE batch (replay.ObservationPlan)
+    vq_valid: Any     # bool [L, B]
+    dyn_active: Any   # bool [L]: this seed takes the slot's dynamics step
+    dyn_frames: Any   # int32 [L, T, Bd, C] (replay.SequencePlan)
+    actions: Any      # int32 [L, T, Bd]
+    rewards: Any      # float32 [L, T, Bd], raw
+    terminals: Any    # bool [L, T, Bd]
+    dyn_valid: Any    # bool [L, Bd]
+
+
+class SharedSlots(NamedTuple):
+    """What all seeds share, each field [L]: lets a compiled chunk skip a part no seed takes (a real conditional
+    under vmap, where a per-seed predicate would compute both branches)."""
+    index: Any    # int32: the slot's number in its epoch
+    vq_on: Any    # bool: some seed takes the VQ-VAE step
+    dyn_on: Any   # bool: some seed takes the dynamics step
+
+
+def _sums(metrics: dict, active: jax.Array) -> Sums:
+    return {**{k: jnp.where(active, v, 0.0).astype(jnp.float32) for k, v in metrics.items()},
+            "steps": active.astype(jnp.float32)}
+
+
+def _keep(active: jax.Array, new: Any, old: Any, mask: bool) -> Any:
+    """new where active, else old (mask: seeds may be inactive, S > 1; one seed's steps are all taken, and an Adam
+    step on zero gradients is not a no-op)."""
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old) if mask else new
+
+
+def vqvae_slot(world: wm.WorldModelState, frames: jax.Array, slot: Slots, lr_scale: jax.Array,
+               mask: bool) -> tuple[wm.WorldModelState, Sums]:
+    """The slot's VQ-VAE step (SPEC 3.7) at lr x lr_scale; slot fields without the L axis, frames [N, H, W]."""
+    new, metrics = wm.vqvae_step(world, ObservationBatch(gather(frames, slot.vq_frames), slot.vq_valid), lr_scale)
+    return _keep(slot.vq_active, new, world, mask), _sums(metrics, slot.vq_active)
+
+
+def encode_slot(world: wm.WorldModelState, frames: jax.Array, slot: Slots) -> tuple[jax.Array, Any]:
+    """The dynamics step's train-mode encoder pass (wm.encode_sequences) on the slot's windows."""
+    return wm.encode_sequences(world, gather(frames, slot.dyn_frames))
+
+
+def dynamics_slot(world: wm.WorldModelState, batch_stats: Any, indices: jax.Array, slot: Slots,
+                  steps_key: jax.Array, index: jax.Array, mask: bool) -> tuple[wm.WorldModelState, Sums]:
+    """The slot's dynamics update (SPEC 4.6) on encode_slot's output, key fold_in(steps_key, index)."""
+    state = world.replace(encoder_batch_stats=batch_stats)
+    new, metrics = wm.dynamics_update(state, indices, slot.actions, slot.rewards, slot.terminals, slot.dyn_valid,
+                                      jax.random.fold_in(steps_key, index))
+    return _keep(slot.dyn_active, new, world, mask), _sums(metrics, slot.dyn_active)
+
+
+def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: SharedSlots, steps_key: jax.Array,
+          lr_scale: jax.Array, mask: bool) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
+    """L slots in one lax.scan: returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. A part no seed takes
+    is skipped (lax.cond on the shared flags), so a chunk's padded tail costs next to nothing."""
+    def dynamics_part(w, slot, index):
+        indices, batch_stats = encode_slot(w, frames, slot)
+        return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask)
+
+    first = jax.tree.map(lambda x: x[0], (slots, shared))
+    zeros = lambda fn, *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)[1])
+    no_vq = zeros(lambda w, s: vqvae_slot(w, frames, s, lr_scale, mask), world, first[0])
+    no_dyn = zeros(dynamics_part, world, first[0], first[1].index)
+
+    def body(w, xs):
+        slot, on = xs
+        w, vq = jax.lax.cond(on.vq_on, lambda w: vqvae_slot(w, frames, slot, lr_scale, mask),
+                             lambda w: (w, no_vq), w)
+        w, dyn = jax.lax.cond(on.dyn_on, lambda w: dynamics_part(w, slot, on.index), lambda w: (w, no_dyn), w)
+        return w, (vq, dyn)
+
+    world, (vq, dyn) = jax.lax.scan(body, world, (slots, shared))
+    return world, jax.tree.map(lambda x: jnp.sum(x, 0), (vq, dyn))
