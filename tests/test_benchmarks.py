@@ -67,3 +67,54 @@ def test_projection_of_n_seeds_steps_every_seeds_envs_together():
     slower = project_hours({**steps, "collector_steps_per_s": 500.0, "collector_steps_per_s_80_envs": 4_000.0},
                            counts, 16, 50, num_seeds=5)  # envs that do not scale: 5x the env time
     assert slower["projected_hours_by_phase"]["collect"] > one["projected_hours_by_phase"]["collect"] * 4
+
+
+def test_loop_phase_timer_reports_wall_host_share_and_work(tmp_path):
+    """benchmarks/loop.py's PhaseTimer around a phase step: wall time, the main thread's CPU share (a step that
+    sleeps shares ~0, one that computes ~1) and the work read off the records the phase wrote."""
+    import json
+    import time
+    import types
+    sys.path.insert(0, os.path.dirname(RUN))
+    from loop import PhaseTimer, summarise
+    from dlwm_jax import config as config_lib
+    metrics = tmp_path / "metrics.jsonl"
+    timer = PhaseTimer(str(metrics), num_seeds=2)
+    run = types.SimpleNamespace(config=config_lib.get_preset("smoke"))
+
+    def world_model(run_, iteration, first_unit):
+        time.sleep(0.2)
+        with open(metrics, "a") as f:
+            for phase, steps in (("vqvae", 2), ("dynamics", 5), ("vqvae", 1), ("dynamics", 4)):
+                f.write(json.dumps({"phase": phase, "iteration": iteration + 1, "steps": steps}) + "\n")
+
+    def policy(run_, iteration, first_unit):
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:
+            pass
+    timer.wrap("world_model", world_model)(run, 1, 0)
+    timer.wrap("policy", policy)(run, 1, 1)  # resumed after one update: ppo_updates[1] - 1 left, per seed
+    sleeping, busy = timer.figures
+    assert sleeping["iteration"] == 2 and sleeping["phase"] == "world_model" and sleeping["wall_s"] >= 0.2
+    assert sleeping["host_share"] < 0.2 and busy["host_share"] > 0.8
+    assert sleeping["vqvae_steps"] == 6 and sleeping["dynamics_steps"] == 18
+    assert sleeping["dynamics_steps_per_s"] == pytest.approx(18 / sleeping["wall_s"], rel=1e-2)
+    assert busy["ppo_updates"] == 2 * (run.config.schedule.ppo_updates[1] - 1)
+    steady = summarise(timer.figures)["after_iteration_1"]
+    assert set(steady) == {"world_model", "policy"} and steady["world_model"]["dynamics_steps"] == 18
+
+
+@pytest.mark.slow
+def test_loop_benchmark_runs_the_smoke_preset_end_to_end():
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(RUN), "loop.py"), "--preset", "smoke",
+                             "--game", "Pong"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+    report = json.loads(result.stdout)
+    phases = [(f["iteration"], f["phase"]) for f in report["phases"]]
+    assert phases == [(1, "collect"), (1, "warmup"), (1, "world_model"), (1, "policy"), (1, "evaluate"),
+                      (2, "collect"), (2, "world_model"), (2, "policy"), (2, "evaluate"), (2, "finish")]
+    assert report["by_phase"]["all"]["collect"]["real_steps"] == 144
+    assert report["by_phase"]["all"]["world_model"]["dynamics_steps"] > 0
+    assert all(0 <= f["host_share"] <= 1 for f in report["phases"])
+    assert result.stderr.count("[loop] ") == len(phases)

@@ -1,0 +1,155 @@
+"""The real training loop, timed phase by phase: one JSON object on stdout.
+
+    python benchmarks/loop.py [--preset short] [--game BankHeist] [--set section.field=value ...] [--num-seeds N]
+                              [--workdir DIR] [--compilation-cache DIR]
+
+Runs `train.train_and_evaluate` (EnvPool, replay, every compiled program, diagnostics, checkpoints, evaluation,
+the random agent) in this process, with each phase of run_state.PHASES wrapped in a timer. Per iteration and
+phase: the wall time, the host's share (`host_share`: the main thread's CPU time over the wall time, i.e. the
+fraction of the phase the Python thread was busy dispatching programs, drawing batches, stepping EnvPool's
+interface and writing outputs rather than waiting for the device or for EnvPool's worker threads; on the CPU
+backend the programs may also run on that thread), the work done (all seeds together: real env steps, VQ-VAE and
+dynamics steps, PPO updates, read off metrics.jsonl) and its rate. A line per phase goes to stderr as it ends
+(`[loop] {...}`), so a run stopped part-way leaves what it timed. Iteration 1's phases include compiling their
+programs (or loading them from the compilation cache); `finish` is the random agent's evaluation and the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def read_records(path: str, offset: int) -> tuple[list[dict], int]:
+    """The metrics.jsonl records written after byte `offset`, and the new offset."""
+    if not os.path.exists(path):
+        return [], offset
+    with open(path) as f:
+        f.seek(offset)
+        text = f.read()
+    return [json.loads(line) for line in text.splitlines() if line.strip()], offset + len(text.encode())
+
+
+def phase_work(phase: str, records: list[dict], config, iteration: int, first_unit: int,
+               num_seeds: int) -> dict[str, float]:
+    """The work one phase did, all seeds together: VQ-VAE and dynamics steps from the records it wrote (one
+    seed's metrics.jsonl), real env steps and PPO updates from the schedule (less what a resume skipped)."""
+    steps = lambda kind: sum(r.get("steps", 0) for r in records if r.get("phase") == kind) * num_seeds
+    s = config.schedule
+    if phase == "collect":
+        return {"real_steps": (s.initial_steps if iteration == 0 else s.steps_per_iteration) * num_seeds}
+    if phase == "warmup":
+        return {"vqvae_steps": steps("warmup")}
+    if phase == "world_model":
+        return {"dynamics_steps": steps("dynamics"), "vqvae_steps": steps("vqvae")}
+    if phase == "policy":
+        return {"ppo_updates": (s.ppo_updates[iteration] - first_unit) * num_seeds}
+    return {}
+
+
+class PhaseTimer:
+    """Wraps the loop's phase steps (train.PHASE_STEPS) and its finish; collects one figure per phase."""
+
+    def __init__(self, metrics_path: str, num_seeds: int, report=lambda figure: None):
+        self.metrics_path, self.num_seeds, self.report = metrics_path, num_seeds, report
+        self.offset, self.figures = 0, []
+
+    def wrap(self, name: str, step):
+        def timed(run, iteration, first_unit=0):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            out = step(run, iteration, first_unit)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            records, self.offset = read_records(self.metrics_path, self.offset)
+            self.add(name, iteration, wall, cpu, phase_work(name, records, run.config, iteration, first_unit,
+                                                            self.num_seeds))
+            return out
+        return timed
+
+    def add(self, name: str, iteration: int, wall_s: float, host_s: float, work: dict[str, float]) -> None:
+        figure = {"iteration": iteration + 1, "phase": name, "wall_s": round(wall_s, 3),
+                  "host_share": round(min(host_s / max(wall_s, 1e-9), 1.0), 3), **work,
+                  **{f"{k}_per_s": round(v / max(wall_s, 1e-9), 2) for k, v in work.items() if v}}
+        self.figures.append(figure)
+        self.report(figure)
+
+
+def summarise(figures: list[dict]) -> dict[str, dict]:
+    """Per phase over all iterations: wall seconds, host share (weighted by wall time), work and rates; and over
+    iterations after the first (steady state: no compilation)."""
+    out = {}
+    for label, chosen in (("all", figures), ("after_iteration_1", [f for f in figures if f["iteration"] > 1])):
+        by_phase: dict[str, dict] = {}
+        for f in chosen:
+            total = by_phase.setdefault(f["phase"], {"wall_s": 0.0, "host_s": 0.0})
+            total["wall_s"] += f["wall_s"]
+            total["host_s"] += f["wall_s"] * f["host_share"]
+            for k, v in f.items():
+                if k.endswith("_steps") or k == "real_steps" or k == "ppo_updates":
+                    total[k] = total.get(k, 0) + v
+        for total in by_phase.values():
+            wall = max(total["wall_s"], 1e-9)
+            total["host_share"] = round(total.pop("host_s") / wall, 3)
+            total.update({f"{k}_per_s": round(v / wall, 2) for k, v in list(total.items())
+                          if (k.endswith("_steps") or k == "ppo_updates") and v})
+            total["wall_s"] = round(total["wall_s"], 2)
+        out[label] = by_phase
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="short")
+    parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--num-seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="default: a temporary folder, deleted at the end")
+    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dlwm_jax/xla"))
+    args = parser.parse_args()
+
+    import jax
+    from dlwm_jax import config as config_lib
+    from dlwm_jax import train
+    from dlwm_jax.finish import finish_run
+    from dlwm_jax.results import git_commit
+    from dlwm_jax.run_state import PHASES
+    from dlwm_jax.seed_axis import use_compilation_cache
+
+    config = config_lib.override(config_lib.get_preset(args.preset),
+                                 {"env.game": args.game, "seed": args.seed,
+                                  **dict(item.split("=", 1) for item in args.set)})
+    use_compilation_cache(args.compilation_cache)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="dlwm_loop_")
+    metrics = os.path.join(workdir, "metrics.jsonl" if args.num_seeds == 1 else f"seed_{args.seed}/metrics.jsonl")
+    timer = PhaseTimer(metrics, args.num_seeds,
+                       lambda figure: print(f"[loop] {json.dumps(figure)}", file=sys.stderr, flush=True))
+    train.PHASE_STEPS = tuple(timer.wrap(name, step) for name, step in zip(PHASES, train.PHASE_STEPS))
+    train.finish_run = lambda run: timer.wrap("finish", lambda r, it, u: finish_run(r))(
+        run, config.schedule.num_iterations - 1, 0)
+    started = time.perf_counter()
+    try:
+        result = train.train_and_evaluate(config, workdir, args.num_seeds, echo=lambda line: print(line, file=sys.stderr))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    device = jax.devices()[0]
+    print(json.dumps({
+        "run_wall_s": round(time.perf_counter() - started, 2), "phases": timer.figures,
+        "by_phase": summarise(timer.figures), "final_eval_return_per_seed": result["aggregate"]["final_eval_return_per_seed"],
+        "preset": args.preset, "game": args.game, "num_seeds": args.num_seeds, "overrides": args.set,
+        "compute": config_lib.to_dict(config_lib.resolve_compute(config))["compute"],
+        "backend": jax.default_backend(), "device_kind": device.device_kind, "jax": jax.__version__,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d")}))
+
+
+if __name__ == "__main__":
+    main()
