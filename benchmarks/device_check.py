@@ -3,17 +3,19 @@
     python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 460]
     python benchmarks/device_check.py slim-envpool ENVPOOL.whl ENVPOOL_ASSETS.whl --out wheels/
 
-`check` runs six parts, in this order, each a subprocess with its own time limit inside one overall budget, and writes
-DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
-  devices        jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
-  bench_float32  benchmarks/run.py --json at paper sizes with compute.target=accelerator (the plain formulations
-                 a GPU/TPU run gets by default), float32
-  bench_5_seeds  the same with --num-seeds 5: the loop's programs for 5 vmapped seeds, EnvPool at 5 and 5 x 32 envs
-  train_1_seed   a slice of a real `paper` run (experiments/train.py: paper networks and batch sizes, two short
-                 iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation), with
-                 the wall time and throughput of every phase read off its progress lines and metrics.jsonl
-  train_5_seeds  the same slice with --num_seeds=5 (one vmapped program for five seeds)
-  bench_bfloat16 the VQ-VAE, dynamics and PPO steps of bench_float32 with compute.dtype=bfloat16 (mixed precision)
+`check` runs these parts by default, in this order, each a subprocess with its own time limit inside one overall
+budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
+  devices           jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
+  loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
+                    phase the wall time, the host's share and the steps per second; the run's wall time
+  profile_scan      benchmarks/profile.py: one 64-slot chunk of paper-size dynamics steps as one scanned program,
+                    traced: events (kernels) per device stream and the fraction of the chunk each is busy
+  profile_per_step  the same chunk as a host loop of per-step programs (compute.epoch_chunk=0), for comparison
+  loop_slice        benchmarks/loop.py on a slice of the `paper` run (paper networks and batch sizes, two short
+                    iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation)
+  bench_float32     benchmarks/run.py --json at paper sizes (the step times, EnvPool, the projected paper run)
+and on request (--parts): loop_slice_5_seeds (the slice with 5 vmapped seeds), bench_5_seeds (run.py with 5 seeds),
+bench_bfloat16 (the three training steps with compute.dtype=bfloat16) and loop_paper (a whole `paper` run).
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -59,16 +61,22 @@ TRAIN_SLICE = ("schedule.num_iterations=2", "schedule.initial_steps=3200", "sche
                "schedule.ppo_updates=25,25", "env.eval_max_steps=200")
 TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
-# Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long).
-# In this order: the figures the projections need first, bfloat16 last.
-PART_LIMITS_S = {"devices": 30, "bench_float32": 110, "bench_5_seeds": 90, "train_1_seed": 100,
-                 "train_5_seeds": 130, "bench_bfloat16": 50}
+# Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
+# run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
+PART_LIMITS_S = {"devices": 20, "loop_short": 150, "profile_scan": 50, "profile_per_step": 50, "loop_slice": 90,
+                 "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50,
+                 "loop_paper": 590}
+DEFAULT_PARTS = ("devices", "loop_short", "profile_scan", "profile_per_step", "loop_slice", "bench_float32")
 # The bench parts: (compute.dtype, vmapped seeds, run.py --only); bench_bfloat16 times the three training steps only
 # (host and EnvPool figures are float32's).
 BENCH_PARTS = {"bench_float32": ("float32", 1, None), "bench_5_seeds": ("float32", 5, None),
                "bench_bfloat16": ("bfloat16", 1, "vqvae,dynamics,ppo")}
-TINY_PART_LIMITS_S = {"devices": 60, "bench_float32": 150, "bench_5_seeds": 150, "train_1_seed": 200,
-                      "train_5_seeds": 240, "bench_bfloat16": 150}
+# The loop parts: (preset, seeds, overrides); tiny checks run the smoke preset with TINY_TRAIN_SLICE instead.
+LOOP_PARTS = {"loop_short": ("short", 1, ()), "loop_slice": ("paper", 1, TRAIN_SLICE),
+              "loop_slice_5_seeds": ("paper", 5, TRAIN_SLICE), "loop_paper": ("paper", 1, ())}
+# The profile parts: overrides of the accelerator preset.
+PROFILE_PARTS = {"profile_scan": (), "profile_per_step": ("compute.epoch_chunk=0",)}
+TINY_PART_LIMITS_S = dict.fromkeys(PART_LIMITS_S, 240)
 
 DEVICES_SNIPPET = """
 import json, platform, sys
@@ -89,7 +97,6 @@ info["bf16_matmul_ok"] = bool(jnp.isfinite((x @ x).astype(jnp.float32)).all())
 print("DEVICE_INFO " + json.dumps(info))
 """
 
-PROGRESS = re.compile(r"^\[iter (\d+)/(\d+)\] (\w+)\s+([\d.]+)/(\d+)\s+elapsed\s+(\d+)s")
 BENCH_LINE = re.compile(r"^\[bench\] (.+) ([\d.]+) ms \(first call ([\d.]+) s\)$")  # benchmarks/run.py's _report
 
 
@@ -171,91 +178,54 @@ def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: b
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
-    result, partial = None, {}
+    partial = {}
     for _, text in run["lines"]:
         match = BENCH_LINE.match(text)
         if match:
             partial[match.group(1)] = {"ms": float(match.group(2)), "first_call_s": float(match.group(3))}
-    for _, text in reversed(run["lines"]):
-        if text.startswith("{"):
-            try:
-                result = json.loads(text)
-                break
-            except json.JSONDecodeError:
-                pass
+    result = _last_json(run["lines"])
     return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
             "num_seeds": num_seeds, "overrides": overrides, "result": result, "partial": partial,
             "tail": _tail(run["lines"])}
 
 
-def train_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, num_seeds: int,
-               workroot: str) -> dict:
-    workdir = os.path.join(workroot, name)
-    overrides = [*COMPUTE_OVERRIDES, *(TINY_TRAIN_SLICE if tiny else TRAIN_SLICE)]
-    argv = [sys.executable, "experiments/train.py", "--game=BankHeist", f"--preset={'smoke' if tiny else 'paper'}",
-            f"--workdir={workdir}", f"--num_seeds={num_seeds}", f"--compilation_cache={os.path.join(workroot, 'xla')}"]
-    argv += [f"--set={item}" for item in overrides]
-    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
-    metrics_path = os.path.join(workdir, "metrics.jsonl" if num_seeds == 1 else "seed_0/metrics.jsonl")
-    records = _read_jsonl(metrics_path)
-    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "num_seeds": num_seeds, "overrides": overrides, "finished": any(
-                "done: final evaluation return" in text for _, text in run["lines"]),
-            "phases": phase_throughput(run["lines"], records, num_seeds), "tail": _tail(run["lines"])}
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
+def _last_json(lines: list[tuple[float, str]]) -> dict | None:
+    for _, text in reversed(lines):
+        if text.startswith("{"):
             try:
-                records.append(json.loads(line))
+                return json.loads(text)
             except json.JSONDecodeError:
-                break  # a line cut by the stop
-    return records
+                pass
+    return None
 
 
-def phase_throughput(lines: list[tuple[float, str]], records: list[dict], num_seeds: int) -> list[dict]:
-    """Per (iteration, phase) that printed a progress line: wall seconds (from the previous phase's last line to
-    this phase's last, so compilation and checkpointing are included), progress done/total, and the work done
-    with its rate, all seeds together: real env steps (collect), VQ-VAE steps (warmup), dynamics and VQ-VAE
-    steps (world_model), PPO updates (policy). The first iteration's phases include compiling their programs."""
-    last: dict[tuple[int, str], tuple[float, float, int, int]] = {}
-    order: list[tuple[int, str]] = []
-    for arrival, text in lines:
-        match = PROGRESS.match(text)
-        if match:
-            key = (int(match.group(1)), match.group(3))
-            if key not in last:
-                order.append(key)
-            last[key] = (arrival, float(match.group(4)), int(match.group(5)), int(match.group(6)))
-    phases, previous_end = [], 0.0
-    for iteration, phase in order:
-        arrival, done, total, printed_elapsed = last[(iteration, phase)]
-        mine = [r for r in records if r.get("iteration") == iteration]
-        work: dict[str, float] = {}
-        if phase == "collect":
-            collected = [r["real_steps"] for r in mine if r.get("phase") == "collect"]
-            before = max([r["real_steps"] for r in records
-                          if r.get("phase") == "collect" and r.get("iteration", 0) < iteration] or [0])
-            if collected:
-                work["real_steps"] = (collected[-1] - before) * num_seeds
-        elif phase == "warmup":
-            work["vqvae_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "warmup") * num_seeds
-        elif phase == "world_model":
-            work["dynamics_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "dynamics") * num_seeds
-            work["vqvae_steps"] = sum(r.get("steps", 0) for r in mine if r.get("phase") == "vqvae") * num_seeds
-        elif phase == "policy":
-            work["ppo_updates"] = max([r.get("unit", 0) for r in mine if r.get("phase") == "policy"] or [0]) * num_seeds
-        wall = max(arrival - previous_end, 1e-9)
-        phases.append({"iteration": iteration, "phase": phase, "done": done, "total": total,
-                       "wall_s": round(arrival - previous_end, 2), "printed_elapsed_s": printed_elapsed,
-                       **{k: v for k, v in work.items()},
-                       **{f"{k}_per_s": round(v / wall, 2) for k, v in work.items()}})
-        previous_end = arrival
-    return phases
+def loop_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, workroot: str) -> dict:
+    """benchmarks/loop.py (LOOP_PARTS): `phases` holds the figure of every phase that ended (kept when the part is
+    stopped at its limit), `result` the final JSON of a run that finished."""
+    preset, num_seeds, overrides = LOOP_PARTS[name]
+    preset, overrides = ("smoke", TINY_TRAIN_SLICE) if tiny else (preset, overrides)
+    overrides = [*COMPUTE_OVERRIDES, *overrides]
+    argv = [sys.executable, "benchmarks/loop.py", "--preset", preset, "--game", "BankHeist", "--num-seeds",
+            str(num_seeds), "--compilation-cache", os.path.join(workroot, "xla")]
+    for item in overrides:
+        argv += ["--set", item]
+    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
+    phases = [json.loads(text[len("[loop] "):]) for _, text in run["lines"] if text.startswith("[loop] ")]
+    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
+            "preset": preset, "num_seeds": num_seeds, "overrides": overrides, "phases": phases,
+            "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
+
+
+def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
+    """benchmarks/profile.py (PROFILE_PARTS): a traced chunk of dynamics steps; its trace stays in out/<name>."""
+    overrides = [*COMPUTE_OVERRIDES, *PROFILE_PARTS[name]]
+    argv = [sys.executable, "benchmarks/profile.py", "--preset", "smoke" if tiny else "paper", "--kind", "dynamics",
+            "--out", os.path.join(out, name)]
+    for item in overrides:
+        argv += ["--set", item]
+    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
+    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
+            "overrides": overrides, "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
 
 
 def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
@@ -283,8 +253,10 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s:
                 report[part] = devices_part(limit, out, env)
             elif part in BENCH_PARTS:
                 report[part] = bench_part(part, limit, out, env, tiny)
+            elif part in PROFILE_PARTS:
+                report[part] = profile_part(part, limit, out, env, tiny)
             else:
-                report[part] = train_part(part, limit, out, env, tiny, 1 if part == "train_1_seed" else 5, workroot)
+                report[part] = loop_part(part, limit, out, env, tiny, workroot)
             report["wall_s"] = round(time.monotonic() - start, 1)
             with open(path, "w") as f:  # after every part: a stopped check still leaves what it measured
                 json.dump(report, f, indent=1)
@@ -298,7 +270,13 @@ def _summary(part: dict) -> str:
     text = f"rc {part['rc']}, {part['wall_s']:.0f} s{' (stopped at its limit)' if part['timed_out'] else ''}"
     if part.get("info"):
         text += f"; {part['info'].get('backend')} {part['info'].get('devices')}"
-    if part.get("result"):
+    if part.get("result") and "traced_chunk_ms" in part["result"]:
+        r = part["result"]
+        streams = ", ".join(f"{t['thread']} {t['events']} events {t['busy_fraction']:.0%} busy" for t in r["threads"][:3])
+        text += f"; {r['ms_per_step']} ms per step of a {r['chunk_slots']}-slot chunk; {streams}"
+    elif part.get("result") and "run_wall_s" in part["result"]:
+        text += f"; run {part['result']['run_wall_s']:.0f} s"
+    elif part.get("result"):
         r = part["result"]
         text += (f"; vqvae {r.get('vqvae_step_ms')} ms, dynamics {r.get('dynamics_step_ms')} ms, "
                  f"ppo update {r.get('ppo_update_ms')} ms, projected {r.get('projected_run_hours')} h")
@@ -363,7 +341,7 @@ def main() -> None:
     run.add_argument("--out", default=os.environ.get("OUT") or "device_check_out")
     run.add_argument("--tiny", action="store_true", help="smoke sizes, a few seconds per part (tests, CPU)")
     run.add_argument("--budget-s", type=float, default=None, help="overall seconds (default 460; tiny 900)")
-    run.add_argument("--parts", default=",".join(PART_LIMITS_S), help="comma list of " + ", ".join(PART_LIMITS_S))
+    run.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma list of " + ", ".join(PART_LIMITS_S))
     run.add_argument("--part-limit-s", type=float, default=None,
                      help="one time limit for every part instead of each part's own (e.g. one longer training part)")
     slim = commands.add_parser("slim-envpool", help="repack EnvPool's wheel with Atari only (ROMs inside)")

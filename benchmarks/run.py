@@ -90,7 +90,6 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     from dlwm_jax import world_model as wm
     from dlwm_jax.imagination import imagine
     from dlwm_jax.programs import AgentState, compile_programs
-    from dlwm_jax.slots import SharedSlots, Slots
     from dlwm_jax.seed_axis import stack
     rng = np.random.default_rng(0)
     world, networks, params, optimizer, opt_state = _world_and_agent(config, num_actions)
@@ -115,15 +114,6 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     key = jax.random.key(1)
     keys = seed_axis(key)
 
-    def chunk_of(kind: str) -> tuple:
-        on, C, T = np.full((num_seeds, n), True), frame[2], d.sequence_length
-        index = lambda *shape: rng.integers(0, pool, (num_seeds, n, *shape)).astype(np.int32)
-        vq, dyn = (on if kind == "vqvae" else ~on), (on if kind == "dynamics" else ~on)
-        slots = Slots(vq, index(v.batch_size, C), np.ones((num_seeds, n, v.batch_size), bool), dyn,
-                      index(T, d.batch_size, C), rng.integers(0, num_actions, (num_seeds, n, T, d.batch_size)).astype(np.int32),
-                      rng.choice([-1.0, 0.0, 1.0], (num_seeds, n, T, d.batch_size)).astype(np.float32),
-                      rng.random((num_seeds, n, T, d.batch_size)) < 0.05, np.ones((num_seeds, n, d.batch_size), bool))
-        return slots, SharedSlots(np.arange(n, dtype=np.int32), vq[0], dyn[0])
     state = [worlds]
 
     def world_model_chunk(slots, shared):  # threads the world through: the scanned program donates it
@@ -131,7 +121,7 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
         return state[0], vq_sums, dyn_sums
     for kind in ("vqvae", "dynamics"):
         if kind in only:
-            slots, shared = chunk_of(kind)
+            slots, shared = slot_chunk(config, num_actions, num_seeds, kind, n, pool, rng)
             measure(f"{kind}_step", lambda: world_model_chunk(slots, shared), repeats,
                     f"{kind}_step (per step of a {n}-slot chunk)", per_call=n)
 
@@ -157,6 +147,21 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
         measure(f"act_batch{n}", lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
     out["compile_s"] = compile_s
     return out
+
+
+def slot_chunk(config, num_actions: int, num_seeds: int, kind: str, n: int, pool: int, rng) -> tuple:
+    """(Slots [S, n], SharedSlots [n]) of n slots that each take one `kind` step ("vqvae" or "dynamics") on random
+    frame indices below `pool`, random actions, rewards and terminals (slots.py)."""
+    from dlwm_jax.slots import SharedSlots, Slots
+    v, d, C, T = config.vqvae, config.dynamics, config.env.frame_stack, config.dynamics.sequence_length
+    on = np.full((num_seeds, n), True)
+    index = lambda *shape: rng.integers(0, pool, (num_seeds, n, *shape)).astype(np.int32)
+    vq, dyn = (on if kind == "vqvae" else ~on), (on if kind == "dynamics" else ~on)
+    slots = Slots(vq, index(v.batch_size, C), np.ones((num_seeds, n, v.batch_size), bool), dyn,
+                  index(T, d.batch_size, C), rng.integers(0, num_actions, (num_seeds, n, T, d.batch_size)).astype(np.int32),
+                  rng.choice([-1.0, 0.0, 1.0], (num_seeds, n, T, d.batch_size)).astype(np.float32),
+                  rng.random((num_seeds, n, T, d.batch_size)) < 0.05, np.ones((num_seeds, n, d.batch_size), bool))
+    return slots, SharedSlots(np.arange(n, dtype=np.int32), vq[0], dyn[0])
 
 
 def random_replays(config, num_seeds: int, frames: int = 12_800) -> list:

@@ -1,0 +1,115 @@
+"""Where one world-model chunk spends its time: one JSON object on stdout.
+
+    python benchmarks/profile.py [--preset paper] [--kind dynamics|vqvae] [--set section.field=value ...]
+                                 [--num-seeds N] [--out DIR]
+
+Compiles the loop's world_model_chunk (programs.py) at the preset's sizes, runs one chunk of `chunk_slots` slots
+that each take a `--kind` step (benchmarks/run.py's slot_chunk: random frames and indices) to compile and warm
+it, then runs one more under jax.profiler (a perfetto trace, kept in --out) and reads the trace: per profiled
+process and thread (on a GPU the device's streams, whose events are its kernels and copies) the number of events
+and the fraction of the chunk's wall time they cover (`busy_fraction`: the union of their intervals). With
+compute.epoch_chunk=0 the chunk is a host loop of per-step programs; otherwise one scanned program.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def trace_summary(events: list[dict], window: str) -> dict:
+    """Perfetto/Chrome trace events -> {"window_us", "threads": [{process, thread, events, busy_fraction}]}: the
+    window is the complete ("X") event named `window` (a jax.profiler.TraceAnnotation); per thread with events in
+    it, their number and the fraction of the window they cover, busiest first."""
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    marks = [e for e in events if e.get("ph") == "X" and e.get("name") == window]
+    if not marks:
+        raise ValueError(f"no event named {window!r} in the trace")
+    begin = float(marks[0]["ts"])
+    end = begin + float(marks[0]["dur"])
+    spans: dict[tuple, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e is not marks[0]:
+            start, stop = max(float(e["ts"]), begin), min(float(e["ts"]) + float(e.get("dur", 0)), end)
+            if stop > start:
+                spans.setdefault((e["pid"], e.get("tid")), []).append((start, stop))
+    rows = [{"process": processes.get(pid, str(pid)), "thread": threads.get((pid, tid), str(tid)), "events": len(v),
+             "busy_fraction": round(covered(v) / max(end - begin, 1e-9), 4)} for (pid, tid), v in spans.items()]
+    return {"window_us": round(end - begin, 1), "threads": sorted(rows, key=lambda r: -r["busy_fraction"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--kind", choices=("dynamics", "vqvae"), default="dynamics")
+    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--num-seeds", type=int, default=1)
+    parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--out", default=None, help="folder for the trace (default: a temporary one)")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from dlwm_jax import config as config_lib
+    from dlwm_jax import envs
+    from dlwm_jax import world_model as wm
+    from dlwm_jax.programs import compile_programs
+    from dlwm_jax.seed_axis import stack
+    from run import slot_chunk
+
+    config = config_lib.resolve_compute(config_lib.override(config_lib.get_preset(args.preset),
+                                                            dict(item.split("=", 1) for item in args.set)))
+    num_actions, S, pool = envs.num_actions(envs.check_game(args.game)), args.num_seeds, 4_096
+    rng = np.random.default_rng(0)
+    programs = compile_programs(config, num_actions, S, None)
+    world = stack([wm.init_world_model(config, num_actions, jax.random.key(0))] * S)
+    frames = jnp.asarray(rng.integers(0, 256, (S, pool, config.env.image_size, config.env.image_size), np.uint8))
+    keys = jnp.stack([jax.random.key(1)] * S)
+    slots, shared = slot_chunk(config, num_actions, S, args.kind, programs.chunk_slots, pool, rng)
+
+    def chunk(world):
+        world, vq, dyn = programs.world_model_chunk(world, frames, slots, shared, keys, jnp.float32(1.0))
+        return jax.block_until_ready((world, vq, dyn))[0]
+    start = time.perf_counter()
+    world = chunk(world)
+    first_s = time.perf_counter() - start
+    out = args.out or tempfile.mkdtemp(prefix="dlwm_profile_")
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        with jax.profiler.TraceAnnotation("world_model_chunk"):
+            start = time.perf_counter()
+            world = chunk(world)
+            traced_s = time.perf_counter() - start
+    path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    summary = trace_summary(trace["traceEvents"] if isinstance(trace, dict) else trace, "world_model_chunk")
+    print(json.dumps({"kind": args.kind, "chunk_slots": programs.chunk_slots, "num_seeds": S,
+                      "first_chunk_s": round(first_s, 2), "traced_chunk_ms": round(traced_s * 1e3, 2),
+                      "ms_per_step": round(traced_s * 1e3 / programs.chunk_slots, 3), **summary, "trace": path,
+                      "preset": args.preset, "overrides": args.set, "backend": jax.default_backend(),
+                      "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+    main()
