@@ -216,11 +216,12 @@ def loop_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bo
             "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
 
 
-def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
-    """benchmarks/profile.py (PROFILE_PARTS): a traced chunk of dynamics steps; its trace stays in out/<name>."""
+def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, workroot: str) -> dict:
+    """benchmarks/profile.py (PROFILE_PARTS): a traced chunk of dynamics steps. The trace is read there and left in
+    the temporary workroot: the device tool brings back 8 files, the JSON and the logs."""
     overrides = [*COMPUTE_OVERRIDES, *PROFILE_PARTS[name]]
     argv = [sys.executable, "benchmarks/profile.py", "--preset", "smoke" if tiny else "paper", "--kind", "dynamics",
-            "--out", os.path.join(out, name)]
+            "--out", os.path.join(workroot, name)]
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
@@ -254,7 +255,7 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s:
             elif part in BENCH_PARTS:
                 report[part] = bench_part(part, limit, out, env, tiny)
             elif part in PROFILE_PARTS:
-                report[part] = profile_part(part, limit, out, env, tiny)
+                report[part] = profile_part(part, limit, out, env, tiny, workroot)
             else:
                 report[part] = loop_part(part, limit, out, env, tiny, workroot)
             report["wall_s"] = round(time.monotonic() - start, 1)

@@ -124,6 +124,7 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
             slots, shared = slot_chunk(config, num_actions, num_seeds, kind, n, pool, rng)
             measure(f"{kind}_step", lambda: world_model_chunk(slots, shared), repeats,
                     f"{kind}_step (per step of a {n}-slot chunk)", per_call=n)
+    worlds = state[0]  # the scanned chunk donates its world: go on with the last one
 
     start_obs = jax.device_put(rng.integers(0, 256, (p.num_envs, *frame), dtype=np.uint8))
     if "imagination" in only:
