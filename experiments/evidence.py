@@ -37,6 +37,8 @@ flags.DEFINE_integer("parallel", 1, "How many seeds run at once (1: one after an
 flags.DEFINE_multi_string("set", [], "Config overrides passed to every seed (train.py --set).")
 flags.DEFINE_bool("merge_finished", False, "Start nothing: merge the seeds that have finished so far (a partial "
                   "results file, e.g. to commit raw data before the last seeds are done).")
+flags.DEFINE_string("compilation_cache", None, "XLA compilation cache of every seed (train.py --compilation_cache; "
+                    "default: train.py's).")
 flags.DEFINE_float("progress_every_s", 60.0, "Seconds between progress lines (each seed's latest line).")
 FLAGS = flags.FLAGS
 
@@ -87,6 +89,8 @@ def main(argv):
             s = pending.pop(0)
             command = [sys.executable, TRAIN, f"--game={FLAGS.game}", f"--preset={FLAGS.preset}", f"--seed={s}",
                        f"--workdir={workdirs[s]}", *(f"--set={item}" for item in FLAGS.set)]
+            if FLAGS.compilation_cache:
+                command.append(f"--compilation_cache={FLAGS.compilation_cache}")
             log = open(workdirs[s] + ".log", "a")
             running[s] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
             print(f"seed {s}: running, log {workdirs[s]}.log", flush=True)

@@ -1,11 +1,12 @@
 """experiments/evidence.py and dlwm_jax/results.py: seeds as processes, merged raw results, the workdir lock."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import CACHE, ROOT
+from conftest import CACHE, ROOT, shared_run
 
 from dlwm_jax.results import merge_results
 
@@ -34,13 +35,22 @@ def test_merge_concatenates_seeds_and_random_baselines_and_rejects_mismatches():
 def run_evidence(tmp_path, *extra):
     return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "evidence.py"), "--game=Pong",
                            "--preset=smoke", "--num_seeds=2", f"--runs_dir={tmp_path}/runs",
-                           f"--results_dir={tmp_path}/results", "--progress_every_s=5", *extra],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+                           f"--results_dir={tmp_path}/results", "--progress_every_s=5",
+                           f"--compilation_cache={CACHE}", *extra], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
 
 
-def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path):
+def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path, tmp_path_factory):
+    """Seed 0 finished earlier (the suite's shared smoke run of seed 0, copied in): evidence.py leaves it and runs
+    seed 1 (the same run as the shared seed-1 run: same flags, same results); then merges both."""
+    single, _ = shared_run(tmp_path_factory, "single")
+    shared_seed_1, _ = shared_run(tmp_path_factory, "seed_1")
+    shutil.copytree(single, tmp_path / "runs" / "Pong-0", ignore=shutil.ignore_patterns(".lock"))
     proc = run_evidence(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "seed 0: finished earlier" in proc.stdout and "seed 1: running" in proc.stdout
+    assert json.load(open(tmp_path / "runs" / "Pong-1" / "summary.json"))["hashes"] == \
+        json.load(open(os.path.join(shared_seed_1, "summary.json")))["hashes"]
     results = json.load(open(tmp_path / "results" / "Pong.json"))
     assert [s["seed"] for s in results["seeds"]] == [0, 1] and results["preset"] == "smoke"
     for s in (0, 1):
