@@ -137,6 +137,8 @@ def main() -> None:
     started = time.perf_counter()
     try:
         result = train.train_and_evaluate(config, workdir, args.num_seeds, echo=lambda line: print(line, file=sys.stderr))
+        with open(os.path.join(workdir, "results.json")) as f:
+            random_agent = [seed["return_mean"] for seed in json.load(f)["random_agent"]["per_seed"]]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -144,6 +146,7 @@ def main() -> None:
     print(json.dumps({
         "run_wall_s": round(time.perf_counter() - started, 2), "phases": timer.figures,
         "by_phase": summarise(timer.figures), "final_eval_return_per_seed": result["aggregate"]["final_eval_return_per_seed"],
+        "random_agent_return_per_seed": random_agent,
         "preset": args.preset, "game": args.game, "num_seeds": args.num_seeds, "overrides": args.set,
         "compute": config_lib.to_dict(config_lib.resolve_compute(config))["compute"],
         "backend": jax.default_backend(), "device_kind": device.device_kind, "jax": jax.__version__,

@@ -68,12 +68,30 @@ def test_smoke_run_writes_every_output(smoke_run):
 
 
 def test_killed_run_resumes_to_identical_parameters(smoke_run, tmp_path):
-    reference_dir, _ = smoke_run
+    assert_kill_and_resume_gives(smoke_run[0], SMOKE, tmp_path)
+
+
+@pytest.mark.slow
+def test_scanned_epochs_run_the_same_twice_and_resume_to_identical_parameters(tmp_path):
+    """The accelerator's world-model programs (compute.epoch_chunk > 0: chunks of slots as one scan, the world
+    donated) on the CPU: two runs give the same hashes, and a killed one resumes to them."""
+    flags = [*SMOKE, "--set=compute.epoch_chunk=4"]
+    first = run([*flags, f"--workdir={tmp_path / 'first'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run([*flags, f"--workdir={tmp_path / 'second'}"])
+    hashes = lambda name: json.load(open(tmp_path / name / "summary.json"))["hashes"]
+    assert second.returncode == 0 and hashes("second") == hashes("first")
+    assert_kill_and_resume_gives(str(tmp_path / "first"), flags, tmp_path)
+
+
+def assert_kill_and_resume_gives(reference_dir, flags, tmp_path):
+    """SIGKILL a run with `flags` at a random moment, rerun the command: same hashes, final return and metric
+    records as the uninterrupted run in reference_dir."""
     workdir = str(tmp_path / "run")
     rng = random.Random()
     kill_after = rng.randint(1, 9)  # progress lines seen before SIGKILL: a random phase of a random iteration
     print(f"killing after {kill_after} progress lines")
-    proc = subprocess.Popen([sys.executable, SCRIPT, *SMOKE, f"--workdir={workdir}"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, SCRIPT, *flags, f"--workdir={workdir}"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     seen = 0
     for line in proc.stdout:
@@ -83,7 +101,7 @@ def test_killed_run_resumes_to_identical_parameters(smoke_run, tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run([*SMOKE, f"--workdir={workdir}"])
+    resumed = run([*flags, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.load(open(os.path.join(reference_dir, "summary.json")))
     got = json.load(open(os.path.join(workdir, "summary.json")))
