@@ -27,11 +27,12 @@ def per_seed_metrics(history: list, num_seeds: int) -> list[dict[str, float]]:
 
 
 def _rows(plans: Sequence[Any], rows: np.ndarray, active: np.ndarray) -> list[np.ndarray]:
-    """Per field, [S, L, ...]: row rows[i] of seed s's plan where active[s, i], else zeros (a masked slot)."""
-    def field(xs):
-        return np.stack([np.where(on.reshape(-1, *[1] * (x.ndim - 1)), x[np.minimum(rows, len(x) - 1)], 0)
-                         if len(x) else np.zeros((len(rows), *x.shape[1:]), x.dtype) for x, on in zip(xs, active)])
-    return [field(xs) for xs in zip(*plans)]
+    """Per field of the plans, [S, L, ...]: in slot i, row rows[i] of seed s's plan where active[s, i], zeros
+    (a masked slot) elsewhere; each field keeps its dtype."""
+    def field(x: np.ndarray, on: np.ndarray) -> np.ndarray:  # one seed's field [N, ...], on [L]
+        picked = x[np.minimum(rows, len(x) - 1)] if len(x) else np.zeros((len(rows), *x.shape[1:]), x.dtype)
+        return np.where(on.reshape(-1, *[1] * (x.ndim - 1)), picked, np.zeros((), x.dtype))
+    return [np.stack([field(x, on) for x, on in zip(xs, active)]) for xs in zip(*plans)]
 
 
 def epoch_slots(config: Config, vq_plans: Sequence[ObservationPlan], seq_plans: Sequence[SequencePlan] | None = None,

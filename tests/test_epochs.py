@@ -1,0 +1,66 @@
+"""Tests of dlwm_jax/epochs.py's slot layout (SPEC 8.3): which slot holds which VQ-VAE and dynamics batch of each
+seed, the masking of seeds whose epochs are shorter, and the fields' dtypes (no program is compiled here; the
+epochs themselves run in test_world_model.py and test_train_seeds.py)."""
+import jax
+import numpy as np
+
+from dlwm_jax import config as config_lib
+from dlwm_jax.epochs import epoch_slots
+from dlwm_jax.replay import Replay
+
+CFG = config_lib.smoke()
+
+
+def replays_of(lengths):
+    """One replay per seed, one trajectory each of the given length, frames holding their own index."""
+    rng, out = np.random.default_rng(0), []
+    for n in lengths:
+        replay = Replay(n, 1, (2, 2), CFG.env.frame_stack)
+        terminals = rng.random((1, n)) < 0.05
+        frames = (np.arange(n, dtype=np.uint8) % 251)[None, :, None, None] * np.ones((1, 1, 2, 2), np.uint8)
+        replay.add(frames, rng.integers(0, 6, (1, n)).astype(np.int32), rng.normal(size=(1, n)).astype(np.float32),
+                   terminals, np.concatenate([[[True]], terminals[:, :-1]], 1))
+        out.append(replay)
+    return out
+
+
+def test_joint_epoch_slots_place_every_batch_once_and_mask_the_shorter_seed():
+    d, interval = CFG.dynamics, 3
+    replays = replays_of([200, 200])
+    keys = [jax.random.key(1), jax.random.key(2)]
+    vq = [r.observation_plan(k, CFG.vqvae.batch_size) for r, k in zip(replays, keys)]
+    seq = [r.sequence_plan(k, d.batch_size, d.sequence_length, d.max_offset) for r, k in zip(replays, keys)]
+    counts = [len(p.valid) for p in seq]
+    if counts[0] == counts[1]:  # make the seeds' epochs differ: drop seed 1's last batch
+        seq[1] = type(seq[1])(*(x[:-1] for x in seq[1]))
+        counts[1] -= 1
+    slots, shared = epoch_slots(CFG, vq, seq, interval)
+    length = max(counts) + 1
+    assert len(shared.index) == length and list(shared.index) == list(range(length))
+    for s in range(2):
+        taken = np.flatnonzero(slots.dyn_active[s])
+        assert list(taken) == list(range(counts[s]))  # dynamics batch i in slot i, while the seed has batches
+        np.testing.assert_array_equal(slots.dyn_frames[s, taken], seq[s].frames)
+        np.testing.assert_array_equal(slots.terminals[s, taken], seq[s].terminals)
+        assert not slots.dyn_valid[s, counts[s]:].any() and not slots.dyn_frames[s, counts[s]:].any()
+        vq_taken = np.flatnonzero(slots.vq_active[s])  # SPEC 8.3: floor(D / interval) + 1 VQ-VAE steps
+        assert list(vq_taken) == list(range(0, counts[s] + 1, interval))
+        np.testing.assert_array_equal(slots.vq_frames[s, vq_taken], vq[s].frames[:len(vq_taken)])
+    np.testing.assert_array_equal(shared.vq_on, slots.vq_active.any(0))
+    np.testing.assert_array_equal(shared.dyn_on, np.arange(length) < max(counts))
+    for name, field, plan_field in (("dyn_frames", slots.dyn_frames, seq[0].frames), ("terminals", slots.terminals,
+                                    seq[0].terminals), ("dyn_valid", slots.dyn_valid, seq[0].valid),
+                                    ("vq_valid", slots.vq_valid, vq[0].valid), ("rewards", slots.rewards, seq[0].rewards)):
+        assert field.dtype == plan_field.dtype, name
+
+
+def test_warmup_slots_are_every_vqvae_batch_in_order_with_the_joint_epochs_shapes():
+    replays = replays_of([90])
+    plan = replays[0].observation_plan(jax.random.key(3), CFG.vqvae.batch_size)
+    slots, shared = epoch_slots(CFG, [plan])
+    assert slots.vq_active.all() and not slots.dyn_active.any() and not shared.dyn_on.any()
+    np.testing.assert_array_equal(slots.vq_frames[0], plan.frames)
+    np.testing.assert_array_equal(slots.vq_valid[0], plan.valid)
+    d = CFG.dynamics
+    assert slots.dyn_frames.shape[2:] == (d.sequence_length, d.batch_size, CFG.env.frame_stack)
+    assert slots.terminals.dtype == bool and slots.actions.dtype == np.int32
