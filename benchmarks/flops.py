@@ -4,7 +4,7 @@ Usage: python benchmarks/flops.py
 
 Prints one JSON object: XLA's own FLOP count (`compiled.cost_analysis()`) of the VQ-VAE step, the dynamics
 step, one imagination step (the 50-step rollout is a scan; XLA counts its body once) and the PPO epochs of one
-update, the GFLOP of a paper run by the SPEC 8.4 counts, and the GFLOP/s of a 2048^3 float32 matmul (median
+update, the GFLOP of a paper run by its step counts (run.schedule_counts, SPEC 8.4), and the GFLOP/s of a 2048^3 float32 matmul (median
 of 10 after compiling), i.e. the ceiling the projected hours in benchmarks/run.py are compared against.
 """
 from __future__ import annotations
@@ -75,8 +75,9 @@ def main() -> None:
         "imagination_step": _gflop(dream, params, jax.random.key(0)),  # the scan body, counted once
         "ppo_epochs": _gflop(update, params, opt_state, rollout, jax.random.key(2)),
     }
-    paper_run = (run.PAPER_VQVAE_STEPS * gflop["vqvae_step"] + run.PAPER_DYNAMICS_STEPS * gflop["dynamics_step"]
-                 + run.PAPER_PPO_UPDATES * (p.horizon * gflop["imagination_step"] + gflop["ppo_epochs"]))
+    counts = run.schedule_counts(config)  # the paper run's step counts (SPEC 8.4)
+    paper_run = (counts["vqvae_steps"] * gflop["vqvae_step"] + counts["dynamics_steps"] * gflop["dynamics_step"]
+                 + counts["ppo_updates"] * (p.horizon * gflop["imagination_step"] + gflop["ppo_epochs"]))
     rate = matmul_gflops()
     print(json.dumps({"gflop": {k: round(x, 1) for k, x in gflop.items()}, "paper_run_pflop": round(paper_run / 1e6, 1),
                       "matmul_2048_gflops": round(rate), "paper_run_hours_at_matmul_rate": round(paper_run / rate / 3600, 1),

@@ -118,3 +118,15 @@ def test_loop_benchmark_runs_the_smoke_preset_end_to_end():
     assert report["by_phase"]["all"]["world_model"]["dynamics_steps"] > 0
     assert all(0 <= f["host_share"] <= 1 for f in report["phases"])
     assert result.stderr.count("[loop] ") == len(phases)
+
+
+@pytest.mark.slow
+def test_flops_counts_a_paper_run():
+    """benchmarks/flops.py end to end (it once broke unnoticed when run.py's constants went away)."""
+    import json
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(RUN), "flops.py")], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert set(report["gflop"]) == {"vqvae_step", "dynamics_step", "imagination_step", "ppo_epochs"}
+    assert 10 < report["paper_run_pflop"] < 100 and report["matmul_2048_gflops"] > 0
