@@ -41,7 +41,8 @@ def read_records(path: str, offset: int) -> tuple[list[dict], int]:
 def phase_work(phase: str, records: list[dict], config, iteration: int, first_unit: int,
                num_seeds: int) -> dict[str, float]:
     """The work one phase did, all seeds together: VQ-VAE and dynamics steps from the records it wrote (one
-    seed's metrics.jsonl), real env steps and PPO updates from the schedule (less what a resume skipped)."""
+    seed's metrics.jsonl, times the seeds: their epochs differ by a few steps), real env steps and PPO updates from
+    the schedule (less what a resume skipped)."""
     steps = lambda kind: sum(r.get("steps", 0) for r in records if r.get("phase") == kind) * num_seeds
     s = config.schedule
     if phase == "collect":
@@ -58,15 +59,17 @@ def phase_work(phase: str, records: list[dict], config, iteration: int, first_un
 class PhaseTimer:
     """Wraps the loop's phase steps (train.PHASE_STEPS) and its finish; collects one figure per phase."""
 
-    def __init__(self, metrics_path: str, num_seeds: int, report=lambda figure: None):
+    def __init__(self, metrics_path: str, num_seeds: int, report=lambda figure: None,
+                 clocks=(time.perf_counter, time.thread_time)):
         self.metrics_path, self.num_seeds, self.report = metrics_path, num_seeds, report
+        self.wall_clock, self.cpu_clock = clocks  # wall seconds, this thread's CPU seconds
         self.offset, self.figures = 0, []
 
     def wrap(self, name: str, step):
         def timed(run, iteration, first_unit=0):
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall, cpu = self.wall_clock(), self.cpu_clock()
             out = step(run, iteration, first_unit)
-            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            wall, cpu = self.wall_clock() - wall, self.cpu_clock() - cpu
             records, self.offset = read_records(self.metrics_path, self.offset)
             self.add(name, iteration, wall, cpu, phase_work(name, records, run.config, iteration, first_unit,
                                                             self.num_seeds))

@@ -210,7 +210,8 @@ def stub_run(config, replays: list, work=jax.device_put):
 
 def measure_host_loop(config, num_seeds: int, frames: int = 12_800, updates: int = 200) -> dict:
     """Host time (ms) per step of the loop's own epoch code for `num_seeds` seeds: per VQ-VAE step of a warm-up
-    epoch (epochs.warmup_epoch), per dynamics step of a joint epoch (epochs.joint_epoch) and per policy update
+    epoch (epochs.warmup_epoch), per slot of a joint epoch with one VQ-VAE step (epochs.joint_epoch: D + 1 slots
+    for D dynamics steps) and per policy update
     (phases.policy), on a `stub_run` whose programs only place their inputs on the device (not awaited). That is
     the work a device waits for if the loop is host-bound: drawing the batches' frame indices (replay plans),
     laying them out as slots over seeds, key derivation, transfers of the indices."""

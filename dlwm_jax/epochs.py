@@ -6,7 +6,7 @@ metrics there, so the epoch's one host sync is the fetch of its sums at the end.
 get masked slots."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +18,6 @@ from dlwm_jax.programs import Programs
 from dlwm_jax.replay import ObservationPlan, Replay, SequencePlan
 from dlwm_jax.seed_axis import unstack
 from dlwm_jax.slots import SharedSlots, Slots
-
-
-def per_seed_metrics(history: list, num_seeds: int) -> list[dict[str, float]]:
-    """[(active [S], metrics [S])] of a phase -> per seed the metrics averaged over its active steps."""
-    history = jax.device_get(history)
-    return [wm.average_metrics([unstack(m, s) for on, m in history if on[s]]) for s in range(num_seeds)]
 
 
 def _rows(plans: Sequence[Any], rows: np.ndarray, active: np.ndarray) -> list[np.ndarray]:

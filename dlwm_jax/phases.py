@@ -13,7 +13,7 @@ import numpy as np
 from dlwm_jax import world_model as wm
 from dlwm_jax.collect import Collector, evaluate
 from dlwm_jax.config import Config
-from dlwm_jax.epochs import joint_epoch, per_seed_metrics, warmup_epoch
+from dlwm_jax.epochs import joint_epoch, warmup_epoch
 from dlwm_jax.outputs import save_images, save_learning_curve, short
 from dlwm_jax.replay import Replay, generators
 from dlwm_jax.run_state import (COLLECT, DIAGNOSTICS, ENVS_PER_SEED, EVALUATE, HOLDOUT_ENV, POLICY, WARMUP,
@@ -86,7 +86,8 @@ def policy(run: Run, it: int, first_update: int) -> None:
                                                         run.put(keys[i, :, 1]))
         history.append(metrics)
         if (u + 1) % report_every == 0 or u + 1 == updates:
-            per_seed = per_seed_metrics([(np.ones(run.num_seeds, bool), m) for m in history], run.num_seeds)
+            history = jax.device_get(history)
+            per_seed = [wm.average_metrics([unstack(m, s) for m in history]) for s in range(run.num_seeds)]
             for s in range(run.num_seeds):
                 run.record(s, it, "policy", {k: v for k, v in per_seed[s].items() if k != "steps"}, unit=u + 1)
             run.progress(it, "policy", u + 1, updates, short(per_seed[0]))

@@ -38,9 +38,9 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
 
 class Programs(NamedTuple):
     """Every compiled program of the loop; arguments and outputs [S, ...] unless said otherwise."""
-    chunk_slots: int            # slots per world_model_chunk call (ComputeConfig.epoch_chunk; 16 when that is 0)
+    chunk_slots: int            # slots per world_model_chunk call (ComputeConfig.epoch_chunk, or HOST_LOOP_CHUNK)
     world_model_chunk: Callable  # (world, frames, Slots [S, L] numpy, SharedSlots [L] numpy, steps_keys, lr_scale)
-                                 # -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py)
+                                 # -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py); the world given is donated
     act_collect: Callable       # (world, agent_params, observations [S, E, ...], key) -> actions [S, E]
     act_eval: Callable
     random_act: Callable        # (observations [S, E, ...], key) -> uniform actions [S, E]
@@ -58,10 +58,10 @@ def compile_programs(config: Config, num_actions: int, num_seeds: int, sharding:
 @functools.cache
 def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
     S, networks = num_seeds, make_networks(config, num_actions)
-    compile_ = lambda fn, in_axes, program=None: over_seeds(
-        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None)
+    compile_ = lambda fn, in_axes, program=None, donate=(): over_seeds(
+        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate)
     return Programs(
-        *make_world_model_chunk(config, S, sharding),
+        *make_world_model_chunk(config, S, sharding, compile_),
         act_collect=compile_(make_act(networks, config.env.collect_temperature), (0, 0, 0, 0)),
         act_eval=compile_(make_act(networks, 1.0), (0, 0, 0, 0)),
         random_act=compile_(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32), (0, 0)),
@@ -71,15 +71,18 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
         imagined_returns=compile_(functools.partial(imagined_returns, networks, config), (0,) * 4))
 
 
-def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedSharding | None) -> tuple[int, Callable]:
-    """(chunk_slots, world_model_chunk) of Programs. compute.epoch_chunk = n > 0: a chunk of n slots is one compiled
-    lax.scan (slots.chunk; world donated), one dispatch and no host sync per n slots. 0 (the CPU's choice): each
-    part of a slot is its own program with its own XLA options (the VQ-VAE step and the dynamics step's encoder
-    pass want other XLA:CPU kernels than the ConvLSTM update), dispatched by a host loop over the chunk's slots."""
-    S, mask, n = num_seeds, num_seeds > 1, config.compute.epoch_chunk
+HOST_LOOP_CHUNK = 16  # slots per world_model_chunk call when each step is its own program (progress lines only)
+
+
+def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedSharding | None,
+                           compile_: Callable) -> tuple[int, Callable]:
+    """(chunk_slots, world_model_chunk) of Programs; compile_(fn, in_axes, xla_options_of, donate) as in
+    _compile_programs. compute.epoch_chunk = n > 0: a chunk of n slots is one compiled lax.scan (slots.chunk), one
+    dispatch and no host sync per n slots. 0 (the CPU's choice): each part of a slot is its own program with its
+    own XLA options (the VQ-VAE step and the dynamics step's encoder pass want other XLA:CPU kernels than the
+    ConvLSTM update), dispatched by a host loop over the chunk's slots. Both donate the world they are given."""
+    mask, n = num_seeds > 1, config.compute.epoch_chunk
     put = (lambda tree: jax.device_put(tree, sharding)) if sharding is not None else (lambda tree: tree)
-    compile_ = lambda fn, in_axes, program=None, donate=(): over_seeds(
-        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate)
     if n:
         program = compile_(functools.partial(slots.chunk, mask=mask), (0, 0, 0, None, 0, None), donate=(0,))
 
@@ -88,9 +91,9 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
             return world, [vq], [dyn]
         return n, scanned
 
-    vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step")
+    vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step", donate=(0,))
     encode = compile_(slots.encode_slot, (0, 0, 0), "vqvae_step")
-    dynamics = compile_(functools.partial(slots.dynamics_slot, mask=mask), (0, 0, 0, 0, 0, None))
+    dynamics = compile_(functools.partial(slots.dynamics_slot, mask=mask), (0, 0, 0, 0, 0, None), donate=(0,))
 
     def per_slot(world, frames, part, shared, steps_keys, lr_scale):
         vq_sums, dyn_sums = [], []
@@ -105,7 +108,7 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
                 world, sums = dynamics(world, batch_stats, indices, slot, steps_keys, shared.index[j])
                 dyn_sums.append(sums)
         return world, vq_sums, dyn_sums
-    return 16, per_slot
+    return HOST_LOOP_CHUNK, per_slot
 
 
 def make_act(networks, temperature: float):

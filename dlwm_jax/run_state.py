@@ -98,7 +98,8 @@ class Run:
         return _unit_keys(jnp.stack(self.roots), iteration, phase, jnp.arange(units.start, units.stop))
 
     def add_chunk(self, trajectory: Trajectory) -> None:
-        """A pooled collection into each seed's replay and into the frames on the device."""
+        """A pooled collection into each seed's replay (Replay.add raises if it is full) and then into the frames on
+        the device."""
         start = len(self.replays[0])
         add_per_seed(self.replays, trajectory)
         self.frames = write_frames(self.frames, self.put(seed_chunks(trajectory.frames, self.num_seeds)), start)
@@ -212,7 +213,7 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
     meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offsets": [0] * per_process,
             "log_steps": [0] * per_process, "eval_histories": [[] for _ in seeds], "last_evals": [None] * per_process,
             "save_index": 0}
-    latest, chunks = checkpoints.latest_step(), []
+    latest = checkpoints.latest_step()
     if latest is not None:
         if "num_seeds" not in checkpoints.restore_meta(latest):  # the one-seed loop before the seed axis
             raise CheckpointError(f"workdir {workdir!r} holds a checkpoint of the older one-seed format (before the "
@@ -224,7 +225,6 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
                              "--num_seeds or number of processes; use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
              f"unit {meta['unit']}")
-        chunks = [Trajectory(**checkpoints.load_replay_chunk(k)) for k in range(meta["chunks"])]
         if meta["iteration"] < config.schedule.num_iterations:
             _fast_forward(collector, meta["chunks"], checkpoints)
     meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
@@ -237,8 +237,8 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
               sharding, world, agent, replays, frames, collector, checkpoints, meta, loggers, echo, lock, num_seeds,
               share)
     run.world, run.agent = run.put(world), run.put(agent)
-    for chunk in chunks:
-        run.add_chunk(chunk)
+    for k in range(meta["chunks"]):  # the replay as the killed run left it, one chunk in memory at a time
+        run.add_chunk(Trajectory(**checkpoints.load_replay_chunk(k)))
     return run
 
 

@@ -31,7 +31,7 @@ from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantiz
 from dlwm_jax.replay import ObservationBatch, SequenceBatch
 
 Metrics = dict[str, jax.Array]
-Progress = Callable[[str, int, Metrics], None]  # (kind "vqvae" | "dynamics", step index in epoch, metrics)
+Progress = Callable[[str, int, Any], None]  # (kind "vqvae" | "dynamics", last slot dispatched, None): heartbeats
 
 
 @flax.struct.dataclass
@@ -295,8 +295,9 @@ def dynamics_update(state: WorldModelState, indices: jax.Array, actions: jax.Arr
 
 def dynamics_step(state: WorldModelState, batch: SequenceBatch, key: jax.Array):
     """One dynamics step (SPEC 4.6) on a time-major batch (observations uint8 [T, B, 96, 96, C]): encode_sequences,
-    then dynamics_update. programs.py compiles the two parts as two programs (the encoder pass gets the VQ-VAE step's
-    XLA options, the ConvLSTM update XLA's defaults). Returns (new state, scalar metrics).
+    then dynamics_update. The loop runs the two parts through slots.py (encode_slot, dynamics_slot): on the CPU as
+    two programs (the encoder pass gets the VQ-VAE step's XLA options, the ConvLSTM update XLA's defaults), on
+    accelerators inside one scanned chunk. Returns (new state, scalar metrics).
     """
     chex.assert_rank(batch.observations, 5)
     indices, batch_stats = encode_sequences(state, batch.observations)
@@ -373,22 +374,14 @@ def average_metrics(history: list[Metrics]) -> dict[str, float]:
     if not history:
         return {}
     history = jax.device_get(history)
-    summed = {k: float(np.sum([m[k] for m in history])) for k in history[0]
-              if k.startswith(("reward_count_", "reward_correct_")) or k == "next_latent_count"}
-    result = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-    result.update(summed)
-    for k in history[0]:
-        if k.startswith("reward_acc_"):
-            c = k.rsplit("_", 1)[1]
-            n = summed[f"reward_count_{c}"]
-            result[k] = summed[f"reward_correct_{c}"] / n if n > 0 else -1.0
-    result["steps"] = float(len(history))
-    return result
+    sums = {k: float(np.sum([m[k] for m in history], dtype=np.float64)) for k in history[0]}
+    return metrics_from_sums({**sums, "steps": float(len(history))})
 
 
 def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
-    """average_metrics from the sums of each metric over the steps taken and their number (sums["steps"], which
-    is kept): the epoch's metrics reduced on the device (slots.py). {} if no step was taken."""
+    """The sums of each metric over the steps taken and their number (sums["steps"], kept) -> the mean of each,
+    except counts/corrects (summed) and reward accuracies (recomputed from them); {} if no step was taken. The
+    epochs' metrics are summed on the device (slots.py)."""
     steps = float(sums["steps"])
     if steps == 0:
         return {}

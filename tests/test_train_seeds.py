@@ -141,10 +141,12 @@ def test_indivisible_seed_count_is_refused():
     assert seed_sharding(3, jax.devices()[:1]) is None
 
 
-def test_padded_joint_epoch_equals_each_seeds_own():
+@pytest.mark.parametrize("epoch_chunk", [0, pytest.param(4, marks=pytest.mark.slow)])
+def test_padded_joint_epoch_equals_each_seeds_own(epoch_chunk):
     """Seeds whose epochs have different numbers of dynamics batches: the vmapped epoch pads the short one with
-    masked no-op steps, and each seed ends where its own one-seed joint epoch does (same step counts, close params)."""
-    config = SMOKE
+    masked no-op steps, and each seed ends where its own one-seed joint epoch does (same step counts, close params).
+    epoch_chunk 4: the same with the accelerators' scanned chunks (masking inside the scan, slow)."""
+    config = config_lib.override(SMOKE, {"compute.epoch_chunk": epoch_chunk})
     d = config.dynamics
     rng = np.random.default_rng(1)
     replays = []
@@ -212,16 +214,17 @@ def test_vmapped_seeds_match_separate_runs(single_runs, vmapped_run):
 
 
 @pytest.mark.slow
-def test_sharded_over_4_devices_matches_unsharded(tmp_path):
+@pytest.mark.parametrize("epoch_chunk", [0, 4])  # per-step programs (the CPU's), scanned chunks (accelerators')
+def test_sharded_over_4_devices_matches_unsharded(tmp_path, epoch_chunk):
     sharded_dir, unsharded_dir = str(tmp_path / "sharded"), str(tmp_path / "unsharded")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--game=Pong",
                            "--preset=smoke", "--num_seeds=4", f"--workdir={sharded_dir}",
-                           f"--compilation_cache={CACHE}"], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=1800)
+                           f"--set=compute.epoch_chunk={epoch_chunk}", f"--compilation_cache={CACHE}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(os.path.join(sharded_dir, "aggregate.json")))["num_devices"] == 4
-    train_and_evaluate(SMOKE, unsharded_dir, 4, echo=quiet)
+    train_and_evaluate(config_lib.override(SMOKE, {"compute.epoch_chunk": epoch_chunk}), unsharded_dir, 4, echo=quiet)
     assert json.load(open(os.path.join(unsharded_dir, "aggregate.json")))["num_devices"] == 1
     sharded = final_state(sharded_dir)
     unsharded = final_state(unsharded_dir)
