@@ -85,6 +85,7 @@ class GoodActionWorld(nn.Module):
         return next_logits, reward_logits, state
 
 
+@pytest.mark.slow  # a learning check (~24 s on 2 cores): in make test-slow for the default suite's 8-minute budget
 def test_ppo_in_imagination_learns_the_rewarding_action():
     policy_config = config_lib.override(CONFIG, {"policy.learning_rate": 1e-3}).policy
     world = GoodActionWorld(num_codes=16, good=2)
