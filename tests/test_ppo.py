@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import ppo
