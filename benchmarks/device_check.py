@@ -145,6 +145,11 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
+def _outcome(run: dict) -> dict:
+    """The keys every part reports of its subprocess (run_part's result)."""
+    return {key: run[key] for key in ("rc", "wall_s", "limit_s", "timed_out")}
+
+
 def _tail(lines: list[tuple[float, str]], n: int = 8) -> list[str]:
     return [text for _, text in lines[-n:]]
 
@@ -159,8 +164,7 @@ def devices_part(limit_s: float, out: str, env: dict[str, str]) -> dict:
                              capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         smi = None
-    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "info": info, "nvidia_smi": smi, "tail": _tail(run["lines"])}
+    return {**_outcome(run), "info": info, "nvidia_smi": smi, "tail": _tail(run["lines"])}
 
 
 def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
@@ -184,8 +188,7 @@ def bench_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: b
         if match:
             partial[match.group(1)] = {"ms": float(match.group(2)), "first_call_s": float(match.group(3))}
     result = _last_json(run["lines"])
-    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "num_seeds": num_seeds, "overrides": overrides, "result": result, "partial": partial,
+    return {**_outcome(run), "num_seeds": num_seeds, "overrides": overrides, "result": result, "partial": partial,
             "tail": _tail(run["lines"])}
 
 
@@ -211,8 +214,7 @@ def loop_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bo
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
     phases = [json.loads(text[len("[loop] "):]) for _, text in run["lines"] if text.startswith("[loop] ")]
-    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "preset": preset, "num_seeds": num_seeds, "overrides": overrides, "phases": phases,
+    return {**_outcome(run), "preset": preset, "num_seeds": num_seeds, "overrides": overrides, "phases": phases,
             "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
 
 
@@ -225,8 +227,7 @@ def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny:
     for item in overrides:
         argv += ["--set", item]
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
-    return {"rc": run["rc"], "wall_s": run["wall_s"], "limit_s": run["limit_s"], "timed_out": run["timed_out"],
-            "overrides": overrides, "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
+    return {**_outcome(run), "overrides": overrides, "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
 
 
 def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
@@ -273,7 +274,8 @@ def _summary(part: dict) -> str:
         text += f"; {part['info'].get('backend')} {part['info'].get('devices')}"
     if part.get("result") and "traced_chunk_ms" in part["result"]:
         r = part["result"]
-        streams = ", ".join(f"{t['thread']} {t['events']} events {t['busy_fraction']:.0%} busy" for t in r["threads"][:3])
+        streams = ", ".join(f"{t['thread']} {t['events']} events {t['busy_fraction']:.0%} busy"
+                            for t in r["threads"][:3])
         text += f"; {r['ms_per_step']} ms per step of a {r['chunk_slots']}-slot chunk; {streams}"
     elif part.get("result") and "run_wall_s" in part["result"]:
         text += f"; run {part['result']['run_wall_s']:.0f} s"

@@ -17,7 +17,7 @@ from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.device_replay import gather
 from dlwm_jax.imagination import imagine
 from dlwm_jax.networks import make_networks
-from dlwm_jax.seed_axis import over_seeds
+from dlwm_jax.seed_axis import over_seeds, put_on_seeds
 
 
 @flax.struct.dataclass
@@ -82,7 +82,7 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
     own XLA options (the VQ-VAE step and the dynamics step's encoder pass want other XLA:CPU kernels than the
     ConvLSTM update), dispatched by a host loop over the chunk's slots. Both donate the world they are given."""
     mask, n = num_seeds > 1, config.compute.epoch_chunk
-    put = (lambda tree: jax.device_put(tree, sharding)) if sharding is not None else (lambda tree: tree)
+    put = functools.partial(put_on_seeds, sharding=sharding)
     if n:
         program = compile_(functools.partial(slots.chunk, mask=mask), (0, 0, 0, None, 0, None), donate=(0,))
 

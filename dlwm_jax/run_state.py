@@ -33,7 +33,7 @@ from dlwm_jax.outputs import Logger
 from dlwm_jax.programs import AgentState, Programs, compile_programs, initial_state
 from dlwm_jax.replay import Replay
 from dlwm_jax.results import git_commit
-from dlwm_jax.seed_axis import seed_sharding, stack
+from dlwm_jax.seed_axis import put_on_seeds, seed_sharding, stack
 
 PHASES = ("collect", "warmup", "world_model", "policy", "evaluate")
 COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
@@ -106,7 +106,7 @@ class Run:
 
     def put(self, tree: Any) -> Any:
         """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
-        return jax.device_put(tree, self.sharding) if self.sharding is not None else tree
+        return put_on_seeds(tree, self.sharding)
 
     def elapsed(self) -> float:
         """Wall time over all resumptions."""
@@ -225,8 +225,6 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
                              "--num_seeds or number of processes; use another --workdir or the same flags")
         echo(f"resuming from checkpoint {latest}: iteration {meta['iteration'] + 1}, phase {PHASES[meta['phase']]}, "
              f"unit {meta['unit']}")
-        if meta["iteration"] < config.schedule.num_iterations:
-            _fast_forward(collector, meta["chunks"], checkpoints)
     meta["git_commits"] = sorted(set(meta.get("git_commits", [])) | {git_commit()})
     loggers = [Logger(d, offset, step, echo=lambda _: None)
                for d, offset, step in zip(seed_dirs, meta["metrics_offsets"], meta["log_steps"])]
@@ -237,20 +235,22 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
               sharding, world, agent, replays, frames, collector, checkpoints, meta, loggers, echo, lock, num_seeds,
               share)
     run.world, run.agent = run.put(world), run.put(agent)
-    for k in range(meta["chunks"]):  # the replay as the killed run left it, one chunk in memory at a time
-        run.add_chunk(Trajectory(**checkpoints.load_replay_chunk(k)))
+    for k in range(meta["chunks"]):  # replay and envs as the killed run left them, one chunk read and held at a time
+        chunk = Trajectory(**checkpoints.load_replay_chunk(k))
+        if meta["iteration"] < config.schedule.num_iterations:
+            _fast_forward(collector, chunk)
+        run.add_chunk(chunk)
     return run
 
 
-def _fast_forward(collector: Collector, num_chunks: int, checkpoints: Checkpointer) -> None:
-    """Re-steps a fresh collector pool with the stored actions so it is where the killed run left it."""
-    for k in range(num_chunks):
-        chunk = checkpoints.load_replay_chunk(k)
-        actions = iter(chunk["actions"].T)
-        trajectory, _ = collector.collect(lambda obs, key: next(actions), chunk["actions"].size, jax.random.key(0))
-        if not np.array_equal(trajectory.frames, chunk["frames"]):
-            raise CheckpointError("replaying the stored actions did not reproduce the stored frames; "
-                                  "the environment is not deterministic here, cannot resume")
+def _fast_forward(collector: Collector, chunk: Trajectory) -> None:
+    """Re-steps the collector pool with a stored chunk's actions, so that after every chunk it is where the killed
+    run left it; raises CheckpointError if the frames it produces are not the stored ones."""
+    actions = iter(chunk.actions.T)
+    trajectory, _ = collector.collect(lambda obs, key: next(actions), chunk.actions.size, jax.random.key(0))
+    if not np.array_equal(trajectory.frames, chunk.frames):
+        raise CheckpointError("replaying the stored actions did not reproduce the stored frames; "
+                              "the environment is not deterministic here, cannot resume")
 
 
 def add_per_seed(replays: Sequence[Replay], trajectory: Trajectory) -> None:

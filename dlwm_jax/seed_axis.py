@@ -34,6 +34,11 @@ def unstack(tree: Any, s: int) -> Any:
     return jax.tree.map(lambda x: x[s], tree)
 
 
+def put_on_seeds(tree: Any, sharding: NamedSharding | None) -> Any:
+    """A pytree with a leading seed axis placed on the seed sharding (returned as it is without one)."""
+    return jax.device_put(tree, sharding) if sharding is not None else tree
+
+
 def seed_sharding(num_seeds: int, devices: Sequence[jax.Device] | None = None) -> NamedSharding | None:
     """The seed axis over all (or the given) devices; None on one device or for one seed. Raises ValueError if
     S % devices."""
