@@ -18,12 +18,26 @@ from dlwm_jax.run_state import EVALUATE, Run, derived_seed
 from dlwm_jax.seed_axis import unstack
 
 
+def evaluate_random_agent(run: Run) -> None:
+    """The uniform random agent under the final evaluation's protocol (same envs, seeds, keys and caps), run beside
+    the training (background.py) unless a checkpoint holds it already: meta["random_agent"], a result per seed."""
+    if run.meta.get("random_agent") is not None:
+        return
+    last = run.config.schedule.num_iterations - 1
+    policy_fn, keys = run.policy(run.programs.random_act), run.keys(last, EVALUATE)
+    seeds = [derived_seed(root, 1 + last) for root in run.roots]
+    run.echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps), beside the "
+             "training")
+    run.background.submit(lambda: evaluate(run.config.env, policy_fn, keys, seeds),
+                          lambda results: run.meta.update(random_agent=results))
+
+
 def finish_run(run: Run) -> dict:
     """summary.json per seed, the random agent under the same protocol, results.json and (several seeds)
     aggregate.json. In a multi-process job each process writes its share's results.process_<p>.json, and process
     0, once every share is there, the merged results.json and the aggregate over all seeds."""
     config, S = run.config, run.num_seeds
-    game, last = envs.check_game(config.env.game), config.schedule.num_iterations - 1
+    game = envs.check_game(config.env.game)
     host_world, host_agent = jax.device_get((run.world, run.agent))
     summaries = []
     for s in range(S):
@@ -32,9 +46,8 @@ def finish_run(run: Run) -> dict:
                                        history[-1][1] if history else None, unstack(host_world, s),
                                        unstack(host_agent, s).params))
         run.loggers[s].writer.close()
-    run.echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps)")
-    baselines = evaluate(config.env, run.policy(run.programs.random_act), run.keys(last, EVALUATE),
-                         [derived_seed(root, 1 + last) for root in run.roots])
+    run.background.join()  # the last evaluation is in the final checkpoint's meta already; the random agent
+    baselines = run.meta["random_agent"]
     process, num_processes = run.share
     own = "results.json" if num_processes == 1 else f"results.process_{process}.json"
     write_results(os.path.join(run.workdir, own), config, game, run.seeds, run.seed_dirs, run.meta["last_evals"],

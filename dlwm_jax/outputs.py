@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -115,18 +115,29 @@ dream = jax.jit(imagine, static_argnames=("dynamics", "actor_critic", "horizon")
 encode = jax.jit(wm.encode)
 
 
-def save_images(seed_dir: str, iteration: int, world: wm.WorldModelState, agent_params: Any, replay, networks,
-                config, key: jax.Array) -> None:
-    """Reconstructions with code maps, and a decoded dream (the reference's latent analysis and dreams)."""
+class ImageSamples(NamedTuple):
+    """What `save_images` draws from the replay, drawn beforehand (the replay grows while images are made off the
+    loop's path): observations uint8 [n <= 6, 96, 96, C] to reconstruct, dream starts [<= 4, ...], the dream key."""
+    observations: np.ndarray
+    starts: np.ndarray
+    dream_key: jax.Array
+
+
+def image_samples(replay, key: jax.Array) -> ImageSamples:
     obs_key, start_key, dream_key = jax.random.split(key, 3)
-    n = min(6, len(replay))
-    observations = replay.sample_observations(obs_key, n)
+    return ImageSamples(replay.sample_observations(obs_key, min(6, len(replay))),
+                        replay.sample_observations(start_key, min(4, len(replay))), dream_key)
+
+
+def save_images(seed_dir: str, iteration: int, world: wm.WorldModelState, agent_params: Any, samples: ImageSamples,
+                networks, config) -> None:
+    """Reconstructions with code maps, and a decoded dream (the reference's latent analysis and dreams)."""
+    observations, start, dream_key = samples
     indices, z_q = encode(world, observations)
     recon = decode_mean(networks.decoder, world.decoder_params, z_q)
     grid = viz.reconstruction_grid(observations, np.asarray(recon), np.asarray(indices), config.vqvae.num_codes)
     viz.save_png(os.path.join(seed_dir, f"reconstructions_iter{iteration + 1}.png"), grid)
 
-    start = replay.sample_observations(start_key, min(4, len(replay)))
     start_indices, _ = encode(world, start)
     rollout = dream(dynamics=networks.dream_dynamics, actor_critic=networks.actor_critic,
                     dynamics_params={"params": world.dynamics_params}, policy_params=agent_params,

@@ -14,7 +14,7 @@ from dlwm_jax import world_model as wm
 from dlwm_jax.collect import Collector, evaluate
 from dlwm_jax.config import Config
 from dlwm_jax.epochs import joint_epoch, warmup_epoch
-from dlwm_jax.outputs import save_images, save_learning_curve, short
+from dlwm_jax.outputs import image_samples, save_images, save_learning_curve, short
 from dlwm_jax.replay import Replay, generators
 from dlwm_jax.run_state import (COLLECT, DIAGNOSTICS, ENVS_PER_SEED, EVALUATE, HOLDOUT_ENV, POLICY, WARMUP,
                                 WORLD_MODEL, Run, add_per_seed, derived_seed, unit_key)
@@ -96,33 +96,47 @@ def policy(run: Run, it: int, first_update: int) -> None:
 
 
 def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
-    """num_eval_envs fresh seeded envs per seed, actions sampled at temperature 1 (SPEC 9); images."""
-    config, p, S = run.config, run.config.policy, run.num_seeds
-    results = evaluate(config.env, run.policy(run.programs.act_eval, run.world, run.agent.params),
-                       run.keys(it, EVALUATE), [derived_seed(root, 1 + it) for root in run.roots])
+    """num_eval_envs fresh seeded envs per seed, actions sampled at temperature 1 (SPEC 9); images.
+
+    Off the critical path (background.py): the episodes and images run in a thread on a frozen copy of the world
+    model and the agent while the loop goes on with the next iteration; the records, the learning curve and the
+    progress line follow when the loop joins it, at its next checkpoint (or the run's end). What the work reads
+    is drawn here: the replay and the state change meanwhile."""
+    config, p = run.config, run.config.policy
     dream_keys = [jax.random.split(k) for k in run.keys(it, DIAGNOSTICS, 2)]  # (start key, dream key) per seed
     starts = np.stack([r.sample_observations(k[0], p.num_envs) for r, k in zip(run.replays, dream_keys)])
-    imagined = np.asarray(run.programs.imagined_returns(run.world, run.agent.params, run.put(starts),
-                                                        run.put(jnp.stack([k[1] for k in dream_keys]))))
+    imagined = run.programs.imagined_returns(run.world, run.agent.params, run.put(starts),
+                                             run.put(jnp.stack([k[1] for k in dream_keys])))
     host_world, host_agent = jax.device_get((run.world, run.agent))
-    records = []
-    for s, (result, seed_dir) in enumerate(zip(results, run.seed_dirs)):
-        record = evaluation_record(result, imagined[s], p.horizon)
-        run.record(s, it, "evaluate", record, wall_time_s=round(run.elapsed(), 1))
-        records.append(record)
-        run.meta["eval_histories"][s].append([len(run.replays[s]), result["return_mean"], result["return_std"]])
-        run.meta["last_evals"][s] = result
-        save_images(seed_dir, it, unstack(host_world, s), unstack(host_agent, s).params, run.replays[s],
-                    run.networks, config, unit_key(run.roots[s], it, EVALUATE, 1))
-        save_learning_curve(seed_dir, run.meta["eval_histories"][s], f"{config.env.game} (seed {run.seeds[s]})")
-    if run.total_seeds == 1:
-        run.progress(it, "evaluate", 1, 1, evaluation_line(records[0], p.horizon))
-    else:
-        run.echo(f"[iter {it + 1}/{config.schedule.num_iterations}] seed {run.seeds[0]}: "
-                 f"{evaluation_line(records[0], p.horizon)}")
-        returns = [r["return_mean"] for r in results]
-        run.progress(it, "evaluate", 1, 1, f"return over {S} seeds {np.mean(returns):.1f} +- {np.std(returns):.1f}",
-                     first_seed=False)
+    world, agent_params = run.put((host_world, host_agent.params))  # frozen: the next epochs donate run.world's buffers
+    samples = [image_samples(r, unit_key(root, it, EVALUATE, 1)) for r, root in zip(run.replays, run.roots)]
+    keys, seeds = run.keys(it, EVALUATE), [derived_seed(root, 1 + it) for root in run.roots]
+    real_steps, wall_time = [len(r) for r in run.replays], round(run.elapsed(), 1)
+
+    def work() -> tuple[list[dict], float]:
+        began = time.time()
+        results = evaluate(config.env, run.policy(run.programs.act_eval, world, agent_params), keys, seeds)
+        for s, seed_dir in enumerate(run.seed_dirs):
+            save_images(seed_dir, it, unstack(host_world, s), unstack(host_agent, s).params, samples[s], run.networks,
+                        config)
+        return results, time.time() - began
+
+    def finish(outcome: tuple[list[dict], float]) -> None:
+        results, seconds = outcome
+        records = [evaluation_record(result, returns, p.horizon) for result, returns in zip(results, np.asarray(imagined))]
+        for s, (result, record) in enumerate(zip(results, records)):
+            run.record(s, it, "evaluate", record, real_steps=real_steps[s], wall_time_s=wall_time)
+            run.meta["eval_histories"][s].append([real_steps[s], result["return_mean"], result["return_std"]])
+            run.meta["last_evals"][s] = result
+            save_learning_curve(run.seed_dirs[s], run.meta["eval_histories"][s],
+                                f"{config.env.game} (seed {run.seeds[s]})")
+        head = f"[iter {it + 1}/{config.schedule.num_iterations}] evaluate    {seconds:.0f}s  "
+        first = f"seed {run.seeds[0]}: " if run.total_seeds > 1 else ""
+        run.echo(head + first + evaluation_line(records[0], p.horizon))
+        if run.num_seeds > 1:
+            returns = [r["return_mean"] for r in results]
+            run.echo(head + f"return over {run.num_seeds} seeds {np.mean(returns):.1f} +- {np.std(returns):.1f}")
+    run.background.submit(work, finish)
 
 
 def diagnose(run: Run, it: int, datas: Sequence[Replay], first_step: int) -> None:

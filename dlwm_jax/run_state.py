@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 
 from dlwm_jax import envs
 from dlwm_jax import world_model as wm
+from dlwm_jax.background import Background
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
 from dlwm_jax.collect import Collector, Trajectory
 from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict
@@ -78,6 +79,7 @@ class Run:
     lock: Any                   # the workdir lock, held while the run is in this process
     total_seeds: int            # over all processes; `seeds` are this process's share
     share: tuple[int, int]      # (process, number of processes) of a multi-process job; (0, 1) otherwise
+    background: Background = dataclasses.field(default_factory=Background)  # work off the critical path
     started: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
 
@@ -113,6 +115,9 @@ class Run:
         return self.meta.get("elapsed_s", 0.0) + time.time() - self.started
 
     def save(self, iteration: int, phase: int, unit: int) -> None:
+        """A checkpoint of the run at (iteration, phase, unit), after joining the work off the critical path (its
+        records and meta belong in it)."""
+        self.background.join()
         self.meta.update(iteration=iteration, phase=phase, unit=unit, metrics_offsets=[lg.offset for lg in self.loggers],
                          log_steps=[lg.log_step for lg in self.loggers], config=to_dict(self.config),
                          num_seeds=self.total_seeds, share=list(self.share),
@@ -233,7 +238,7 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
     frames = empty_frames(per_process, config.total_real_steps, (config.env.image_size,) * 2, sharding)
     run = Run(config, workdir, seeds, seed_dirs, compile_programs(config, num_actions, per_process, sharding), networks,
               sharding, world, agent, replays, frames, collector, checkpoints, meta, loggers, echo, lock, num_seeds,
-              share)
+              share, Background(lambda: jax.threefry_partitionable(config.compute.threefry_partitionable)))
     run.world, run.agent = run.put(world), run.put(agent)
     for k in range(meta["chunks"]):  # replay and envs as the killed run left them, one chunk read and held at a time
         chunk = Trajectory(**checkpoints.load_replay_chunk(k))

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import jax
 
 from dlwm_jax.config import Config, resolve_compute, validate
-from dlwm_jax.finish import finish_run
+from dlwm_jax.finish import evaluate_random_agent, finish_run
 from dlwm_jax.phases import PHASE_STEPS
 from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES, WARMUP, start_run
 
@@ -55,6 +55,7 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = start_run(config, workdir, num_seeds, echo, devices, share)
+        evaluate_random_agent(run)  # beside the training, for the results at the end
         start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]
         for it in range(start, config.schedule.num_iterations):
             for phase in range(resume_phase if it == start else COLLECT, len(PHASES)):
@@ -63,5 +64,7 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
                 run.start_phase()
                 PHASE_STEPS[phase](run, it, resume_unit if (it, phase) == (start, resume_phase) else 0)
                 next_iteration, next_phase = (it + 1, COLLECT) if phase == EVALUATE else (it, phase + 1)
-                run.save(next_iteration, next_phase, 0)
+                if phase != EVALUATE or next_iteration == config.schedule.num_iterations:
+                    run.save(next_iteration, next_phase, 0)  # an evaluation runs on beside the next collection,
+                                                             # whose checkpoint joins it (phases.evaluate_agent)
         return finish_run(run)
