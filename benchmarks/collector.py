@@ -1,4 +1,5 @@
-"""Real-env throughput: the Collector (random policy, frame stacks, reset handling) vs raw EnvPool stepping.
+"""Real-env throughput: the Collector (the loop's random actor: frame stacks and actions, one program per env
+step; reset handling) vs raw EnvPool stepping.
 
 Usage: python benchmarks/collector.py [--game BankHeist] [--steps 2000] [--repeats 3]
 Prints JSON; `measure(...)` returns the same dict for benchmarks/run.py. Steps are agent interactions summed over
@@ -15,7 +16,9 @@ import jax
 import numpy as np
 
 from dlwm_jax import collect, envs
+from dlwm_jax import config as config_lib
 from dlwm_jax.config import EnvConfig
+from dlwm_jax.programs import compile_programs
 
 
 def _raw_rate(env_config: EnvConfig, num_envs: int, steps: int, repeats: int) -> float:
@@ -35,7 +38,8 @@ def _raw_rate(env_config: EnvConfig, num_envs: int, steps: int, repeats: int) ->
 
 def _collector_rate(env_config: EnvConfig, num_envs: int, steps: int, repeats: int) -> float:
     collector = collect.Collector(env_config, num_envs, seed=0)
-    policy = collect.random_policy(envs.num_actions(env_config.game))
+    config = config_lib.override(config_lib.get_preset("paper"), {"env.game": env_config.game})
+    policy = compile_programs(config, envs.num_actions(env_config.game), 1, None).random_act  # the loop's actor
     keys = jax.random.split(jax.random.key(0), repeats + 1)
     rates = []
     for key in keys:

@@ -144,8 +144,10 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
                 max(3, repeats // 2))
 
     for n in (1, config.env.num_eval_envs) if "act" in only else ():
-        obs = jax.device_put(rng.integers(0, 256, (num_seeds, n, *frame), dtype=np.uint8))
-        measure(f"act_batch{n}", lambda: programs.act_collect(worlds, agents.params, obs, keys), repeats * 4)
+        stacks = jax.device_put(rng.integers(0, 256, (num_seeds, n, *frame), dtype=np.uint8))
+        newest = rng.integers(0, 256, (num_seeds, n, *frame[:2]), dtype=np.uint8)  # from the host, as EnvPool's
+        measure(f"act_batch{n}", lambda: programs.act_collect(worlds, agents.params, stacks, newest,
+                                                              np.zeros((num_seeds, n), bool), keys)[1], repeats * 4)
     out["compile_s"] = compile_s
     return out
 

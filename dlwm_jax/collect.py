@@ -1,9 +1,13 @@
 """Acting in the real environments: data collection into per-env streams, and evaluation (SPEC 2, 8.3, 9).
 
-A policy is a host-callable `policy_fn(observations, key) -> int actions [N]`; observations is a jax.Array uint8
-[N, 96, 96, C] (stacked on device by a jitted `envs.push_frame`: 6x faster than numpy's channel-last copies). Its
-temperature (1.5 while collecting, 1.0 at evaluation, SPEC 8.3 / 9) is the caller's business: bake it into
-`policy_fn`.
+Each env step is one call of an `Actor`: act(stacks, frames, is_first, key) -> (stacks, actions). It pushes the
+newest frames onto the frame stacks (envs.push_frame) and picks the actions from them, so in the training loop an
+env step is one compiled program (programs.py: the frames go in, the actions come out, the stacks stay on the
+device). Layout: an env pool of G seed groups x E envs (G = 1 for one seed): stacks [G, E, 96, 96, C] (whatever
+the actor keeps: the collector starts them as zeros and never reads them), frames uint8 [G, E, 96, 96], is_first
+bool [G, E] (True: the frame starts an episode, the stack is it replicated), key one key or [G] keys; actions int
+[G, E] (or [G * E]). `policy_actor` makes one from a plain `PolicyFn(observations [N, 96, 96, C], key) -> actions
+[N]`. The policy's temperature (1.5 while collecting, 1.0 at evaluation, SPEC 8.3 / 9) is the caller's business.
 
 EnvPool auto-resets one step late: after a step returns done, the env's NEXT step performs the reset, ignores
 its action and returns reward 0 and the first observation of the new episode (verified in tests/test_envs.py).
@@ -13,7 +17,7 @@ only (`step(..., env_id=finished)`), so it is neither counted nor stored and all
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +27,17 @@ from dlwm_jax import envs
 from dlwm_jax.config import EnvConfig
 
 PolicyFn = Callable[[jax.Array, jax.Array], Any]
+Actor = Callable[[Any, np.ndarray, np.ndarray, jax.Array], tuple[Any, Any]]
 _push_frame = jax.jit(envs.push_frame)
+
+
+def policy_actor(policy_fn: PolicyFn) -> Actor:
+    """An Actor from a PolicyFn (tests, tools): the frames pushed by a program of their own, then the policy on the
+    stacks flattened to [G * E, 96, 96, C]."""
+    def act(stacks, frames, is_first, key):
+        stacks = _push_frame(stacks, frames, is_first)
+        return stacks, policy_fn(stacks.reshape(-1, *stacks.shape[2:]), key)
+    return act
 
 
 class Trajectory(NamedTuple):
@@ -57,14 +71,24 @@ def random_policy(num_actions: int) -> PolicyFn:
     return policy_fn
 
 
-def _actions(policy_fn: PolicyFn, observations: jax.Array, key: jax.Array, num_actions: int) -> np.ndarray:
-    actions = np.asarray(policy_fn(observations, key))
-    if actions.shape != observations.shape[:1] or not np.issubdtype(actions.dtype, np.integer) \
+def scripted_actor(actions: Iterator[np.ndarray]) -> Actor:
+    """An Actor that plays the given actions, one [N] per step (a resume re-stepping its envs); it keeps the stacks."""
+    return lambda stacks, frames, is_first, key: (_push_frame(stacks, frames, is_first), next(actions))
+
+
+def _actions(actions: Any, num_envs: int, num_actions: int) -> np.ndarray:
+    """An actor's actions as int32 [num_envs]; ValueError (one line) if they are not num_envs ints in range."""
+    actions = np.asarray(actions)
+    if actions.size != num_envs or not np.issubdtype(actions.dtype, np.integer) \
             or actions.min() < 0 or actions.max() >= num_actions:
-        raise ValueError(f"policy_fn must return int actions [{observations.shape[0]}] in [0, {num_actions}), "
+        raise ValueError(f"the policy must return int actions [{num_envs}] in [0, {num_actions}), "
                          f"got {actions.dtype} {actions.shape} {actions if actions.size <= 8 else ''}")
-    actions = actions.astype(np.int32)
-    return actions
+    return actions.reshape(num_envs).astype(np.int32)
+
+
+def _groups(seed: int | Sequence[int]) -> int:
+    """Seed groups of a pool made with `seed`: one per base seed of a sequence, 1 for one seed."""
+    return 1 if isinstance(seed, (int, np.integer)) else len(seed)
 
 
 def step_keys(key: jax.Array, num_steps: int) -> list[jax.Array]:
@@ -87,13 +111,14 @@ class Collector:
         """Collects from envs.make_env(env_config, num_envs, seed): num_envs envs, or num_envs per base seed when
         `seed` is a sequence of S base seeds (one pool of S x num_envs envs for S training seeds)."""
         self.env = envs.make_env(env_config, num_envs, seed)
-        self.num_envs, self.num_stack = self.env.config["num_envs"], env_config.frame_stack
+        self.num_envs, self.groups = self.env.config["num_envs"], _groups(seed)  # N over all seeds of a pool, G
         self.num_actions = envs.num_actions(env_config.game)
-        num_envs = self.num_envs  # over all seeds of a pool
+        num_envs = self.num_envs
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         obs, _ = self.env.reset()
-        self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy
-        self.observations = jnp.asarray(envs.initial_stack(self.newest_frames, self.num_stack))  # [N, 96, 96, C]
+        self.newest_frames = envs.frames_of(obs).copy()  # uint8 [N, 96, 96], numpy: the next push
+        self.stacks = np.zeros((self.groups, num_envs // self.groups, *self.newest_frames.shape[1:],
+                                env_config.frame_stack), np.uint8)  # the actor's: [G, E, 96, 96, C] at first
         self.is_first = np.ones(num_envs, bool)
         self.episode_returns = np.zeros(num_envs, np.float64)
         self.episode_lengths = np.zeros(num_envs, np.int64)
@@ -109,17 +134,18 @@ class Collector:
         frames[info["env_id"]] = envs.frames_of(obs)
         return frames
 
-    def collect(self, policy_fn: PolicyFn, num_steps: int, key: jax.Array) -> tuple[Trajectory, dict]:
+    def collect(self, actor: Actor, num_steps: int, key: jax.Array) -> tuple[Trajectory, dict]:
         """Acts for `num_steps` interactions in total (num_steps // N per env, N must divide num_steps).
 
         Returns (Trajectory with T = num_steps // N, stats) where stats = {"episode_returns": float64 [E],
         "episode_lengths": int64 [E], "episode_envs": int64 [E]} of the E episodes that finished during this call
         (raw returns, lengths in agent steps, episodes started in earlier calls included; the env index of each).
-        Step t calls policy_fn with step_keys(key, T)[t]: `key` is one key, or [S] keys for a pool of S seeds.
+        Step t calls the actor with step_keys(key, T)[t]: `key` is one key, or [S] keys for a pool of S seeds.
         """
         if num_steps % self.num_envs:
             raise ValueError(f"num_steps={num_steps} is not divisible by num_envs={self.num_envs}")
         n, t_len = self.num_envs, num_steps // self.num_envs
+        grouped = (self.groups, n // self.groups)
         keys = step_keys(key, t_len)
         traj = Trajectory(frames=np.empty((n, t_len) + self.newest_frames.shape[1:], np.uint8),
                           actions=np.empty((n, t_len), np.int32), rewards=np.empty((n, t_len), np.float32),
@@ -128,7 +154,9 @@ class Collector:
         for t in range(t_len):
             traj.frames[:, t] = self.newest_frames
             traj.is_first[:, t] = self.is_first
-            actions = _actions(policy_fn, self.observations, keys[t], self.num_actions)
+            self.stacks, actions = actor(self.stacks, self.newest_frames.reshape(*grouped, *self.newest_frames.shape[1:]),
+                                         self.is_first.reshape(grouped), keys[t])
+            actions = _actions(actions, n, self.num_actions)
             obs, reward, terminated, truncated, _ = self.env.step(actions, env_id=self._all_ids)
             done = terminated | truncated
             traj.actions[:, t], traj.rewards[:, t], traj.terminals[:, t] = actions, reward, done
@@ -141,9 +169,7 @@ class Collector:
                 finished_envs.extend(np.flatnonzero(done))
                 self.episode_returns[done], self.episode_lengths[done] = 0.0, 0
                 frames = self._reset_finished(frames, done)
-            self.newest_frames = frames
-            self.observations = _push_frame(self.observations, frames, done)
-            self.is_first = done
+            self.newest_frames, self.is_first = frames, done
         self.num_interactions += num_steps
         stats = {"episode_returns": np.asarray(finished_returns, np.float64),
                  "episode_lengths": np.asarray(finished_lengths, np.int64),
@@ -151,7 +177,7 @@ class Collector:
         return traj, stats
 
 
-def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: int | Sequence[int],
+def evaluate(env_config: EnvConfig, actor: Actor, key: jax.Array, seed: int | Sequence[int],
              num_envs: int | None = None, max_steps: int | None = None) -> dict | list[dict]:
     """Evaluation episodes (SPEC 9) in fresh envs seeded seed, seed+1, ... (the reference's were unseeded).
 
@@ -160,32 +186,35 @@ def evaluate(env_config: EnvConfig, policy_fn: PolicyFn, key: jax.Array, seed: i
     Returns return_mean/std (population)/min/max and length_mean over the finished episodes; if none finished,
     over the partial returns at the cap. num_finished says how many of num_envs episodes ended; `returns`,
     `lengths` and `finished` are the per-env lists.
-    With [S] keys and S base seeds (S training seeds): one pool of S x num_envs envs, policy_fn gets [S] keys,
+    With [S] keys and S base seeds (S training seeds): one pool of S x num_envs envs, the actor gets [S] keys,
     and a list of S result dicts, dict s what evaluate(..., key[s], seed[s]) returns.
     """
     num_envs = num_envs or env_config.num_eval_envs
     max_steps = max_steps or env_config.eval_cap
     env = envs.make_env(env_config, num_envs, seed)
-    per_env = first_episodes(env, env_config, policy_fn, step_keys(key, max_steps))
+    per_env = first_episodes(env, env_config, actor, step_keys(key, max_steps), _groups(seed))
     if key.ndim == 0:
         return episode_stats(*per_env)
     return [episode_stats(*group) for group in zip(*(x.reshape(len(key), num_envs) for x in per_env))]
 
 
-def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: list) -> tuple[np.ndarray, ...]:
-    """Resets `env` (N envs) and acts until every env finished its first episode or len(step_keys) steps were
-    taken (step t acts with step_keys[t]); closes it. Returns (returns f64 [N], lengths i64 [N], finished [N],
-    clipped returns f64 [N]: the sum of sign(reward), the reward classes the world model predicts)."""
+def first_episodes(env, env_config: EnvConfig, actor: Actor, step_keys: list, groups: int = 1) -> tuple[np.ndarray, ...]:
+    """Resets `env` (N envs: `groups` seed groups of N / groups) and acts until every env finished its first episode
+    or len(step_keys) steps were taken (step t acts with step_keys[t]); closes it. Returns (returns f64 [N], lengths
+    i64 [N], finished [N], clipped returns f64 [N]: the sum of sign(reward), the reward classes the world model
+    predicts)."""
     num_act = envs.num_actions(env_config.game)
     obs, _ = env.reset()
-    observations = jnp.asarray(envs.initial_stack(envs.frames_of(obs), env_config.frame_stack))
-    num_envs = observations.shape[0]
+    frames = envs.frames_of(obs)
+    num_envs, size = frames.shape[0], frames.shape[1:]
+    stacks = np.zeros((groups, num_envs // groups, *size, env_config.frame_stack), np.uint8)
+    is_first = np.ones((groups, num_envs // groups), bool)
     returns, lengths = np.zeros(num_envs, np.float64), np.zeros(num_envs, np.int64)
     clipped = np.zeros(num_envs, np.float64)
     finished = np.zeros(num_envs, bool)
     for step_key in step_keys:
-        actions = _actions(policy_fn, observations, step_key, num_act)
-        obs, reward, terminated, truncated, _ = env.step(actions)
+        stacks, actions = actor(stacks, frames.reshape(groups, -1, *size), is_first, step_key)
+        obs, reward, terminated, truncated, _ = env.step(_actions(actions, num_envs, num_act))
         active = ~finished
         returns += np.where(active, reward, 0.0)
         clipped += np.where(active, np.sign(reward), 0.0)
@@ -194,7 +223,7 @@ def first_episodes(env, env_config: EnvConfig, policy_fn: PolicyFn, step_keys: l
         if finished.all():
             break
         # After a done EnvPool's next step resets; finished envs' data are ignored, so no special care here.
-        observations = _push_frame(observations, envs.frames_of(obs).copy(), np.zeros(num_envs, bool))
+        frames, is_first = envs.frames_of(obs).copy(), np.zeros_like(is_first)
     env.close()
     return returns, lengths, finished, clipped
 

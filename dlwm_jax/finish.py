@@ -24,11 +24,11 @@ def evaluate_random_agent(run: Run) -> None:
     if run.meta.get("random_agent") is not None:
         return
     last = run.config.schedule.num_iterations - 1
-    policy_fn, keys = run.policy(run.programs.random_act), run.keys(last, EVALUATE)
+    actor, keys = run.actor(run.programs.random_act), run.keys(last, EVALUATE)
     seeds = [derived_seed(root, 1 + last) for root in run.roots]
     run.echo("evaluating the uniform random agent under the same protocol (same envs, seeds and caps), beside the "
              "training")
-    run.background.submit(lambda: evaluate(run.config.env, policy_fn, keys, seeds),
+    run.background.submit(lambda: evaluate(run.config.env, actor, keys, seeds),
                           lambda results: run.meta.update(random_agent=results))
 
 

@@ -26,10 +26,10 @@ def collect(run: Run, it: int, _first_unit: int = 0) -> None:
     s = run.config.schedule
     steps = s.initial_steps if it == 0 else s.steps_per_iteration
     if it == 0:
-        policy_fn = run.policy(run.programs.random_act)
+        actor = run.actor(run.programs.random_act)
     else:
-        policy_fn = run.policy(run.programs.act_collect, run.world, run.agent.params)
-    trajectory, stats = run.collector.collect(policy_fn, steps * run.num_seeds, run.keys(it, COLLECT))
+        actor = run.actor(run.programs.act_collect, run.world, run.agent.params)
+    trajectory, stats = run.collector.collect(actor, steps * run.num_seeds, run.keys(it, COLLECT))
     run.checkpoints.save_replay_chunk(run.meta["chunks"], trajectory._asdict())
     run.meta["chunks"] += 1
     run.add_chunk(trajectory)
@@ -115,7 +115,7 @@ def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
 
     def work() -> tuple[list[dict], float]:
         began = time.time()
-        results = evaluate(config.env, run.policy(run.programs.act_eval, world, agent_params), keys, seeds)
+        results = evaluate(config.env, run.actor(run.programs.act_eval, world, agent_params), keys, seeds)
         for s, seed_dir in enumerate(run.seed_dirs):
             save_images(seed_dir, it, unstack(host_world, s), unstack(host_agent, s).params, samples[s], run.networks,
                         config)
@@ -163,7 +163,7 @@ def holdout(run: Run) -> list[Replay]:
     """Iteration 1's held-back data per seed: random steps from envs of their own (the training stream is untouched)."""
     config, steps = run.config, holdout_steps(run.config)
     pool = Collector(config.env, ENVS_PER_SEED, [derived_seed(root, HOLDOUT_ENV) for root in run.roots])
-    trajectory, _ = pool.collect(run.policy(run.programs.random_act), steps * run.num_seeds, run.keys(0, DIAGNOSTICS, 1))
+    trajectory, _ = pool.collect(run.actor(run.programs.random_act), steps * run.num_seeds, run.keys(0, DIAGNOSTICS, 1))
     datas = [Replay(steps, ENVS_PER_SEED, (config.env.image_size,) * 2, config.env.frame_stack) for _ in run.seeds]
     add_per_seed(datas, trajectory)
     return datas

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dlwm_jax import envs, outputs, viz
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
-from dlwm_jax.collect import episode_stats, first_episodes
+from dlwm_jax.collect import episode_stats, first_episodes, policy_actor
 from dlwm_jax.programs import initial_state, make_act
 from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES, derived_seed, unit_key
 from dlwm_jax.seed_axis import stack
@@ -182,7 +182,7 @@ def play(config, policy_fn, key, env_seed: int, num_envs: int, max_steps: int, r
     episode_stats), kept open to return the per-episode arrays and env record_env's frames."""
     tap = EnvTap(envs.make_env(config.env, num_envs, env_seed), record_frames, max_steps, label, record_env,
                  record_from, echo=echo)
-    per_episode = first_episodes(tap, config.env, policy_fn, list(jax.random.split(key, max_steps)))
+    per_episode = first_episodes(tap, config.env, policy_actor(policy_fn), list(jax.random.split(key, max_steps)))
     return per_episode, episode_stats(*per_episode), tap
 
 
@@ -263,7 +263,7 @@ def branch_probe(config, p: Protocol, world, agent, networks, act, env_index: in
     policy_fn = lambda obs, key: act(world, agent.params, obs, key)
     tap = EnvTap(envs.make_env(config.env, p.num_envs, p.env_seed), 1, p.max_steps, "to the branch point",
                  env_index, at, echo=echo)
-    lengths = first_episodes(tap, config.env, policy_fn, list(jax.random.split(p.key, p.max_steps))[:at])[1]
+    lengths = first_episodes(tap, config.env, policy_actor(policy_fn), list(jax.random.split(p.key, p.max_steps))[:at])[1]
     if not tap.frames:
         raise InputError(f"--branch_at={at}: env {env_index}'s episode lasted {int(lengths[env_index])} steps")
     forced, names = branch_actions(envs.num_actions(config.env.game), samples, steps, hold)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from dlwm_jax import ppo, slots
+from dlwm_jax import envs, ppo, slots
 from dlwm_jax import world_model as wm
 from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.device_replay import gather
@@ -41,9 +41,9 @@ class Programs(NamedTuple):
     chunk_slots: int            # slots per world_model_chunk call (ComputeConfig.epoch_chunk, or HOST_LOOP_CHUNK)
     world_model_chunk: Callable  # (world, frames, Slots [S, L] numpy, SharedSlots [L] numpy, steps_keys, lr_scale)
                                  # -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py); the world given is donated
-    act_collect: Callable       # (world, agent_params, observations [S, E, ...], key) -> actions [S, E]
-    act_eval: Callable
-    random_act: Callable        # (observations [S, E, ...], key) -> uniform actions [S, E]
+    act_collect: Callable       # (world, agent_params, stacks [S, E, ...], frames, is_first, key) -> (stacks, actions
+    act_eval: Callable          # [S, E]): one env step of collect.py's actors, a program each (env_step)
+    random_act: Callable        # (stacks, frames, is_first, key) -> (stacks, uniform actions [S, E])
     policy_update: Callable     # (world, agent, frames, start stacks [S, n, C], key) -> (agent, metrics)
     diagnostics: Callable       # (world, observations, actions, rewards, key) -> metrics
     imagined_returns: Callable  # (world, agent_params, start observations, key) -> returns [S, N]
@@ -62,9 +62,10 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
         fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate)
     return Programs(
         *make_world_model_chunk(config, S, sharding, compile_),
-        act_collect=compile_(make_act(networks, config.env.collect_temperature), (0, 0, 0, 0)),
-        act_eval=compile_(make_act(networks, 1.0), (0, 0, 0, 0)),
-        random_act=compile_(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32), (0, 0)),
+        act_collect=compile_(env_step(make_act(networks, config.env.collect_temperature)), (0,) * 6),
+        act_eval=compile_(env_step(make_act(networks, 1.0)), (0,) * 6),
+        random_act=compile_(env_step(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32)),
+                            (0,) * 4),
         policy_update=make_policy_update(config, networks, ppo.make_optimizer(config.policy),
                                          lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
         diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5),
@@ -119,6 +120,16 @@ def make_act(networks, temperature: float):
         logits, _ = networks.actor_critic.apply(agent_params, z_q)
         return ppo.sample_action(logits, key, temperature)
     return act
+
+
+def env_step(act: Callable) -> Callable:
+    """One env step of an actor (collect.py) as one program: (*params, stacks [E, H, W, C], frames uint8 [E, H, W],
+    is_first [E], key) -> (stacks, act(*params, stacks, key)), the newest frames pushed first (envs.push_frame)."""
+    def step(*args):
+        *params, stacks, frames, is_first, key = args
+        stacks = envs.push_frame(stacks, frames, is_first)
+        return stacks, act(*params, stacks, key)
+    return step
 
 
 def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable | None = None):

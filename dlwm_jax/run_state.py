@@ -26,7 +26,7 @@ from dlwm_jax import envs
 from dlwm_jax import world_model as wm
 from dlwm_jax.background import Background
 from dlwm_jax.checkpoint import Checkpointer, CheckpointError
-from dlwm_jax.collect import Collector, Trajectory
+from dlwm_jax.collect import Collector, Trajectory, scripted_actor
 from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict
 from dlwm_jax.device_replay import empty_frames, seed_chunks, write_frames
 from dlwm_jax.networks import make_networks
@@ -148,12 +148,11 @@ class Run:
     def heartbeat(self, iteration: int, phase: str, epoch: int, epochs: int):
         return self.loggers[0].heartbeat(iteration, self.config.schedule.num_iterations, phase, epoch, epochs)
 
-    def policy(self, program: Callable, *params) -> Callable:
-        """A collect.PolicyFn over the pooled envs: observations [S*E, ...] and keys [S] -> actions [S*E]."""
-        def policy_fn(observations, keys):
-            observations = observations.reshape(self.num_seeds, -1, *observations.shape[1:])
-            return program(*params, self.put(observations), self.put(keys)).reshape(-1)
-        return policy_fn
+    def actor(self, program: Callable, *params) -> Callable:
+        """A collect.Actor over the pooled envs [S, E]: each env step one call of an act program (Programs)."""
+        def act(stacks, frames, is_first, keys):
+            return program(*params, stacks, self.put(frames), self.put(is_first), self.put(keys))
+        return act
 
 
 def _check_workdir(workdir: str) -> None:
@@ -252,7 +251,7 @@ def _fast_forward(collector: Collector, chunk: Trajectory) -> None:
     """Re-steps the collector pool with a stored chunk's actions, so that after every chunk it is where the killed
     run left it; raises CheckpointError if the frames it produces are not the stored ones."""
     actions = iter(chunk.actions.T)
-    trajectory, _ = collector.collect(lambda obs, key: next(actions), chunk.actions.size, jax.random.key(0))
+    trajectory, _ = collector.collect(scripted_actor(actions), chunk.actions.size, jax.random.key(0))
     if not np.array_equal(trajectory.frames, chunk.frames):
         raise CheckpointError("replaying the stored actions did not reproduce the stored frames; "
                               "the environment is not deterministic here, cannot resume")

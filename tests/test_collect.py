@@ -19,7 +19,7 @@ def rebuilt_observations(traj, num_stack):
 
 def test_truncation_autoreset_steps_are_neither_counted_nor_stored_and_chunks_continue():
     config = EnvConfig(game="Breakout", max_episode_steps=25)
-    policy = obs_policy(4)
+    policy = collect.policy_actor(obs_policy(4))
     whole = collect.Collector(config, num_envs=2, seed=0)
     traj, stats = whole.collect(policy, 120, jax.random.key(0))
     assert traj.frames.shape == (2, 60, 96, 96) and traj.frames.dtype == np.uint8
@@ -45,8 +45,8 @@ def test_game_over_terminals_returns_and_stacks():
     config = EnvConfig(game="Breakout")
     collector = collect.Collector(config, num_envs=2, seed=1)
     seen, random_policy = [], collect.random_policy(4)
-    record = lambda obs, key: (seen.append(obs.copy()), random_policy(obs, key))[1]
-    traj, stats = collector.collect(record, 2 * 300, jax.random.key(0))
+    record = lambda obs, key: (seen.append(np.asarray(obs)), random_policy(obs, key))[1]
+    traj, stats = collector.collect(collect.policy_actor(record), 2 * 300, jax.random.key(0))
     # Random Breakout loses its 5 lives in ~170-230 steps: each stream has a game over.
     assert traj.terminals.any(axis=1).all()
     for i in range(2):
@@ -66,7 +66,7 @@ def test_game_over_terminals_returns_and_stacks():
 
 def test_same_key_and_seed_reproduce_different_key_changes_actions():
     config = EnvConfig(game="Asterix")
-    policy = collect.random_policy(envs.num_actions("Asterix"))
+    policy = collect.policy_actor(collect.random_policy(envs.num_actions("Asterix")))
     a, _ = collect.Collector(config, 2, seed=3).collect(policy, 100, jax.random.key(5))
     b, _ = collect.Collector(config, 2, seed=3).collect(policy, 100, jax.random.key(5))
     c, _ = collect.Collector(config, 2, seed=3).collect(policy, 100, jax.random.key(6))
@@ -78,15 +78,15 @@ def test_same_key_and_seed_reproduce_different_key_changes_actions():
 
 def test_collect_rejects_indivisible_steps_and_bad_actions():
     collector = collect.Collector(EnvConfig(game="Pong", frame_stack=1), 2, seed=0)
-    assert collector.observations.shape == (2, 96, 96, 1)
+    assert collector.stacks.shape == (1, 2, 96, 96, 1)
     with pytest.raises(ValueError, match="divisible"):
-        collector.collect(collect.random_policy(6), 5, jax.random.key(0))
-    with pytest.raises(ValueError, match="policy_fn"):
-        collector.collect(lambda obs, key: np.full(2, 6), 2, jax.random.key(0))
+        collector.collect(collect.policy_actor(collect.random_policy(6)), 5, jax.random.key(0))
+    with pytest.raises(ValueError, match="the policy must return int actions"):
+        collector.collect(collect.policy_actor(lambda obs, key: np.full(2, 6)), 2, jax.random.key(0))
 
 
 def test_evaluate_respects_the_cap_and_reports_finished_episodes():
-    policy = collect.random_policy(4)
+    policy = collect.policy_actor(collect.random_policy(4))
     capped = collect.evaluate(EnvConfig(game="Breakout"), policy, jax.random.key(0), seed=0, num_envs=2,
                               max_steps=20)
     assert capped["num_finished"] == 0 and capped["num_envs"] == 2 and capped["length_mean"] == 20
@@ -115,8 +115,26 @@ def test_replay_rebuilds_the_stacks_the_policy_saw_across_chunks():
     seen, policy = [], collect.random_policy(4)
     record = lambda obs, key: (seen.append(np.asarray(obs)), policy(obs, key))[1]
     for key in jax.random.split(jax.random.key(0), 3):  # chunk boundaries at 20 and 40 steps per stream
-        replay.add(*collector.collect(record, 40, key)[0])
+        replay.add(*collector.collect(collect.policy_actor(record), 40, key)[0])
     assert len(replay) == 120
     # Replay order: chunk-major, then stream, then time: [chunk, N, T] flattened.
     seen = np.stack(seen).reshape(3, 20, 2, 96, 96, 4).transpose(0, 2, 1, 3, 4, 5).reshape(120, 96, 96, 4)
     np.testing.assert_array_equal(replay.observations(np.arange(120)), seen)
+
+
+def test_the_loops_one_program_env_step_equals_pushing_then_acting():
+    """The loop's actors push the frames and act in one program (programs.env_step); a PolicyFn behind
+    policy_actor pushes with a program of its own: the same trajectory and the same stacks, over chunks."""
+    from dlwm_jax import config as config_lib
+    from dlwm_jax.programs import compile_programs
+    config = EnvConfig(game="Breakout", max_episode_steps=13)
+    fused = compile_programs(config_lib.override(config_lib.get_preset("smoke"), {"env.game": "Breakout"}), 4, 1,
+                             None).random_act
+    one, two = collect.Collector(config, 2, seed=0), collect.Collector(config, 2, seed=0)
+    for key in jax.random.split(jax.random.key(3), 2):
+        a, stats_a = one.collect(fused, 60, key[None])  # the loop's keys: one per seed [S]
+        b, stats_b = two.collect(collect.policy_actor(collect.random_policy(4)), 60, key)
+        for field in a._fields:
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        np.testing.assert_array_equal(np.asarray(one.stacks), np.asarray(two.stacks))
+    assert a.is_first[:, 1:].any() and len(set(a.actions.ravel())) == 4
