@@ -6,16 +6,19 @@
 `check` runs these parts by default, in this order, each a subprocess with its own time limit inside one overall
 budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
   devices           jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
-  loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
-                    phase the wall time, the host's share and the steps per second; the run's wall time
+  formulations      benchmarks/profile.py --variant ...: the 64-slot dynamics chunk under each formulation of
+                    FORMULATIONS (scan unrolled, ConvLSTM convolutions as GEMMs, bfloat16), ms per step each
+  formulations_graphs  the same with XLA's command buffers (CUDA graphs) extended to loops and conditionals
+                    (COMMAND_BUFFER_FLAGS): whether a chunk captured whole runs faster
   profile_scan      benchmarks/profile.py: one 64-slot chunk of paper-size dynamics steps as one scanned program,
                     traced: events (kernels) per device stream and the fraction of the chunk each is busy
-  profile_per_step  the same chunk as a host loop of per-step programs (compute.epoch_chunk=0), for comparison
-  loop_slice        benchmarks/loop.py on a slice of the `paper` run (paper networks and batch sizes, two short
-                    iterations: collection, a warm-up epoch, a joint epoch, PPO updates, a short evaluation)
-  bench_float32     benchmarks/run.py --json at paper sizes (the step times, EnvPool, the projected paper run)
-and on request (--parts): loop_slice_5_seeds (the slice with 5 vmapped seeds), bench_5_seeds (run.py with 5 seeds),
-bench_bfloat16 (the three training steps with compute.dtype=bfloat16) and loop_paper (a whole `paper` run).
+  loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
+                    phase the wall time, the host's share and the steps per second; the run's wall time
+and on request (--parts): profile_per_step (the traced chunk as a host loop of per-step programs,
+compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper networks and batch sizes, two short
+iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds), bench_float32 (benchmarks/run.py --json at paper
+sizes: step times, EnvPool, the projected paper run), bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the
+three training steps with compute.dtype=bfloat16) and loop_paper (a whole `paper` run).
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -63,10 +66,19 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
-PART_LIMITS_S = {"devices": 20, "loop_short": 150, "profile_scan": 50, "profile_per_step": 50, "loop_slice": 90,
-                 "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50,
-                 "loop_paper": 590}
-DEFAULT_PARTS = ("devices", "loop_short", "profile_scan", "profile_per_step", "loop_slice", "bench_float32")
+PART_LIMITS_S = {"devices": 20, "formulations": 120, "formulations_graphs": 110, "profile_scan": 50,
+                 "loop_short": 150, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
+                 "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50, "loop_paper": 590}
+DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan", "loop_short")
+# The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), in this order: the
+# largest term of the paper run is its 241k dynamics steps (ConvLSTM chain, 10-step loss); which of these the
+# accelerator preset should take is what the figures decide.
+FORMULATIONS = ("plain:", "unrolled:compute.dynamics_unroll=10",
+                "gemm_unrolled:compute.dynamics_unroll=10,compute.lstm_conv=gemm",
+                "gemm_unrolled_bf16:compute.dynamics_unroll=10,compute.lstm_conv=gemm,compute.dtype=bfloat16")
+# XLA:GPU command buffers (CUDA graphs) for loops and conditionals too, so that a scanned chunk can be one graph.
+COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+FORMULATION_PARTS = {"formulations": "", "formulations_graphs": COMMAND_BUFFER_FLAGS}
 # The bench parts: (compute.dtype, vmapped seeds, run.py --only); bench_bfloat16 times the three training steps only
 # (host and EnvPool figures are float32's).
 BENCH_PARTS = {"bench_float32": ("float32", 1, None), "bench_5_seeds": ("float32", 5, None),
@@ -230,6 +242,23 @@ def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny:
     return {**_outcome(run), "overrides": overrides, "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
 
 
+def formulations_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
+    """benchmarks/profile.py --variant for each of FORMULATIONS (FORMULATION_PARTS: with extra XLA_FLAGS, GPU-only,
+    left out of a tiny check); the variants it finished (`[variant]` lines) are kept when it is stopped."""
+    argv = [sys.executable, "benchmarks/profile.py", "--preset", "smoke" if tiny else "paper", "--kind", "dynamics",
+            "--repeats", "1" if tiny else "3"]
+    for item in COMPUTE_OVERRIDES:
+        argv += ["--set", item]
+    for variant in FORMULATIONS:
+        argv += ["--variant", variant]
+    flags = "" if tiny else FORMULATION_PARTS[name]
+    if flags:
+        env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {flags}".strip()}
+    run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
+    variants = [json.loads(text[len("[variant] "):]) for _, text in run["lines"] if text.startswith("[variant] ")]
+    return {**_outcome(run), "xla_flags": flags, "variants": variants, "tail": _tail(run["lines"])}
+
+
 def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     limits = TINY_PART_LIMITS_S if tiny else PART_LIMITS_S
@@ -255,6 +284,8 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s:
                 report[part] = devices_part(limit, out, env)
             elif part in BENCH_PARTS:
                 report[part] = bench_part(part, limit, out, env, tiny)
+            elif part in FORMULATION_PARTS:
+                report[part] = formulations_part(part, limit, out, env, tiny)
             elif part in PROFILE_PARTS:
                 report[part] = profile_part(part, limit, out, env, tiny, workroot)
             else:
@@ -270,6 +301,8 @@ def _summary(part: dict) -> str:
     if "skipped" in part:
         return part["skipped"]
     text = f"rc {part['rc']}, {part['wall_s']:.0f} s{' (stopped at its limit)' if part['timed_out'] else ''}"
+    if part.get("variants"):
+        text += "; " + ", ".join(f"{v['variant']} {v['ms_per_step']} ms per step" for v in part["variants"])
     if part.get("info"):
         text += f"; {part['info'].get('backend')} {part['info'].get('devices')}"
     if part.get("result") and "traced_chunk_ms" in part["result"]:

@@ -11,7 +11,9 @@ interface and writing outputs rather than waiting for the device or for EnvPool'
 backend the programs may also run on that thread), the work done (all seeds together: real env steps, VQ-VAE and
 dynamics steps, PPO updates, read off metrics.jsonl) and its rate. A line per phase goes to stderr as it ends
 (`[loop] {...}`), so a run stopped part-way leaves what it timed. Iteration 1's phases include compiling their
-programs (or loading them from the compilation cache); `finish` is the random agent's evaluation and the results.
+programs (or loading them from the compilation cache); `finish` is the results. The evaluations and the random
+agent run off the loop's path (dlwm_jax/background.py): an `evaluate` phase times what stays on it, and
+`background_wait_s` the seconds the loop waited for them (when it joins them, before a checkpoint and at the end).
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ def main() -> None:
     import jax
     from dlwm_jax import config as config_lib
     from dlwm_jax import train
+    from dlwm_jax.background import Background
     from dlwm_jax.finish import finish_run
     from dlwm_jax.results import git_commit
     from dlwm_jax.run_state import PHASES
@@ -135,6 +138,14 @@ def main() -> None:
     timer = PhaseTimer(metrics, args.num_seeds,
                        lambda figure: print(f"[loop] {json.dumps(figure)}", file=sys.stderr, flush=True))
     train.PHASE_STEPS = tuple(timer.wrap(name, step) for name, step in zip(PHASES, train.PHASE_STEPS))
+    waits = []  # seconds the loop waited on work off its path (Background.join before a checkpoint / at the end)
+    join = Background.join
+
+    def timed_join(self):
+        start = time.perf_counter()
+        join(self)
+        waits.append(time.perf_counter() - start)
+    Background.join = timed_join
     train.finish_run = lambda run: timer.wrap("finish", lambda r, it, u: finish_run(r))(
         run, config.schedule.num_iterations - 1, 0)
     started = time.perf_counter()
@@ -148,6 +159,7 @@ def main() -> None:
     device = jax.devices()[0]
     print(json.dumps({
         "run_wall_s": round(time.perf_counter() - started, 2), "phases": timer.figures,
+        "background_wait_s": round(sum(waits), 2),
         "by_phase": summarise(timer.figures), "final_eval_return_per_seed": result["aggregate"]["final_eval_return_per_seed"],
         "random_agent_return_per_seed": random_agent,
         "preset": args.preset, "game": args.game, "num_seeds": args.num_seeds, "overrides": args.set,

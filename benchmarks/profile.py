@@ -1,7 +1,7 @@
 """Where one world-model chunk spends its time: one JSON object on stdout.
 
     python benchmarks/profile.py [--preset paper] [--kind dynamics|vqvae] [--set section.field=value ...]
-                                 [--num-seeds N] [--out DIR]
+                                 [--num-seeds N] [--out DIR] [--variant NAME:section.field=value,... ...]
 
 Compiles the loop's world_model_chunk (programs.py) at the preset's sizes, runs one chunk of `chunk_slots` slots
 that each take a `--kind` step (benchmarks/run.py's slot_chunk: random frames and indices) to compile and warm
@@ -9,6 +9,12 @@ it, then runs one more under jax.profiler (a perfetto trace, kept in --out) and 
 process and thread (on a GPU the device's streams, whose events are its kernels and copies) the number of events
 and the fraction of the chunk's wall time they cover (`busy_fraction`: the union of their intervals). With
 compute.epoch_chunk=0 the chunk is a host loop of per-step programs; otherwise one scanned program.
+
+With --variant (repeatable; overrides on top of --set, none for the plain config) nothing is traced: each variant
+compiles its chunk, runs it once more to warm it, then `--repeats` timed chunks, and prints `[variant] {...}` (the
+first chunk's seconds, the median chunk's ms per step) as soon as it is done, so a run stopped at a time limit
+keeps the variants it finished; the formulations of issue 22 step 3 (scan unroll, convolutions as GEMMs,
+bfloat16) side by side on one device.
 """
 from __future__ import annotations
 
@@ -58,16 +64,9 @@ def trace_summary(events: list[dict], window: str) -> dict:
     return {"window_us": round(end - begin, 1), "threads": sorted(rows, key=lambda r: -r["busy_fraction"])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="paper")
-    parser.add_argument("--kind", choices=("dynamics", "vqvae"), default="dynamics")
-    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
-    parser.add_argument("--num-seeds", type=int, default=1)
-    parser.add_argument("--game", default="BankHeist")
-    parser.add_argument("--out", default=None, help="folder for the trace (default: a temporary one)")
-    args = parser.parse_args()
-
+def setup(args, overrides: list[str]):
+    """(config, chunk(world) -> world, a world, slots per chunk): the loop's world_model_chunk at the preset's sizes
+    with `overrides`, on random frames and indices (benchmarks/run.py's slot_chunk)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,7 +78,7 @@ def main() -> None:
     from run import slot_chunk
 
     config = config_lib.resolve_compute(config_lib.override(config_lib.get_preset(args.preset),
-                                                            dict(item.split("=", 1) for item in args.set)))
+                                                            dict(item.split("=", 1) for item in overrides)))
     num_actions, S, pool = envs.num_actions(envs.check_game(args.game)), args.num_seeds, 4_096
     rng = np.random.default_rng(0)
     programs = compile_programs(config, num_actions, S, None)
@@ -91,6 +90,52 @@ def main() -> None:
     def chunk(world):
         world, vq, dyn = programs.world_model_chunk(world, frames, slots, shared, keys, jnp.float32(1.0))
         return jax.block_until_ready((world, vq, dyn))[0]
+    return config, chunk, world, programs.chunk_slots
+
+
+def time_variant(args, item: str) -> dict:
+    """One --variant NAME:overrides: compile + warm chunks, then the median of args.repeats timed chunks."""
+    import statistics
+    name, _, extra = item.partition(":")
+    overrides = [*args.set, *(o for o in extra.split(",") if o)]
+    config, chunk, world, chunk_slots = setup(args, overrides)
+    start = time.perf_counter()
+    world = chunk(world)
+    first_s = time.perf_counter() - start
+    world = chunk(world)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        world = chunk(world)
+        times.append(time.perf_counter() - start)
+    figure = {"variant": name, "overrides": overrides, "chunk_slots": chunk_slots, "first_chunk_s": round(first_s, 2),
+              "ms_per_step": round(statistics.median(times) * 1e3 / chunk_slots, 3)}
+    print(f"[variant] {json.dumps(figure)}", flush=True)
+    return figure
+
+
+def _device() -> dict:
+    import jax
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--kind", choices=("dynamics", "vqvae"), default="dynamics")
+    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--num-seeds", type=int, default=1)
+    parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--out", default=None, help="folder for the trace (default: a temporary one)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:overrides (comma-separated); untraced")
+    parser.add_argument("--repeats", type=int, default=3, help="timed chunks per variant")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps({"kind": args.kind, "variants": [time_variant(args, item) for item in args.variant],
+                          "preset": args.preset, "overrides": args.set, **_device()}))
+        return
+
+    config, chunk, world, chunk_slots = setup(args, args.set)
     start = time.perf_counter()
     world = chunk(world)
     first_s = time.perf_counter() - start
@@ -104,11 +149,10 @@ def main() -> None:
     with gzip.open(path) as f:
         trace = json.load(f)
     summary = trace_summary(trace["traceEvents"] if isinstance(trace, dict) else trace, "world_model_chunk")
-    print(json.dumps({"kind": args.kind, "chunk_slots": programs.chunk_slots, "num_seeds": S,
+    print(json.dumps({"kind": args.kind, "chunk_slots": chunk_slots, "num_seeds": args.num_seeds,
                       "first_chunk_s": round(first_s, 2), "traced_chunk_ms": round(traced_s * 1e3, 2),
-                      "ms_per_step": round(traced_s * 1e3 / programs.chunk_slots, 3), **summary, "trace": path,
-                      "preset": args.preset, "overrides": args.set, "backend": jax.default_backend(),
-                      "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}))
+                      "ms_per_step": round(traced_s * 1e3 / chunk_slots, 3), **summary, "trace": path,
+                      "preset": args.preset, "overrides": args.set, **_device()}))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ class ComputeConfig:
     # Each field's comment: the CPU choice / the accelerator choice, and why the CPU differs (measured here).
     upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "transpose"
     dynamics_unroll: int | None = None  # 10 / 1: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
-    lstm_conv: str | None = None        # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul) / "xla"; or "rows"
+    lstm_conv: str | None = None        # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul) / "xla"; or "rows",
+                                        # or "gemm" (im2col with a scatter-free, deterministic gradient)
     dream_lstm_conv: str | None = None  # the same in imagination (forward only): "rows" (skips all-padding kernel
                                         # rows) / "xla"
     policy_conv: str | None = None      # actor-critic convs: "xla" / "xla" ("im2col" wins only with YNNPACK in PPO)
@@ -236,8 +237,8 @@ def validate(config: Config) -> Config:
     if c.target not in COMPUTE_TARGETS:
         raise ValueError(f"compute.target must be 'auto', 'cpu' or 'accelerator', got {c.target!r}")
     for name in ("lstm_conv", "dream_lstm_conv", "policy_conv"):
-        if getattr(c, name) not in (None, "im2col", "rows", "xla"):
-            raise ValueError(f"compute.{name} must be 'im2col', 'rows' or 'xla', got {getattr(c, name)!r}")
+        if getattr(c, name) not in (None, "im2col", "gemm", "rows", "xla"):
+            raise ValueError(f"compute.{name} must be 'im2col', 'gemm', 'rows' or 'xla', got {getattr(c, name)!r}")
     for name in ("vqvae_ynnpack", "ppo_ynnpack"):
         if getattr(c, name) not in (None, "all", *_YNN_FUSION_TYPES):
             raise ValueError(f"compute.{name} must be 'all', 'reduce' or 'none', got {getattr(c, name)!r}")

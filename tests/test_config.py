@@ -115,7 +115,7 @@ def test_validate_allows_none_only_where_the_target_fills_it():
         config_lib.override(config_lib.smoke(), {"compute.imagination_unroll": "0"})
     with pytest.raises(ValueError, match="bad value for compute.ppo_unroll: expected a boolean"):
         config_lib.override(config_lib.smoke(), {"compute.ppo_unroll": "sometimes"})
-    with pytest.raises(ValueError, match="compute.lstm_conv must be 'im2col', 'rows' or 'xla', got 'winograd'"):
+    with pytest.raises(ValueError, match="compute.lstm_conv must be 'im2col', 'gemm', 'rows' or 'xla', got 'winograd'"):
         config_lib.override(config_lib.smoke(), {"compute.lstm_conv": "winograd"})
 
 

@@ -173,6 +173,11 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         assert report[part]["partial"]["ppo_update"]["ms"] == pytest.approx(figures["ppo_update_ms"], abs=0.01)
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["target"] == "accelerator"
         assert {k: figures["compute"][k] for k in plain} == plain
+    for part in device_check.FORMULATION_PARTS:  # every formulation ran (tiny: without the GPU-only XLA flags)
+        variants = report[part]["variants"]
+        assert [v["variant"] for v in variants] == [f.split(":")[0] for f in device_check.FORMULATIONS]
+        assert all(v["ms_per_step"] > 0 and v["chunk_slots"] == 64 for v in variants)
+        assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
     for part, chunk in (("profile_scan", 64), ("profile_per_step", 16)):
         profile = report[part]["result"]
         assert profile["chunk_slots"] == chunk and profile["ms_per_step"] > 0 and profile["threads"]

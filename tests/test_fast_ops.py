@@ -8,7 +8,7 @@ from dlwm_jax import config as config_lib
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.convlstm import ConvLSTMCell
 from dlwm_jax.networks.dynamics import initial_state
-from dlwm_jax.networks.layers import PatchConv, im2col_conv, rows_conv
+from dlwm_jax.networks.layers import PatchConv, gemm_conv, im2col_conv, rows_conv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -19,7 +19,7 @@ def _plain_conv(x, kernel, padding):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
-@pytest.mark.parametrize("conv", [im2col_conv, rows_conv])
+@pytest.mark.parametrize("conv", [im2col_conv, gemm_conv, rows_conv])
 @pytest.mark.parametrize("size,kernel,padding,cin,cout", [(6, 5, 2, 7, 12), (6, 3, 1, 5, 4), (5, 3, 0, 3, 6), (4, 5, 2, 3, 5)])
 def test_fast_conv_equals_xla_conv_with_gradients(conv, size, kernel, padding, cin, cout):
     if conv is rows_conv and kernel != 2 * padding + 1:
@@ -74,7 +74,7 @@ def test_convlstm_cell_im2col_equals_xla_outputs_and_gradients():
         np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize("fast", ["im2col", "rows"])
+@pytest.mark.parametrize("fast", ["im2col", "gemm", "rows"])
 def test_dynamics_unrolled_loss_gradient_same_for_fast_and_xla_convs(fast):
     """Three recurrent steps of the smoke-sized dynamics network under grad (BPTT through the fast convs)."""
     configs = {impl: config_lib.override(config_lib.smoke(), {"compute.lstm_conv": impl}) for impl in (fast, "xla")}
@@ -187,3 +187,12 @@ def test_dream_dynamics_is_the_dynamics_network_with_its_own_conv_impl():
     assert nets.dream_dynamics.conv_impl == "rows"
     assert nets.dynamics.conv_impl == config_lib.resolve_compute(config).compute.lstm_conv == "im2col"  # CPU choice
     assert nets.dream_dynamics.clone(conv_impl=nets.dynamics.conv_impl) == nets.dynamics
+
+
+def test_gemm_conv_gradient_has_no_scatter_the_im2col_one_has():
+    """gemm_conv's gradient is matmuls and slices only: nothing whose float sums a GPU may order differently run to
+    run (XLA's scatter-add on a GPU accumulates with atomics); im2col_conv's (the CPU's choice) is a scatter-add."""
+    x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((5, 5, 3, 4))
+    hlo = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w, 2) ** 2), (0, 1))).lower(x, w).as_text()
+    assert "scatter" not in hlo(gemm_conv) and "dot_general" in hlo(gemm_conv)
+    assert "scatter" in hlo(im2col_conv)

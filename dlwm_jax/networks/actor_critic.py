@@ -14,7 +14,7 @@ from dlwm_jax.networks.layers import PatchConv, dense, leaky_relu, spatial_layer
 class ActorCritic(nn.Module):
     """z_q [B, 6, 6, D] -> (policy logits [B, A], value [B]). Temperature is applied by the caller.
 
-    `conv_impl` ("im2col" | "rows" | "xla", ComputeConfig.policy_conv) only picks how the convolutions are computed.
+    `conv_impl` ("im2col" | "gemm" | "rows" | "xla", ComputeConfig.policy_conv) only picks how the convolutions are computed.
     Layers in `dtype` (ComputeConfig.dtype); logits and value are float32 (the PPO loss and sampling read them).
     """
     num_actions: int

@@ -16,7 +16,7 @@ class ConvLSTMCell(nn.Module):
 
     Gates [i | f | g | o] = LN_x(conv_x(inputs)) + LN_h(conv_h(h)) + per-channel biases; input and forget
     gates peep at the old cell state, the output gate at the new one; the forget gate gets +forget_bias.
-    `conv_impl` ("im2col" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
+    `conv_impl` ("im2col" | "gemm" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
     The gate convolutions run in `dtype` (ComputeConfig.dtype); layer norms, gates and the state (h, c) are float32,
     so a 10- or 50-step recurrence does not accumulate bfloat16 rounding.
     """

@@ -91,6 +91,43 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gemm_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """im2col_conv's forward (one matmul over patches) with a gradient of two more matmuls and no scatter: the
+    kernel's is patches^T @ dy, the input's the transposed convolution, itself a stride-1 convolution of dy with the
+    kernel flipped and its channels swapped, padded k-1-p. Deterministic on every backend (a GPU's scatter-add is
+    not) and GEMMs a GPU can capture in its command buffers; on XLA:CPU its gradient is ~15% slower than
+    im2col_conv's scatter (benchmarks/README.md). Equal to lax.conv_general_dilated (tests/test_fast_ops.py)."""
+    return _gemm_forward(x, kernel, padding)[0]
+
+
+def _gemm_forward(x, kernel, padding):
+    b, h, w, cin = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    if not 0 <= padding <= k - 1:
+        raise ValueError(f"gemm_conv needs 0 <= padding <= kernel - 1, got kernel {k} padding {padding}")
+    out_h, out_w = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    patches = _patches(padded, (k, k), (out_h, out_w)).reshape(b * out_h * out_w, k * k * cin)
+    return (patches @ kernel.reshape(k * k * cin, cout)).reshape(b, out_h, out_w, cout), patches
+
+
+def _gemm_conv_fwd(x, kernel, padding):
+    y, patches = _gemm_forward(x, kernel, padding)
+    return y, (patches, kernel)
+
+
+def _gemm_conv_bwd(padding, residuals, cotangent):
+    patches, kernel = residuals
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    kernel_grad = (patches.T @ cotangent.reshape(-1, cout)).reshape(kernel.shape)
+    input_grad = _gemm_forward(cotangent, kernel[::-1, ::-1].swapaxes(2, 3), k - 1 - padding)[0]
+    return input_grad, kernel_grad
+
+
+gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rows_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """'Same' stride-1 convolution [B, H, W, Cin] * [k, k, Cin, Cout] (k = 2 * padding + 1) that skips the
     kernel rows reading only zero padding: for each kernel row i, a matmul over row patches [B*rows*W, k*Cin]
@@ -126,8 +163,8 @@ rows_conv.defvjp(_rows_conv_fwd, _rows_conv_bwd)
 
 class PatchConv(nn.Module):
     """Drop-in for `conv(...)` (stride 1): same parameters ("kernel" [k, k, Cin, Cout], optional "bias") and
-    init, computed by `im2col_conv` (impl "im2col"), `rows_conv` ("rows") or lax.conv_general_dilated ("xla"),
-    in `dtype` (input and float32 parameters cast to it)."""
+    init, computed by `im2col_conv` (impl "im2col"), `gemm_conv` ("gemm"), `rows_conv` ("rows") or
+    lax.conv_general_dilated ("xla"), in `dtype` (input and float32 parameters cast to it)."""
     features: int
     kernel_size: int
     padding: int
@@ -143,6 +180,8 @@ class PatchConv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.impl == "im2col":
             y = im2col_conv(x, kernel, self.padding)
+        elif self.impl == "gemm":
+            y = gemm_conv(x, kernel, self.padding)
         elif self.impl == "rows":
             y = rows_conv(x, kernel, self.padding)
         elif self.impl == "xla":
