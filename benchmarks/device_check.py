@@ -66,16 +66,19 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
-PART_LIMITS_S = {"devices": 20, "formulations": 120, "formulations_graphs": 110, "profile_scan": 50,
-                 "loop_short": 150, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
+PART_LIMITS_S = {"devices": 20, "formulations": 150, "formulations_graphs": 140, "profile_scan": 50,
+                 "loop_short": 100, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
                  "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50, "loop_paper": 590}
 DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan", "loop_short")
 # The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), in this order: the
-# largest term of the paper run is its 241k dynamics steps (ConvLSTM chain, 10-step loss); which of these the
-# accelerator preset should take is what the figures decide.
+# largest terms of the paper run are its 241k dynamics steps (ConvLSTM chain, 10-step loss) and its 19k PPO
+# updates; which of these the accelerator preset should take is what the figures decide.
 FORMULATIONS = ("plain:", "unrolled:compute.dynamics_unroll=10",
                 "gemm_unrolled:compute.dynamics_unroll=10,compute.lstm_conv=gemm",
-                "gemm_unrolled_bf16:compute.dynamics_unroll=10,compute.lstm_conv=gemm,compute.dtype=bfloat16")
+                "gemm_unrolled_bf16:compute.dynamics_unroll=10,compute.lstm_conv=gemm,compute.dtype=bfloat16",
+                # the policy phase: 19,000 PPO updates in a paper run, each a 50-step dream and an update
+                "policy/plain:", "policy/unrolled:compute.imagination_unroll=10,compute.ppo_unroll=true",
+                "policy/unrolled_bf16:compute.imagination_unroll=10,compute.ppo_unroll=true,compute.dtype=bfloat16")
 # XLA:GPU command buffers (CUDA graphs) for loops and conditionals too, so that a scanned chunk can be one graph.
 COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 FORMULATION_PARTS = {"formulations": "", "formulations_graphs": COMMAND_BUFFER_FLAGS}

@@ -1,6 +1,6 @@
-"""Where one world-model chunk spends its time: one JSON object on stdout.
+"""Where one world-model chunk (or a run of PPO updates) spends its time: one JSON object on stdout.
 
-    python benchmarks/profile.py [--preset paper] [--kind dynamics|vqvae] [--set section.field=value ...]
+    python benchmarks/profile.py [--preset paper] [--kind dynamics|vqvae|policy] [--set section.field=value ...]
                                  [--num-seeds N] [--out DIR] [--variant NAME:section.field=value,... ...]
 
 Compiles the loop's world_model_chunk (programs.py) at the preset's sizes, runs one chunk of `chunk_slots` slots
@@ -8,13 +8,14 @@ that each take a `--kind` step (benchmarks/run.py's slot_chunk: random frames an
 it, then runs one more under jax.profiler (a perfetto trace, kept in --out) and reads the trace: per profiled
 process and thread (on a GPU the device's streams, whose events are its kernels and copies) the number of events
 and the fraction of the chunk's wall time they cover (`busy_fraction`: the union of their intervals). With
-compute.epoch_chunk=0 the chunk is a host loop of per-step programs; otherwise one scanned program.
+compute.epoch_chunk=0 the chunk is a host loop of per-step programs; otherwise one scanned program. Kind
+`policy` times POLICY_UPDATES PPO updates instead (programs.policy_update: a 50-step dream, then the update).
 
 With --variant (repeatable; overrides on top of --set, none for the plain config) nothing is traced: each variant
 compiles its chunk, runs it once more to warm it, then `--repeats` timed chunks, and prints `[variant] {...}` (the
 first chunk's seconds, the median chunk's ms per step) as soon as it is done, so a run stopped at a time limit
 keeps the variants it finished; the formulations of issue 22 step 3 (scan unroll, convolutions as GEMMs,
-bfloat16) side by side on one device.
+bfloat16) side by side on one device. A variant named KIND/name times that kind instead of --kind.
 """
 from __future__ import annotations
 
@@ -64,9 +65,13 @@ def trace_summary(events: list[dict], window: str) -> dict:
     return {"window_us": round(end - begin, 1), "threads": sorted(rows, key=lambda r: -r["busy_fraction"])}
 
 
+POLICY_UPDATES = 8  # the policy kind's "chunk"
+
+
 def setup(args, overrides: list[str]):
-    """(config, chunk(world) -> world, a world, slots per chunk): the loop's world_model_chunk at the preset's sizes
-    with `overrides`, on random frames and indices (benchmarks/run.py's slot_chunk)."""
+    """(config, chunk(state) -> state, a state, steps per chunk) at the preset's sizes with `overrides`, on random
+    frames and indices: kinds dynamics / vqvae, the loop's world_model_chunk (benchmarks/run.py's slot_chunk;
+    state: the world); policy, POLICY_UPDATES of programs.policy_update (state: the agent)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -85,6 +90,16 @@ def setup(args, overrides: list[str]):
     world = stack([wm.init_world_model(config, num_actions, jax.random.key(0))] * S)
     frames = jnp.asarray(rng.integers(0, 256, (S, pool, config.env.image_size, config.env.image_size), np.uint8))
     keys = jnp.stack([jax.random.key(1)] * S)
+    if args.kind == "policy":  # POLICY_UPDATES PPO updates, each a dream and an update (programs.policy_update)
+        from dlwm_jax.programs import initial_state
+        agent = stack([initial_state(config, num_actions, 0)[1]] * S)
+        starts = jnp.asarray(rng.integers(0, pool, (S, config.policy.num_envs, config.env.frame_stack)), jnp.int32)
+
+        def updates(agent):
+            for _ in range(POLICY_UPDATES):
+                agent, metrics = programs.policy_update(world, agent, frames, starts, keys)
+            return jax.block_until_ready(agent)
+        return config, updates, agent, POLICY_UPDATES
     slots, shared = slot_chunk(config, num_actions, S, args.kind, programs.chunk_slots, pool, rng)
 
     def chunk(world):
@@ -97,18 +112,20 @@ def time_variant(args, item: str) -> dict:
     """One --variant NAME:overrides: compile + warm chunks, then the median of args.repeats timed chunks."""
     import statistics
     name, _, extra = item.partition(":")
+    kind = name.split("/")[0] if "/" in name else args.kind
     overrides = [*args.set, *(o for o in extra.split(",") if o)]
-    config, chunk, world, chunk_slots = setup(args, overrides)
+    args = argparse.Namespace(**{**vars(args), "kind": kind})
+    _, chunk, state, chunk_slots = setup(args, overrides)
     start = time.perf_counter()
-    world = chunk(world)
+    state = chunk(state)
     first_s = time.perf_counter() - start
-    world = chunk(world)
+    state = chunk(state)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        world = chunk(world)
+        state = chunk(state)
         times.append(time.perf_counter() - start)
-    figure = {"variant": name, "overrides": overrides, "chunk_slots": chunk_slots, "first_chunk_s": round(first_s, 2),
+    figure = {"variant": name, "kind": kind, "overrides": overrides, "chunk_slots": chunk_slots, "first_chunk_s": round(first_s, 2),
               "ms_per_step": round(statistics.median(times) * 1e3 / chunk_slots, 3)}
     print(f"[variant] {json.dumps(figure)}", flush=True)
     return figure
@@ -122,12 +139,13 @@ def _device() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--kind", choices=("dynamics", "vqvae"), default="dynamics")
+    parser.add_argument("--kind", choices=("dynamics", "vqvae", "policy"), default="dynamics")
     parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
     parser.add_argument("--num-seeds", type=int, default=1)
     parser.add_argument("--game", default="BankHeist")
     parser.add_argument("--out", default=None, help="folder for the trace (default: a temporary one)")
-    parser.add_argument("--variant", action="append", default=[], help="NAME:overrides (comma-separated); untraced")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:overrides (comma-separated), NAME = [KIND/]name; untraced")
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks per variant")
     args = parser.parse_args()
     if args.variant:
@@ -135,15 +153,16 @@ def main() -> None:
                           "preset": args.preset, "overrides": args.set, **_device()}))
         return
 
-    config, chunk, world, chunk_slots = setup(args, args.set)
+    import jax
+    _, chunk, state, chunk_slots = setup(args, args.set)
     start = time.perf_counter()
-    world = chunk(world)
+    state = chunk(state)
     first_s = time.perf_counter() - start
     out = args.out or tempfile.mkdtemp(prefix="dlwm_profile_")
     with jax.profiler.trace(out, create_perfetto_trace=True):
         with jax.profiler.TraceAnnotation("world_model_chunk"):
             start = time.perf_counter()
-            world = chunk(world)
+            state = chunk(state)
             traced_s = time.perf_counter() - start
     path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:

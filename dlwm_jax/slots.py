@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlwm_jax import world_model as wm
 from dlwm_jax.device_replay import gather
@@ -41,6 +42,18 @@ class SharedSlots(NamedTuple):
     index: Any    # int32: the slot's number in its epoch
     vq_on: Any    # bool: some seed takes the VQ-VAE step
     dyn_on: Any   # bool: some seed takes the dynamics step
+
+
+def empty(config: Any, num_seeds: int, length: int) -> tuple[Slots, SharedSlots]:
+    """Slots [S, L] and shared [L] that no seed takes (zeros), shaped as epochs.epoch_slots lays an epoch out: what a
+    chunk program is compiled for before its first epoch (programs.compile_ahead)."""
+    v, d, c = config.vqvae, config.dynamics, config.env.frame_stack
+    zeros = lambda *shape, dtype=np.int32: np.zeros((num_seeds, length, *shape), dtype)
+    window = (d.sequence_length, d.batch_size)
+    slots = Slots(zeros(dtype=bool), zeros(v.batch_size, c), zeros(v.batch_size, dtype=bool), zeros(dtype=bool),
+                  zeros(*window, c), zeros(*window), zeros(*window, dtype=np.float32), zeros(*window, dtype=bool),
+                  zeros(d.batch_size, dtype=bool))
+    return slots, SharedSlots(np.arange(length, dtype=np.int32), np.zeros(length, bool), np.zeros(length, bool))
 
 
 def _sums(metrics: dict, active: jax.Array) -> Sums:

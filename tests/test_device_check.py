@@ -176,7 +176,8 @@ def test_tiny_device_check_writes_every_part(tmp_path):
     for part in device_check.FORMULATION_PARTS:  # every formulation ran (tiny: without the GPU-only XLA flags)
         variants = report[part]["variants"]
         assert [v["variant"] for v in variants] == [f.split(":")[0] for f in device_check.FORMULATIONS]
-        assert all(v["ms_per_step"] > 0 and v["chunk_slots"] == 64 for v in variants)
+        assert all(v["ms_per_step"] > 0 for v in variants)
+        assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 64), ("policy", 8)}
         assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
     for part, chunk in (("profile_scan", 64), ("profile_per_step", 16)):
         profile = report[part]["result"]

@@ -64,3 +64,18 @@ def test_warmup_slots_are_every_vqvae_batch_in_order_with_the_joint_epochs_shape
     d = CFG.dynamics
     assert slots.dyn_frames.shape[2:] == (d.sequence_length, d.batch_size, CFG.env.frame_stack)
     assert slots.terminals.dtype == bool and slots.actions.dtype == np.int32
+
+
+def test_empty_slots_have_the_epochs_shapes_and_dtypes_and_are_all_off():
+    """slots.empty, what programs.compile_ahead compiles the chunk for, is laid out as a real joint epoch's slots."""
+    from dlwm_jax import slots as slots_lib
+    d = CFG.dynamics
+    replays, keys = replays_of([200, 200]), [jax.random.key(4), jax.random.key(5)]
+    vq = [r.observation_plan(k, CFG.vqvae.batch_size) for r, k in zip(replays, keys)]
+    seq = [r.sequence_plan(k, d.batch_size, d.sequence_length, d.max_offset) for r, k in zip(replays, keys)]
+    (slots, shared), (empty, empty_shared) = epoch_slots(CFG, vq, seq, 2), slots_lib.empty(CFG, 2, 7)
+    for got, want in zip(empty, slots):
+        assert got.dtype == want.dtype and got.shape == (2, 7, *want.shape[2:]), (got.shape, want.shape)
+    for got, want in zip(empty_shared, shared):
+        assert got.dtype == want.dtype and got.shape == (7,)
+    assert not (empty.vq_active.any() or empty.dyn_active.any() or empty_shared.vq_on.any() or empty_shared.dyn_on.any())

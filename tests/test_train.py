@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -84,20 +85,28 @@ def test_scanned_epochs_run_the_same_twice_and_resume_to_identical_parameters(tm
     assert_kill_and_resume_gives(str(tmp_path / "first"), flags, tmp_path)
 
 
-def assert_kill_and_resume_gives(reference_dir, flags, tmp_path):
-    """SIGKILL a run with `flags` at a random moment, rerun the command: same hashes, final return and metric
-    records as the uninterrupted run in reference_dir."""
+def test_kill_while_an_evaluation_runs_off_the_path_redoes_it_on_resume(smoke_run, tmp_path):
+    """Killed once iteration 2 has collected, before the checkpoint that joins iteration 1's evaluation, which may
+    still run beside it (background.py): no checkpoint holds that evaluation, so the resumed run evaluates again,
+    collects again and ends as the uninterrupted one (the same metric records, in the same order)."""
+    assert_kill_and_resume_gives(smoke_run[0], SMOKE, tmp_path, kill_at=r"\[iter 2/2\] collect", wait_s=0.0)
+
+
+def assert_kill_and_resume_gives(reference_dir, flags, tmp_path, kill_at=None, wait_s=None):
+    """SIGKILL a run with `flags` at a random moment (or `wait_s` after the first progress line that the regex
+    `kill_at` matches), rerun the command: same hashes, final return and metric records as the uninterrupted run in
+    reference_dir."""
     workdir = str(tmp_path / "run")
     rng = random.Random()
     kill_after = rng.randint(1, 9)  # progress lines seen before SIGKILL: a random phase of a random iteration
-    print(f"killing after {kill_after} progress lines")
+    print(f"killing after {kill_at or f'{kill_after} progress lines'}")
     proc = subprocess.Popen([sys.executable, SCRIPT, *flags, f"--workdir={workdir}"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     seen = 0
     for line in proc.stdout:
         seen += line.startswith("[iter")
-        if seen >= kill_after:
-            time.sleep(rng.uniform(0, 1.5))  # land anywhere, also inside a save
+        if re.match(kill_at, line) if kill_at else seen >= kill_after:
+            time.sleep(rng.uniform(0, 1.5) if wait_s is None else wait_s)  # land anywhere, also inside a save
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
