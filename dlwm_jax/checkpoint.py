@@ -10,6 +10,7 @@ Layout of `workdir/checkpoints`:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -57,8 +58,12 @@ def reading(path: str):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
-        """The checkpoints in `directory` (created unless read_only; read_only writes nothing, for evaluation)."""
+    def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False, asynchronous: bool = False):
+        """The checkpoints in `directory` (created unless read_only; read_only writes nothing, for evaluation).
+        asynchronous: `save` returns once its inputs are held (a host copy of the state, a copy of the meta) and
+        orbax writes and commits the checkpoint in its own thread while the caller goes on; the next save, and
+        `wait`, wait for it. A kill before the commit leaves the previous checkpoint the latest, as with a
+        synchronous save killed midway."""
         self.directory = os.path.abspath(directory)
         self.replay_dir = os.path.join(self.directory, "replay")
         if read_only:
@@ -71,15 +76,24 @@ class Checkpointer:
                 logging.set_verbosity(verbosity)
             return
         os.makedirs(self.replay_dir, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=asynchronous)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.asynchronous = asynchronous
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Checkpoint `step`: state (a pytree of host arrays the caller no longer changes) and meta (JSON, copied)."""
+        meta = json.loads(json.dumps(meta))  # the caller's dict changes on; the written one must not
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                            force=True)
+        if not self.asynchronous:
+            self._manager.wait_until_finished()
+
+    def wait(self) -> None:
+        """Until every save has been written and committed."""
         self._manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:

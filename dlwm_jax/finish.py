@@ -47,6 +47,7 @@ def finish_run(run: Run) -> dict:
                                        unstack(host_agent, s).params))
         run.loggers[s].writer.close()
     run.background.join()  # the last evaluation is in the final checkpoint's meta already; the random agent
+    run.checkpoints.wait()  # the final checkpoint committed before the results say the run is done
     baselines = run.meta["random_agent"]
     process, num_processes = run.share
     own = "results.json" if num_processes == 1 else f"results.process_{process}.json"

@@ -73,6 +73,7 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
 
 
 HOST_LOOP_CHUNK = 16  # slots per world_model_chunk call when each step is its own program (progress lines only)
+_LR_SCALE = np.float32(1.0)  # an epoch's lr_scale argument (epochs.run_slots passes a float32 scalar)
 
 
 def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedSharding | None,
@@ -90,6 +91,11 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
         def scanned(world, frames, part, shared, steps_keys, lr_scale):
             world, (vq, dyn) = program(world, frames, put(part), shared, put(steps_keys), lr_scale)
             return world, [vq], [dyn]
+
+        def scanned_ahead(world, frames, steps_keys):
+            part, shared = slots.empty(config, num_seeds, n)
+            program.lower(world, frames, put(part), shared, put(steps_keys), _LR_SCALE).compile()
+        scanned.compile_ahead = scanned_ahead
         return n, scanned
 
     vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step", donate=(0,))
@@ -109,6 +115,15 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
                 world, sums = dynamics(world, batch_stats, indices, slot, steps_keys, shared.index[j])
                 dyn_sums.append(sums)
         return world, vq_sums, dyn_sums
+
+    def per_slot_ahead(world, frames, steps_keys):
+        part, shared = slots.empty(config, num_seeds, 1)
+        slot = put(slots.Slots(*(x[:, 0] for x in part)))
+        vqvae.lower(world, frames, slot, _LR_SCALE).compile()
+        encode.lower(world, frames, slot).compile()
+        indices, batch_stats = jax.eval_shape(encode, world, frames, slot)
+        dynamics.lower(world, batch_stats, indices, slot, put(steps_keys), shared.index[0]).compile()
+    per_slot.compile_ahead = per_slot_ahead
     return HOST_LOOP_CHUNK, per_slot
 
 
@@ -168,7 +183,34 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, frames, start_stacks, key)
         agent, metrics = improve_program(agent, rollout, bootstrap_value, ppo_key)
         return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
+
+    def compile_ahead(world, agent, frames, start_stacks, key):
+        dream_program.lower(world, agent, frames, start_stacks, key).compile()
+        rollout, bootstrap_value, ppo_key, _ = jax.eval_shape(dream_program, world, agent, frames, start_stacks, key)
+        improve_program.lower(agent, rollout, bootstrap_value, ppo_key).compile()
+    update.compile_ahead = compile_ahead
     return update
+
+
+def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState, agent: AgentState, frames: jax.Array,
+                  keys: jax.Array, put: Callable) -> None:
+    """Compiles the loop's later programs before their first call, in the order the loop needs them (the
+    world-model chunk, the PPO update, the evaluation's programs, the collection's actor), for arguments shaped as
+    the loop will pass them: world, agent, frames (Run.frames) and keys [S] as the run holds them, `put` its
+    seed placement. Meant for a thread beside iteration 1's random collection (train.py): a program the loop calls
+    while it compiles here waits for that compilation (JAX's caches), so nothing is compiled twice and nothing
+    changes but when. A shape that differs from the loop's only costs the loop its own compilation later."""
+    S, p, e = len(keys), config.policy, config.env
+    image = (e.image_size, e.image_size)
+    programs.world_model_chunk.compile_ahead(world, frames, keys)
+    programs.policy_update.compile_ahead(world, agent, frames, put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)),
+                                         keys)
+    programs.imagined_returns.lower(world, agent.params, put(np.zeros((S, p.num_envs, *image, e.frame_stack), np.uint8)),
+                                    keys).compile()
+    for act, envs_per_seed in ((programs.act_eval, e.num_eval_envs), (programs.act_collect, 1)):
+        act.lower(world, agent.params, np.zeros((S, envs_per_seed, *image, e.frame_stack), np.uint8),
+                  put(np.zeros((S, envs_per_seed, *image), np.uint8)), put(np.zeros((S, envs_per_seed), bool)),
+                  keys).compile()
 
 
 def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,

@@ -5,8 +5,8 @@ Keys: the key of unit u (an epoch, a PPO update, ...) of phase p in iteration i 
 fold_in(fold_in(fold_in(root, i), p), u), so a resumed run draws exactly the keys an uninterrupted one would,
 and seed s of an N-seed run draws the keys of the one-seed run of seed s. EnvPool seeds derive from the root key.
 
-Checkpoints (checkpoint.py) are written after every phase and, inside long phases, every `checkpoint_every_s`
-seconds at a unit boundary. The real envs cannot be snapshotted, so on resume the collector's envs are rebuilt
+Checkpoints (checkpoint.py) are taken after every phase (but an evaluation's, background.py) and, inside long
+phases, every `checkpoint_every_s` seconds at a unit boundary; orbax writes them beside the loop. The real envs cannot be snapshotted, so on resume the collector's envs are rebuilt
 with their seeds and re-stepped with the stored actions (deterministic: no sticky actions), and the frames they
 produce are checked against the replay.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,7 @@ from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict
 from dlwm_jax.device_replay import empty_frames, seed_chunks, write_frames
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger
-from dlwm_jax.programs import AgentState, Programs, compile_programs, initial_state
+from dlwm_jax.programs import AgentState, Programs, compile_ahead, compile_programs, initial_state
 from dlwm_jax.replay import Replay
 from dlwm_jax.results import git_commit
 from dlwm_jax.seed_axis import put_on_seeds, seed_sharding, stack
@@ -105,6 +106,24 @@ class Run:
         start = len(self.replays[0])
         add_per_seed(self.replays, trajectory)
         self.frames = write_frames(self.frames, self.put(seed_chunks(trajectory.frames, self.num_seeds)), start)
+
+    def compile_ahead(self) -> None:
+        """Compiles the loop's later programs in a thread beside it (programs.compile_ahead), under the loop's PRNG
+        setting (JAX's config contexts are per thread), for the shapes and placements of this run's state; a
+        failure there is left for the loop's own call of that program to meet."""
+        placed = self.sharding is not None  # one device: the loop's arrays are uncommitted, and so are these
+        shapes = lambda tree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None), tree)
+        world, agent, frames = shapes((self.world, self.agent, self.frames))  # the buffers get donated meanwhile
+        keys, flag = self.keys(0, WARMUP), self.config.compute.threefry_partitionable
+
+        def work() -> None:
+            with jax.threefry_partitionable(flag):
+                try:
+                    compile_ahead(self.programs, self.config, world, agent, frames, keys, self.put)
+                except Exception:  # noqa: BLE001 (the loop compiles that program itself, and raises there)
+                    pass
+        threading.Thread(target=work, name="dlwm-compile-ahead", daemon=True).start()
 
     def put(self, tree: Any) -> Any:
         """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
@@ -213,7 +232,8 @@ def start_run(config: Config, workdir: str, num_seeds: int, echo: Callable[[str]
                for _ in seeds]
     roots = [jax.random.key(seed) for seed in seeds]
     collector = Collector(config.env, ENVS_PER_SEED, [derived_seed(root, 0) for root in roots])
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints", *([f"process_{process}"] if num_processes > 1 else [])))
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints", *([f"process_{process}"] if num_processes > 1 else [])),
+                               asynchronous=True)  # written beside the loop; finish_run waits for the last
     meta = {"iteration": 0, "phase": COLLECT, "unit": 0, "chunks": 0, "metrics_offsets": [0] * per_process,
             "log_steps": [0] * per_process, "eval_histories": [[] for _ in seeds], "last_evals": [None] * per_process,
             "save_index": 0}

@@ -56,6 +56,7 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = start_run(config, workdir, num_seeds, echo, devices, share)
         evaluate_random_agent(run)  # beside the training, for the results at the end
+        run.compile_ahead()  # the later phases' programs, beside the first collection
         start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]
         for it in range(start, config.schedule.num_iterations):
             for phase in range(resume_phase if it == start else COLLECT, len(PHASES)):
