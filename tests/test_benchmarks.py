@@ -130,3 +130,15 @@ def test_flops_counts_a_paper_run():
     report = json.loads(result.stdout)
     assert set(report["gflop"]) == {"vqvae_step", "dynamics_step", "imagination_step", "ppo_epochs"}
     assert 10 < report["paper_run_pflop"] < 100 and report["matmul_2048_gflops"] > 0
+
+
+def test_checkpoint_benchmark_times_both_modes_of_a_real_state():
+    """benchmarks/checkpoint.py at smoke size: the state's size and, per mode, how long a save holds the caller."""
+    import json
+    script = os.path.join(os.path.dirname(RUN), "checkpoint.py")
+    result = subprocess.run([sys.executable, script, "--preset", "smoke", "--saves", "2", "--gap-s", "0.1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert figures["state_mib"] > 0 and figures["saves"] == 2 and figures["gap_s"] == 0.1
+    assert all(figures[mode]["save_call_s"] > 0 for mode in ("synchronous", "asynchronous"))
