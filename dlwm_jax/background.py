@@ -5,7 +5,8 @@ a run killed meanwhile redoes the evaluation on resume) and at the end.
 
 The work itself must only read what nobody changes (frozen copies of parameters, arrays drawn beforehand); its
 `finish` then writes records, meta and progress lines on the loop's thread, in the order the work was submitted.
-The threads are daemons: a failing or interrupted loop does not wait for them. JAX's configuration contexts are
+The threads are not daemons: a loop that fails or is interrupted still waits for them before the process ends
+(an interpreter torn down under a thread inside XLA or EnvPool may crash on exit). JAX's configuration contexts are
 per thread, so the work runs inside `context()`: the loop's (train.py enters jax.threefry_partitionable, which
 decides every random draw).
 """
@@ -33,7 +34,7 @@ class Background:
                     outcome["result"] = work()
             except BaseException as error:  # re-raised by join on the loop's thread
                 outcome["error"] = error
-        thread = threading.Thread(target=target, name="dlwm-background", daemon=True)
+        thread = threading.Thread(target=target, name="dlwm-background")
         thread.start()
         self._pending.append((thread, outcome, finish))
 

@@ -202,7 +202,8 @@ def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState,
     changes but when. A shape that differs from the loop's only costs the loop its own compilation later."""
     S, p, e = len(keys), config.policy, config.env
     image = (e.image_size, e.image_size)
-    programs.world_model_chunk.compile_ahead(world, frames, keys)
+    programs.world_model_chunk.compile_ahead(world, frames, keys)  # puts its keys itself, as the loop's chunk does
+    keys = put(keys)
     programs.policy_update.compile_ahead(world, agent, frames, put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)),
                                          keys)
     programs.imagined_returns.lower(world, agent.params, put(np.zeros((S, p.num_envs, *image, e.frame_stack), np.uint8)),

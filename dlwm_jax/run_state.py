@@ -110,7 +110,9 @@ class Run:
     def compile_ahead(self) -> None:
         """Compiles the loop's later programs in a thread beside it (programs.compile_ahead), under the loop's PRNG
         setting (JAX's config contexts are per thread), for the shapes and placements of this run's state; a
-        failure there is left for the loop's own call of that program to meet."""
+        failure there is left for the loop's own call of that program to meet. Not a daemon: a process that ends
+        (or fails) while it compiles waits for it, since an interpreter torn down under a running XLA compilation
+        may crash on exit."""
         placed = self.sharding is not None  # one device: the loop's arrays are uncommitted, and so are these
         shapes = lambda tree: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None), tree)
@@ -123,7 +125,7 @@ class Run:
                     compile_ahead(self.programs, self.config, world, agent, frames, keys, self.put)
                 except Exception:  # noqa: BLE001 (the loop compiles that program itself, and raises there)
                     pass
-        threading.Thread(target=work, name="dlwm-compile-ahead", daemon=True).start()
+        threading.Thread(target=work, name="dlwm-compile-ahead").start()
 
     def put(self, tree: Any) -> Any:
         """Places a pytree with a leading seed axis on the seed sharding (a no-op on one device)."""
