@@ -1,7 +1,8 @@
 """Work off the loop's critical path (issue 22, step 4): the evaluation of an iteration, its images and the random
 agent's baseline run in threads while the loop goes on; what they return is recorded on the loop's thread when it
 joins them, which it does before every checkpoint (a checkpoint never holds a run whose evaluation is pending, so
-a run killed meanwhile redoes the evaluation on resume) and at the end.
+a run killed meanwhile redoes the evaluation on resume) and at the end. So that an evaluation overlaps more than
+the next collection, the loop takes no checkpoint after that collection (train.py).
 
 The work itself must only read what nobody changes (frozen copies of parameters, arrays drawn beforehand); its
 `finish` then writes records, meta and progress lines on the loop's thread, in the order the work was submitted.

@@ -55,17 +55,22 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = start_run(config, workdir, num_seeds, echo, devices, share)
-        evaluate_random_agent(run)  # beside the training, for the results at the end
-        run.compile_ahead()  # the later phases' programs, beside the first collection
-        start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]
-        for it in range(start, config.schedule.num_iterations):
-            for phase in range(resume_phase if it == start else COLLECT, len(PHASES)):
-                if phase == WARMUP and it > 0:
-                    continue
-                run.start_phase()
-                PHASE_STEPS[phase](run, it, resume_unit if (it, phase) == (start, resume_phase) else 0)
-                next_iteration, next_phase = (it + 1, COLLECT) if phase == EVALUATE else (it, phase + 1)
-                if phase != EVALUATE or next_iteration == config.schedule.num_iterations:
-                    run.save(next_iteration, next_phase, 0)  # an evaluation runs on beside the next collection,
-                                                             # whose checkpoint joins it (phases.evaluate_agent)
-        return finish_run(run)
+        try:
+            evaluate_random_agent(run)  # beside the training, for the results at the end
+            run.compile_ahead()  # the later phases' programs, beside the first collection
+            start, resume_phase, resume_unit = run.meta["iteration"], run.meta["phase"], run.meta["unit"]
+            for it in range(start, config.schedule.num_iterations):
+                for phase in range(resume_phase if it == start else COLLECT, len(PHASES)):
+                    if phase == WARMUP and it > 0:
+                        continue
+                    run.start_phase()
+                    PHASE_STEPS[phase](run, it, resume_unit if (it, phase) == (start, resume_phase) else 0)
+                    next_iteration, next_phase = (it + 1, COLLECT) if phase == EVALUATE else (it, phase + 1)
+                    # No checkpoint right after an evaluation, nor after the next collection: the evaluation
+                    # runs beside the loop (background.py) until the world model's checkpoint joins it
+                    beside = phase == EVALUATE or (phase == COLLECT and it > 0)
+                    if not beside or next_iteration == config.schedule.num_iterations:
+                        run.save(next_iteration, next_phase, 0)
+            return finish_run(run)
+        finally:
+            run.checkpoints.wait()  # a failing run still commits the checkpoints it took (they are asynchronous)

@@ -86,9 +86,10 @@ def test_scanned_epochs_run_the_same_twice_and_resume_to_identical_parameters(tm
 
 
 def test_kill_while_an_evaluation_runs_off_the_path_redoes_it_on_resume(smoke_run, tmp_path):
-    """Killed once iteration 2 has collected, before the checkpoint that joins iteration 1's evaluation, which may
-    still run beside it (background.py): no checkpoint holds that evaluation, so the resumed run evaluates again,
-    collects again and ends as the uninterrupted one (the same metric records, in the same order)."""
+    """Killed once iteration 2 has collected, before the checkpoint that joins iteration 1's evaluation (after
+    iteration 2's world model), which may still run beside it (background.py): no checkpoint holds that
+    evaluation, so the resumed run evaluates again, collects again and ends as the uninterrupted one (the same
+    metric records, in the same order)."""
     assert_kill_and_resume_gives(smoke_run[0], SMOKE, tmp_path, kill_at=r"\[iter 2/2\] collect", wait_s=0.0)
 
 
@@ -223,7 +224,8 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(smo
     directory not yet done): the resumed run starts from the checkpoint before and ends identical."""
     reference_dir, _ = smoke_run
     workdir = str(tmp_path / "run")
-    kill_at = 4  # the 4th checkpoint: inside iteration 1 (after collect, warm-up, world model)
+    kill_at = 5  # the 5th checkpoint: after iteration 2's world model (none after iteration 2's collection, while
+    # iteration 1's evaluation runs beside the loop: this one joins it)
     killer = textwrap.dedent(f"""
         import os, runpy, signal, sys
         from orbax.checkpoint._src.path import async_path
