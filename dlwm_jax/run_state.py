@@ -5,10 +5,11 @@ Keys: the key of unit u (an epoch, a PPO update, ...) of phase p in iteration i 
 fold_in(fold_in(fold_in(root, i), p), u), so a resumed run draws exactly the keys an uninterrupted one would,
 and seed s of an N-seed run draws the keys of the one-seed run of seed s. EnvPool seeds derive from the root key.
 
-Checkpoints (checkpoint.py) are taken after every phase (but an evaluation's, background.py) and, inside long
-phases, every `checkpoint_every_s` seconds at a unit boundary; orbax writes them beside the loop. The real envs cannot be snapshotted, so on resume the collector's envs are rebuilt
-with their seeds and re-stepped with the stored actions (deterministic: no sticky actions), and the frames they
-produce are checked against the replay.
+Checkpoints (checkpoint.py) are taken after every phase (but an evaluation and the collection after it: the
+evaluation runs beside the loop until the next checkpoint joins it, train.py and background.py) and, inside long
+phases, every `checkpoint_every_s` seconds at a unit boundary; orbax writes them beside the loop. The real envs
+cannot be snapshotted, so on resume the collector's envs are rebuilt with their seeds and re-stepped with the
+stored actions (deterministic: no sticky actions), and the frames they produce are checked against the replay.
 """
 from __future__ import annotations
 

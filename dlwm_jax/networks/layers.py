@@ -79,15 +79,20 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     generic convolution. Patches are built from static slices (faster than an index gather) and their
     gradient is a scatter-add (faster than the slices' pads); see benchmarks/README.md.
     tests/test_fast_ops.py checks outputs and gradients against lax.conv_general_dilated."""
+    return _patch_matmul(x, kernel, padding)[0]
+
+
+def _patch_matmul(x: jax.Array, kernel: jax.Array, padding: int) -> tuple[jax.Array, jax.Array]:
+    """The stride-1 convolution as one matmul: (output [B, H', W', Cout], patches [B*H'*W', k*k*Cin])."""
     b, h, w, cin = x.shape
     k, cout = kernel.shape[0], kernel.shape[-1]
     out_h, out_w = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     if k == 1 and padding == 0:
-        return (x.reshape(b * h * w, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    patches = _patches(padded, (k, k), (out_h, out_w))
-    return (patches.reshape(b * out_h * out_w, k * k * cin) @ kernel.reshape(k * k * cin, cout)).reshape(
-        b, out_h, out_w, cout)
+        patches = x.reshape(b * h * w, cin)
+    else:
+        padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        patches = _patches(padded, (k, k), (out_h, out_w)).reshape(b * out_h * out_w, k * k * cin)
+    return (patches @ kernel.reshape(k * k * cin, cout)).reshape(b, out_h, out_w, cout), patches
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -101,14 +106,10 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 
 
 def _gemm_forward(x, kernel, padding):
-    b, h, w, cin = x.shape
-    k, cout = kernel.shape[0], kernel.shape[-1]
-    if not 0 <= padding <= k - 1:
+    k = kernel.shape[0]
+    if not 0 <= padding <= k - 1:  # the input's gradient pads k - 1 - padding
         raise ValueError(f"gemm_conv needs 0 <= padding <= kernel - 1, got kernel {k} padding {padding}")
-    out_h, out_w = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    patches = _patches(padded, (k, k), (out_h, out_w)).reshape(b * out_h * out_w, k * k * cin)
-    return (patches @ kernel.reshape(k * k * cin, cout)).reshape(b, out_h, out_w, cout), patches
+    return _patch_matmul(x, kernel, padding)
 
 
 def _gemm_conv_fwd(x, kernel, padding):
