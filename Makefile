@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 GAME ?= BankHeist
 
-.PHONY: setup demo evidence test test-slow bench params
+.PHONY: setup demo evidence test test-slow bench params kernels
 setup: .venv/.installed
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -27,3 +27,12 @@ bench: setup
 
 params: setup
 	$(PY) experiments/params.py
+
+# What the loop's programs launch on an H100, compiled here without a GPU (benchmarks/kernels.py): jax's CUDA
+# plugin for this jax, in .cuda-aot/ (~180 MB download, not in the venv: the CPU runs never see it).
+kernels: setup .cuda-aot/.installed
+	@PYTHONPATH=.cuda-aot $(PY) benchmarks/kernels.py
+.cuda-aot/.installed: .venv/.installed
+	V=$$($(PY) -c 'import jax; print(jax.__version__)') && $(PY) -m pip install -q --no-deps --target .cuda-aot \
+	    "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V"
+	touch $@

@@ -92,10 +92,10 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
             world, (vq, dyn) = program(world, frames, put(part), shared, put(steps_keys), lr_scale)
             return world, [vq], [dyn]
 
-        def scanned_ahead(world, frames, steps_keys):
+        def scanned_lower(world, frames, steps_keys):
             part, shared = slots.empty(config, num_seeds, n)
-            program.lower(world, frames, put(part), shared, put(steps_keys), _LR_SCALE).compile()
-        scanned.compile_ahead = scanned_ahead
+            return {"world_model_chunk": program.lower(world, frames, put(part), shared, put(steps_keys), _LR_SCALE)}
+        scanned.lower = scanned_lower
         return n, scanned
 
     vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step", donate=(0,))
@@ -116,14 +116,13 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
                 dyn_sums.append(sums)
         return world, vq_sums, dyn_sums
 
-    def per_slot_ahead(world, frames, steps_keys):
+    def per_slot_lower(world, frames, steps_keys):
         part, shared = slots.empty(config, num_seeds, 1)
         slot = put(slots.Slots(*(x[:, 0] for x in part)))
-        vqvae.lower(world, frames, slot, _LR_SCALE).compile()
-        encode.lower(world, frames, slot).compile()
         indices, batch_stats = jax.eval_shape(encode, world, frames, slot)
-        dynamics.lower(world, batch_stats, indices, slot, put(steps_keys), shared.index[0]).compile()
-    per_slot.compile_ahead = per_slot_ahead
+        return {"vqvae_slot": vqvae.lower(world, frames, slot, _LR_SCALE), "encode_slot": encode.lower(world, frames, slot),
+                "dynamics_slot": dynamics.lower(world, batch_stats, indices, slot, put(steps_keys), shared.index[0])}
+    per_slot.lower = per_slot_lower
     return HOST_LOOP_CHUNK, per_slot
 
 
@@ -184,34 +183,44 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         agent, metrics = improve_program(agent, rollout, bootstrap_value, ppo_key)
         return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
 
-    def compile_ahead(world, agent, frames, start_stacks, key):
-        dream_program.lower(world, agent, frames, start_stacks, key).compile()
+    def lower(world, agent, frames, start_stacks, key):
         rollout, bootstrap_value, ppo_key, _ = jax.eval_shape(dream_program, world, agent, frames, start_stacks, key)
-        improve_program.lower(agent, rollout, bootstrap_value, ppo_key).compile()
-    update.compile_ahead = compile_ahead
+        return {"dream": dream_program.lower(world, agent, frames, start_stacks, key),
+                "ppo_update": improve_program.lower(agent, rollout, bootstrap_value, ppo_key)}
+    update.lower = lower
     return update
+
+
+def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, agent: AgentState, frames: jax.Array,
+                keys: jax.Array, put: Callable) -> dict[str, jax.stages.Lowered]:
+    """The loop's later programs lowered for arguments shaped as the loop will pass them (world, agent, frames
+    (Run.frames) and keys [S] as the run holds them, `put` its seed placement), by name, in the order the loop needs
+    them: the world-model chunk's, the PPO update's (the dream and the update), the evaluation's, the actors'.
+    compile_ahead compiles them; benchmarks/kernels.py compiles them for a GPU it does not have."""
+    S, p, e = len(keys), config.policy, config.env
+    image = (e.image_size, e.image_size)
+    lowered = dict(programs.world_model_chunk.lower(world, frames, keys))  # puts its keys itself, as the loop's chunk
+    keys = put(keys)
+    lowered.update(programs.policy_update.lower(world, agent, frames,
+                                                put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)), keys))
+    lowered["imagined_returns"] = programs.imagined_returns.lower(
+        world, agent.params, put(np.zeros((S, p.num_envs, *image, e.frame_stack), np.uint8)), keys)
+    for name, act, envs_per_seed in (("act_eval", programs.act_eval, e.num_eval_envs),
+                                     ("act_collect", programs.act_collect, 1)):
+        lowered[name] = act.lower(world, agent.params, np.zeros((S, envs_per_seed, *image, e.frame_stack), np.uint8),
+                                  put(np.zeros((S, envs_per_seed, *image), np.uint8)),
+                                  put(np.zeros((S, envs_per_seed), bool)), keys)
+    return lowered
 
 
 def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState, agent: AgentState, frames: jax.Array,
                   keys: jax.Array, put: Callable) -> None:
-    """Compiles the loop's later programs before their first call, in the order the loop needs them (the
-    world-model chunk, the PPO update, the evaluation's programs, the collection's actor), for arguments shaped as
-    the loop will pass them: world, agent, frames (Run.frames) and keys [S] as the run holds them, `put` its
-    seed placement. Meant for a thread beside iteration 1's random collection (train.py): a program the loop calls
-    while it compiles here waits for that compilation (JAX's caches), so nothing is compiled twice and nothing
-    changes but when. A shape that differs from the loop's only costs the loop its own compilation later."""
-    S, p, e = len(keys), config.policy, config.env
-    image = (e.image_size, e.image_size)
-    programs.world_model_chunk.compile_ahead(world, frames, keys)  # puts its keys itself, as the loop's chunk does
-    keys = put(keys)
-    programs.policy_update.compile_ahead(world, agent, frames, put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)),
-                                         keys)
-    programs.imagined_returns.lower(world, agent.params, put(np.zeros((S, p.num_envs, *image, e.frame_stack), np.uint8)),
-                                    keys).compile()
-    for act, envs_per_seed in ((programs.act_eval, e.num_eval_envs), (programs.act_collect, 1)):
-        act.lower(world, agent.params, np.zeros((S, envs_per_seed, *image, e.frame_stack), np.uint8),
-                  put(np.zeros((S, envs_per_seed, *image), np.uint8)), put(np.zeros((S, envs_per_seed), bool)),
-                  keys).compile()
+    """Compiles the loop's later programs (lower_ahead) before their first call. Meant for a thread beside
+    iteration 1's random collection (train.py): a program the loop calls while it compiles here waits for that
+    compilation (JAX's caches), so nothing is compiled twice and nothing changes but when. A shape that differs
+    from the loop's only costs the loop its own compilation later."""
+    for lowered in lower_ahead(programs, config, world, agent, frames, keys, put).values():
+        lowered.compile()
 
 
 def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,

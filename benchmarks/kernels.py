@@ -1,0 +1,316 @@
+"""What the loop's programs launch on an NVIDIA GPU, counted on any host (no GPU needed): one JSON object on stdout.
+
+    make kernels                       # installs jax's CUDA plugin into .cuda-aot/ (~180 MB download), runs this
+    python benchmarks/kernels.py [--preset paper] [--target benchmarks/device/h100.pbtxt] [--graphs]
+                                 [--variant NAME:section.field=value,... ...] [--programs world_model_chunk,...]
+
+XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed, compute.target=accelerator) ahead
+of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
+without a GPU or a driver). Each compilation dumps the thunk sequence the GPU runtime would execute, after XLA's
+thunk passes (command buffers formed), and this counts what one call executes:
+
+* `launches`: operations the host issues one by one: kernels, copies, cuDNN convolutions, GEMMs outside a command
+  buffer, plus one per command buffer (CUDA graph) executed. Latency-bound programs (issue 22: the chip <1% busy)
+  cost about launches x a few microseconds.
+* `in_graphs`: the operations inside those command buffers (one launch each time for all of them).
+* `loop_iterations`: iterations of while loops outside command buffers (the host runs each: its condition kernel,
+  then the body; XLA's trip counts from the optimized HLO), `conditionals`: conditionals run by the host (their
+  predicate is read back to the host first).
+* `launches_by_kind`, `in_graphs_by_kind`: the same by thunk kind (kCustomKernel: a kernel XLA generated;
+  kConvolution: a cuDNN convolution (none was inside a command buffer here); kCopy; kGemm; kDynamicSliceFusion: a
+  kernel on a slice of a buffer; ...).
+
+The world-model chunk (compute.epoch_chunk slots in one scan) is counted per slot, by what the slot runs: `dynamics`
+(the VQ-VAE step skipped), `vqvae` (the dynamics step skipped: a warm-up slot) and `both`; a skipped step runs its
+conditional's other branch (copies of the state). What the chunk runs once per call, outside its scan, is
+`per_call`. The PPO update is `dream` (encode 16 starts, imagine 50 steps) then `ppo_update`.
+
+What it cannot show: times (no device), autotuning choices (none without a device: XLA's defaults), and whether the
+device's driver lets XLA capture loops and conditionals in CUDA graphs (`--graphs` asks for it, but the
+deviceless compiler keeps while loops out of command buffers even in a trivial program). The target file is XLA's
+GpuTargetConfigProto of an H100 80GB; the counts come from this jaxlib's XLA, which may differ from the device's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TARGET = os.path.join(HERE, "device", "h100.pbtxt")
+GRAPHS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"  # device_check.py's formulations_graphs
+# The accelerator preset, and the XLA convolutions in rolled scans (the preset before 2026-12-06; device_check.py's
+# "xla" formulations).
+XLA_CONVOLUTIONS = ("compute.dynamics_unroll=1,compute.lstm_conv=xla,compute.imagination_unroll=1,"
+                    "compute.dream_lstm_conv=xla,compute.policy_conv=xla")
+VARIANTS = ("preset:", f"xla:{XLA_CONVOLUTIONS}")
+
+
+# ------------------------------------------------------------------------------------- the thunk sequence
+
+class Thunk:
+    """One line of XLA's thunk-sequence dump: its id, kind, name, and child sequences by section (a command
+    buffer's or dynamic-slice fusion's "" children, a while's "condition" / "body", a conditional's branches)."""
+
+    def __init__(self, indent: int, ident: int, kind: str, name: str):
+        self.indent, self.id, self.kind, self.name = indent, ident, kind, name
+        self.sections: dict[str, list[Thunk]] = {}
+        self.section = ""
+
+    def children(self, section: str = "") -> list["Thunk"]:
+        return self.sections.get(section, [])
+
+    def __repr__(self) -> str:
+        return f"Thunk({self.id}, {self.kind}, {self.name!r}, {list(self.sections)})"
+
+
+_LINE = re.compile(r"^( *)(\d+): (k\w+)\s+\[[^\]]*\]\s*(\S*)")
+_SECTION = re.compile(r"^( *)(condition|body|\w*branch\w*):\s*$")
+
+
+def parse_thunks(text: str) -> list[Thunk]:
+    """A `*.thunk_sequence_after_thunk_passes.txt` dump -> its top-level thunks (a tree by indentation)."""
+    top: list[Thunk] = []
+    stack: list[Thunk] = []
+    last: Thunk | None = None
+    for line in text.splitlines():
+        section = _SECTION.match(line)
+        if section:
+            indent, name = len(section.group(1)), section.group(2)
+            if name == "condition":  # printed unindented, right after its while
+                owner = last
+            else:
+                while stack and stack[-1].indent >= indent:
+                    stack.pop()
+                owner = stack[-1] if stack else None
+            if owner is None:
+                raise ValueError(f"section {name!r} with no thunk to own it")
+            owner.section = name
+            owner.sections.setdefault(name, [])
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        thunk = Thunk(len(m.group(1)), int(m.group(2)), m.group(3), m.group(4))
+        while stack and stack[-1].indent >= thunk.indent:
+            stack.pop()
+        (stack[-1].sections.setdefault(stack[-1].section, []) if stack else top).append(thunk)
+        stack.append(thunk)
+        last = thunk
+    return top
+
+
+def trip_counts(hlo: str, metadata: str) -> dict[int, int]:
+    """thunk id -> known trip count of its while loop: the optimized HLO's `known_trip_count` of the instruction
+    the thunk metadata dump names (profile_annotation)."""
+    trips = {}
+    for m in re.finditer(r"%([\w.\-]+) = [^\n]* while\([^\n]*\"known_trip_count\":\{\"n\":\"(\d+)\"", hlo):
+        trips[m.group(1)] = int(m.group(2))
+    by_id = {}
+    for block in metadata.split("thunk_metadata {")[1:]:
+        name = re.search(r'profile_annotation: "([^"]*)"', block)
+        ident = re.search(r"thunk_id: (\d+)", block)
+        if name and ident and name.group(1) in trips:
+            by_id[int(ident.group(1))] = trips[name.group(1)]
+    return by_id
+
+
+Choice = Callable[[Thunk], int]  # a conditional -> the index of the branch it runs
+
+
+def larger_branch(cond: Thunk) -> int:
+    branches = list(cond.sections.values())
+    return max(range(len(branches)), key=lambda i: size(branches[i]))
+
+
+def size(thunks: list[Thunk]) -> int:
+    return sum(1 + sum(size(c) for c in t.sections.values()) for t in thunks)
+
+
+def count(thunks: list[Thunk], trips: dict[int, int], choose: Choice = larger_branch,
+          in_graph: bool = False) -> collections.Counter:
+    """What running `thunks` once executes (the module docstring's keys); `choose` picks each conditional's branch."""
+    c: collections.Counter = collections.Counter()
+    for t in thunks:
+        if t.kind == "kCommandBuffer":
+            if not in_graph:
+                c["launches"] += 1
+                c["graphs"] += 1
+            c += count(t.children(), trips, choose, True)
+        elif t.kind == "kWhile":
+            if t.id not in trips:
+                raise ValueError(f"while thunk {t.id} has no known trip count")
+            once = count(t.children("condition"), trips, choose, in_graph) + count(t.children("body"), trips, choose,
+                                                                                    in_graph)
+            for key, value in once.items():
+                c[key] += trips[t.id] * value
+            c["loop_iterations" if not in_graph else "loop_iterations_in_graphs"] += trips[t.id]
+        elif t.kind == "kConditional":
+            c["conditionals" if not in_graph else "conditionals_in_graphs"] += 1
+            c += count(list(t.sections.values())[choose(t)], trips, choose, in_graph)
+        elif t.kind == "kSequential":
+            c += count(t.children(), trips, choose, in_graph)
+        else:  # one operation (a dynamic-slice fusion runs its embedded thunk with sliced buffers: one operation)
+            c["in_graphs" if in_graph else "launches"] += 1
+            c[f"{'in_graphs' if in_graph else 'launches'}_by_kind.{t.kind}"] += 1
+    return c
+
+
+def summary(counter: collections.Counter) -> dict[str, Any]:
+    """The counts as JSON: the totals, then launches_by_kind and in_graphs_by_kind."""
+    out: dict[str, Any] = {key: 0 for key in ("launches", "graphs", "in_graphs", "loop_iterations", "conditionals")}
+    for key, value in sorted(counter.items()):
+        group, _, kind = key.partition("_by_kind.")
+        if kind:
+            out.setdefault(f"{group}_by_kind", {})[kind] = value
+        else:
+            out[key] = value
+    return out
+
+
+def chunk_slots(thunks: list[Thunk], trips: dict[int, int]) -> dict[str, Any]:
+    """The world-model chunk per slot kind: its scan is the outermost while loop; the scan body's two conditionals
+    are the VQ-VAE step and then the dynamics step (the second takes the first's state); a skipped step runs the
+    branch with fewer thunks."""
+    loops = [t for t in _walk(thunks) if t.kind == "kWhile" and trips.get(t.id, 0) > 1]
+    scan = max(loops, key=lambda t: trips[t.id])
+    body = scan.children("condition") + scan.children("body")
+    conds = [t for t in _walk(body) if t.kind == "kConditional"]
+    if len(conds) != 2:
+        raise ValueError(f"the chunk's scan body has {len(conds)} conditionals, expected 2 (VQ-VAE, dynamics)")
+    vq, dyn = conds
+    skip = lambda cond: min(range(len(cond.sections)), key=lambda i: size(list(cond.sections.values())[i]))
+    take = lambda cond: 1 - skip(cond)
+    kinds = {"dynamics": {vq.id: skip, dyn.id: take}, "vqvae": {vq.id: take, dyn.id: skip},
+             "both": {vq.id: take, dyn.id: take}}
+    out = {}
+    for kind, rule in kinds.items():
+        out[kind] = summary(count(body, trips, lambda cond: rule.get(cond.id, larger_branch)(cond)))
+        out[kind]["loop_iterations"] += 1  # the scan's own iteration
+    outside = [t for t in thunks if t is not scan]
+    if scan not in thunks:
+        raise ValueError("the chunk's scan is not a top-level thunk")
+    out["per_call"] = summary(count(outside, trips))
+    out["slots_per_call"] = trips[scan.id]
+    return out
+
+
+def _walk(thunks: list[Thunk]):
+    for t in thunks:
+        yield t
+        for children in t.sections.values():
+            yield from _walk(children)
+
+
+def read_dump(directory: str) -> tuple[list[Thunk], dict[int, int]]:
+    """The thunks and while trip counts of the one module compiled into `directory` (XLA's --xla_dump_to)."""
+    def one(pattern: str) -> str:
+        paths = glob.glob(os.path.join(directory, pattern))
+        if len(paths) != 1:
+            raise ValueError(f"expected one {pattern} in {directory}, found {len(paths)}")
+        with open(paths[0]) as f:
+            return f.read()
+    hlo = one("*gpu_after_optimizations.txt")
+    passes = glob.glob(os.path.join(directory, "*.thunk_sequence_after_thunk_passes.txt"))
+    sequence = one("*.thunk_sequence_after_thunk_passes.txt" if passes else "*.thunk_sequence.txt")  # no passes: no
+    return parse_thunks(sequence), trip_counts(hlo, one("*.thunk_metadata.txt"))                   # command buffers
+
+
+# ------------------------------------------------------------------------------------------ compilation
+
+def gpu_topology(target: str):
+    """A one-device topology of the GPU that `target` (a GpuTargetConfigProto in text) describes, without a GPU."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check the CUDA versions with
+    import jax
+    from jax.experimental import topologies
+    with open(target) as f:
+        config = f.read()
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
+    except (NotImplementedError, RuntimeError) as e:
+        raise SystemExit(f"kernels.py: jax's CUDA plugin is not installed or failed to load ({e}); run `make kernels`")
+    mesh = topologies.make_mesh(topology, (1,), ("gpu",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def lowered_programs(preset: str, overrides: list[str], placement, game: str = "BankHeist") -> tuple[Any, dict]:
+    """(config, {name: jax.stages.Lowered}) of the loop's programs for one seed at the preset's sizes, for
+    arguments placed on `placement` (the GPU topology's device)."""
+    import jax
+    import jax.numpy as jnp
+    from dlwm_jax import config as config_lib
+    from dlwm_jax import envs
+    from dlwm_jax import world_model as wm
+    from dlwm_jax.programs import compile_programs, initial_state, lower_ahead
+
+    config = config_lib.override(config_lib.get_preset(preset), dict(item.split("=", 1) for item in
+                                                                     ["compute.target=accelerator", *overrides]))
+    config = config_lib.resolve_compute(config, "gpu")
+    num_actions = envs.num_actions(envs.check_game(game))
+    on_gpu = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
+    one_seed = lambda fn: on_gpu(jax.eval_shape(lambda: jax.tree.map(lambda x: x[None], fn())))
+    world = one_seed(lambda: wm.init_world_model(config, num_actions, jax.random.key(0)))
+    agent = one_seed(lambda: initial_state(config, num_actions, 0)[1])
+    image = config.env.image_size
+    frames = jax.ShapeDtypeStruct((1, config.total_real_steps, image, image), jnp.uint8, sharding=placement)
+    keys = one_seed(lambda: jax.random.key(0))
+    programs = compile_programs(config, num_actions, 1, None)
+    return config, lower_ahead(programs, config, world, agent, frames, keys, lambda tree: tree)
+
+
+def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str, Any]:
+    """One variant: compile each selected program into its own dump folder and count it."""
+    config, lowered = lowered_programs(args.preset, overrides, placement, args.game)
+    options = {"xla_gpu_enable_command_buffer": GRAPHS} if args.graphs else {}
+    out: dict[str, Any] = {"variant": name, "overrides": overrides, "compute": config.compute.__dict__, "programs": {}}
+    for program, stage in lowered.items():
+        if args.programs and program not in args.programs:
+            continue
+        with tempfile.TemporaryDirectory(prefix="dlwm_kernels_") as directory:
+            start = time.perf_counter()
+            stage.compile(compiler_options={**options, "xla_dump_to": directory})
+            compile_s = time.perf_counter() - start
+            thunks, trips = read_dump(directory)
+        figures = chunk_slots(thunks, trips) if program == "world_model_chunk" else summary(count(thunks, trips))
+        out["programs"][program] = {**figures, "compile_s": round(compile_s, 1)}
+        print(f"[kernels] {name} {program}: {json.dumps(out['programs'][program])}", file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="GpuTargetConfigProto (text) of the GPU")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:overrides (comma-separated); default: " + " ".join(VARIANTS))
+    parser.add_argument("--programs", default="", help="comma-separated program names (default: all)")
+    parser.add_argument("--graphs", action="store_true",
+                        help=f"ask XLA for command buffers of {GRAPHS} (device_check's formulations_graphs)")
+    args = parser.parse_args()
+    args.programs = [p for p in args.programs.split(",") if p]
+    if not os.path.isfile(args.target):
+        raise SystemExit(f"kernels.py: no target file {args.target}")
+    placement = gpu_topology(args.target)
+    import jax
+    from dlwm_jax.results import git_commit
+    variants = []
+    for item in args.variant or VARIANTS:
+        name, _, extra = item.partition(":")
+        variants.append(variant_counts(args, name, [o for o in extra.split(",") if o], placement))
+    print(json.dumps({"target": placement.mesh.devices.flat[0].device_kind, "deviceless": True,
+                      "jax": jax.__version__, "commit": git_commit(), "graphs": args.graphs, "preset": args.preset,
+                      "variants": variants}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""benchmarks/kernels.py: counting what a GPU program launches from XLA's thunk-sequence dump.
+
+The dump below has the layout XLA 0.10's GPU compiler writes (`*.thunk_sequence_after_thunk_passes.txt`, cut down
+from a real world-model chunk compiled for an H100): a command buffer, then a scan (while) whose body holds two
+conditionals, the second with a nested while. Compiling for a GPU needs jax's CUDA plugin (`make kernels`), so
+these tests check the reading and the counting, which need nothing but the text; the lowering the tool compiles
+is the loop's own (programs.lower_ahead, exercised by every compile-ahead run).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import kernels  # noqa: E402
+
+DUMP = """\
+000: kCommandBuffer [source       | next=075 (1)] 
+    001: kCustomKernel [source | sink] loop_broadcast_fusion_35 grid: [1, 1, 1] threads: [64, 1, 1]  shared_memory: 0 bytes
+    002: kCustomKernel [source | sink] wrapped_transpose_57 grid: [1840, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+    074: kCopy         [source | sink] kCopy
+075: kWhile         [prev=000 (1) | next=000 (1)]   
+condition:
+    076: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+  body:
+    077: kDynamicSliceFusion [source         | next=079 (1) ] params=1, results=1
+        078: kCopy [source | sink] kCopy
+    552: kConditional        [prev=083 (1)   | next=553 (1) ]       
+      false_branch:
+        085: kCustomKernel  [source        | next=086 (1) ] loop_transpose_fusion_2 grid: [2880, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+        086: kConvolution   [prev=085 (1)  | next=000 (1) ] kConvolution
+        000: kCommandBuffer [prev=086 (1)  | next=094 (1) ] 
+            087: kCustomKernel [source       | next=088 (1)] input_reduce_fusion_70 grid: [256, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+            088: kCustomKernel [prev=087 (1) | sink        ] input_reduce_fusion_122 grid: [1, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+      true_branch:
+        000: kCommandBuffer [source | sink] 
+            381: kCopy [source | sink] kCopy
+            382: kCopy [source | sink] kCopy
+            383: kCopy [source | sink] kCopy
+    1213: kConditional        [prev=567 (1)   | next=000 (1) ]       
+      false_branch:
+        720: kCustomKernel [source        | sink         ] wrapped_iota grid: [1, 1, 1] threads: [10, 1, 1]  shared_memory: 0 bytes
+        721: kWhile         [prev=000 (1) | next=000 (1)]           
+condition:
+            722: kCustomKernel [source | sink] loop_compare_fusion_1 grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+          body:
+            723: kCustomKernel       [source        | next=724 (1) ] input_concatenate_fusion_4 grid: [36, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+            724: kConvolution        [prev=723 (1)  | next=725 (1) ] kConvolution
+        730: kCopy [source | sink] kCopy
+      true_branch:
+        000: kCommandBuffer [source | sink] 
+            1069: kCopy [source | sink] kCopy
+            1070: kCopy [source | sink] kCopy
+"""
+
+HLO = """\
+  %while.567 = (s32[], f32[32]{0}) while(%tuple.1), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"64"}}
+  %while.9 = (s32[], f32[4,6,6,128]{3,2,1,0}) while(%tuple.2), condition=%c2, body=%b2, backend_config={"known_trip_count":{"n":"10"}}
+  %while.567.0 = f32[32]{0} get-tuple-element(%while.567), index=1
+"""
+
+METADATA = """\
+thunk_metadata {
+  thunk_info {
+    profile_annotation: "while.567"
+    thunk_id: 75
+  }
+  thunk_kind: "kWhile"
+}
+thunk_metadata {
+  thunk_info {
+    profile_annotation: "while.9"
+    thunk_id: 721
+  }
+  thunk_kind: "kWhile"
+}
+"""
+
+
+def test_the_dump_parses_into_its_tree():
+    top = kernels.parse_thunks(DUMP)
+    assert [(t.id, t.kind) for t in top] == [(0, "kCommandBuffer"), (75, "kWhile")]
+    assert [t.id for t in top[0].children()] == [1, 2, 74]
+    scan = top[1]
+    assert [t.id for t in scan.children("condition")] == [76]
+    assert [t.kind for t in scan.children("body")] == ["kDynamicSliceFusion", "kConditional", "kConditional"]
+    vq, dyn = scan.children("body")[1:]
+    assert list(vq.sections) == ["false_branch", "true_branch"]
+    assert [t.id for t in vq.sections["false_branch"]] == [85, 86, 0]
+    inner = dyn.sections["false_branch"][1]
+    assert inner.kind == "kWhile" and [t.id for t in inner.children("condition")] == [722]
+    assert [t.id for t in inner.children("body")] == [723, 724]
+    assert [t.id for t in dyn.sections["false_branch"]] == [720, 721, 730]  # after the nested while, back at its level
+
+
+def test_trip_counts_map_thunks_to_the_hlo_loops():
+    assert kernels.trip_counts(HLO, METADATA) == {75: 64, 721: 10}
+
+
+def test_counts_follow_loops_branches_and_command_buffers():
+    top, trips = kernels.parse_thunks(DUMP), {75: 64, 721: 10}
+    first = lambda cond: 0  # every conditional runs its false branch (the steps, here)
+    c = kernels.count(top, trips, first)
+    # Per scan iteration: the condition kernel, the slice, branch 1 (kernel, conv, one graph of 2) and branch 2 (a
+    # kernel, 10 x (condition, kernel, conv), a copy).
+    per_iteration = 1 + 1 + (2 + 1) + (1 + 10 * 3 + 1)
+    assert c["launches"] == 1 + 64 * per_iteration  # the first command buffer, then the loop
+    assert c["graphs"] == 1 + 64
+    assert c["in_graphs"] == 3 + 64 * 2
+    assert c["loop_iterations"] == 64 + 64 * 10 and c["conditionals"] == 2 * 64
+    assert c["launches_by_kind.kConvolution"] == 64 * 11
+    skipped = kernels.count(top, trips, lambda cond: 1)
+    assert skipped["launches"] == 1 + 64 * (1 + 1 + 1 + 1) and skipped["in_graphs"] == 3 + 64 * 5
+
+
+def test_chunk_slots_count_one_slot_of_each_kind():
+    slots = kernels.chunk_slots(kernels.parse_thunks(DUMP), {75: 64, 721: 10})
+    assert slots["slots_per_call"] == 64
+    assert slots["per_call"]["launches"] == 1 and slots["per_call"]["in_graphs"] == 3
+    # A dynamics slot: condition + slice, the VQ-VAE step skipped (one graph of 3 copies), the dynamics step run.
+    assert slots["dynamics"]["launches"] == 1 + 1 + 1 + (1 + 10 * 3 + 1)
+    assert slots["dynamics"]["in_graphs"] == 3 and slots["dynamics"]["loop_iterations"] == 1 + 10
+    assert slots["vqvae"]["launches"] == 1 + 1 + 3 + 1 and slots["vqvae"]["loop_iterations"] == 1
+    assert slots["both"]["launches"] == 1 + 1 + 3 + 32 and slots["both"]["conditionals"] == 2
+
+
+def test_a_loop_without_a_known_trip_count_is_an_error():
+    with pytest.raises(ValueError, match="no known trip count"):
+        kernels.count(kernels.parse_thunks(DUMP), {75: 64})
+
+
+def test_without_the_cuda_plugin_it_says_how_to_get_it():
+    script = os.path.join(os.path.dirname(kernels.__file__), "kernels.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, script, "--programs", "act_collect"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith("kernels.py: jax's CUDA plugin")
