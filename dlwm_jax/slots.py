@@ -46,7 +46,7 @@ class SharedSlots(NamedTuple):
 
 def empty(config: Any, num_seeds: int, length: int) -> tuple[Slots, SharedSlots]:
     """Slots [S, L] and shared [L] that no seed takes (zeros), shaped as epochs.epoch_slots lays an epoch out: what a
-    chunk program is compiled for before its first epoch (programs.compile_ahead)."""
+    chunk program is compiled for before its first epoch (programs.lower_ahead)."""
     v, d, c = config.vqvae, config.dynamics, config.env.frame_stack
     zeros = lambda *shape, dtype=np.int32: np.zeros((num_seeds, length, *shape), dtype)
     window = (d.sequence_length, d.batch_size)
@@ -101,12 +101,16 @@ def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: Sh
     no_vq = zeros(lambda w, s: vqvae_slot(w, frames, s, lr_scale, mask), world, first[0])
     no_dyn = zeros(dynamics_part, world, first[0], first[1].index)
 
-    def body(w, xs):
+    def body(carry, xs):
+        w, vq_sums, dyn_sums = carry
         slot, on = xs
         w, vq = jax.lax.cond(on.vq_on, lambda w: vqvae_slot(w, frames, slot, lr_scale, mask),
                              lambda w: (w, no_vq), w)
         w, dyn = jax.lax.cond(on.dyn_on, lambda w: dynamics_part(w, slot, on.index), lambda w: (w, no_dyn), w)
-        return w, (vq, dyn)
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (w, add(vq_sums, vq), add(dyn_sums, dyn)), None
 
-    world, (vq, dyn) = jax.lax.scan(body, world, (slots, shared))
-    return world, jax.tree.map(lambda x: jnp.sum(x, 0), (vq, dyn))
+    # The sums ride in the carry: stacking per-slot metrics as scan outputs costs a GPU a kernel per metric and
+    # slot to write them (benchmarks/kernels.py).
+    (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), (slots, shared))
+    return world, (vq, dyn)

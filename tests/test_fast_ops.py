@@ -97,10 +97,11 @@ def test_dynamics_unrolled_loss_gradient_same_for_fast_and_xla_convs(fast):
         np.testing.assert_allclose(a, b, **TOL)
 
 
-def test_actor_critic_im2col_equals_xla_outputs_and_gradients():
+@pytest.mark.parametrize("impl", ["im2col", "gemm"])
+def test_actor_critic_fast_convs_equal_xla_outputs_and_gradients(impl):
     from dlwm_jax.networks.actor_critic import ActorCritic
     z_q = jax.random.normal(jax.random.key(8), (5, 6, 6, 8))
-    fast, plain = ActorCritic(4, 8, 16, conv_impl="im2col"), ActorCritic(4, 8, 16, conv_impl="xla")
+    fast, plain = ActorCritic(4, 8, 16, conv_impl=impl), ActorCritic(4, 8, 16, conv_impl="xla")
     params = fast.init(jax.random.key(9), z_q)
     reference = plain.init(jax.random.key(9), z_q)
     assert jax.tree.structure(params) == jax.tree.structure(reference)

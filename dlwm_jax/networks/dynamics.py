@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dlwm_jax.networks.convlstm import ConvLSTMCell
-from dlwm_jax.networks.layers import conv, dense, leaky_relu, spatial_layer_norm
+from dlwm_jax.networks.layers import PatchConv, dense, leaky_relu, spatial_layer_norm
 
 
 class DynamicsState(NamedTuple):
@@ -36,7 +36,9 @@ class Dynamics(nn.Module):
 
     The one-hot action is tiled over the grid and concatenated (as the last channels) to the input of both
     cells and to the heads' shared input y = [h2, action]; no nonlinearity on h2 (SPEC 4.2).
-    Convolutions and dense layers in `dtype` (ComputeConfig.dtype); state and both logits are float32.
+    Convolutions and dense layers in `dtype` (ComputeConfig.dtype); state and both logits are float32. `conv_impl`
+    computes the cells' 5x5 convolutions and the heads' 1x1 ones (with "im2col" or "gemm" a 1x1 one is a matmul, which
+    a GPU runs in its command buffers, where a cuDNN convolution ends one: benchmarks/kernels.py).
     """
     num_actions: int
     num_codes: int = 128
@@ -60,10 +62,11 @@ class Dynamics(nn.Module):
         h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
         h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
         y = jnp.concatenate([h2, act], -1)
-        in_features = y.shape[-1]
         dtype = self.dtype
-        next_latent_logits = conv(self.num_codes, 1, 0, in_features=in_features, name="next_latent_head", dtype=dtype)(y)
-        r = conv(self.reward_conv_channels, 1, 0, in_features=in_features, name="reward_conv", dtype=dtype)(y)
+        head = lambda features, name: PatchConv(features, 1, 0, use_bias=True, impl=self.conv_impl, dtype=dtype,
+                                                name=name)  # 1x1 convolutions, computed as the cells' are
+        next_latent_logits = head(self.num_codes, "next_latent_head")(y)
+        r = head(self.reward_conv_channels, "reward_conv")(y)
         r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype)(r))
         r = r.reshape(r.shape[0], -1)
         r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense", dtype=dtype)(r))
