@@ -7,7 +7,7 @@
 budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
   devices           jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
   formulations      benchmarks/profile.py --variant ...: the 64-slot dynamics chunk under each formulation of
-                    FORMULATIONS (scan unrolled, ConvLSTM convolutions as GEMMs, bfloat16), ms per step each
+                    FORMULATIONS (the accelerator preset, the XLA convolutions, bfloat16), ms per step each
   formulations_graphs  the same with XLA's command buffers (CUDA graphs) extended to loops and conditionals
                     (COMMAND_BUFFER_FLAGS): whether a chunk captured whole runs faster
   profile_scan      benchmarks/profile.py: one 64-slot chunk of paper-size dynamics steps as one scanned program,
@@ -73,12 +73,14 @@ DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan
 # The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), in this order: the
 # largest terms of the paper run are its 241k dynamics steps (ConvLSTM chain, 10-step loss) and its 19k PPO
 # updates; which of these the accelerator preset should take is what the figures decide.
-FORMULATIONS = ("plain:", "unrolled:compute.dynamics_unroll=10",
-                "gemm_unrolled:compute.dynamics_unroll=10,compute.lstm_conv=gemm",
-                "gemm_unrolled_bf16:compute.dynamics_unroll=10,compute.lstm_conv=gemm,compute.dtype=bfloat16",
+# The accelerator preset (the GEMM formulations, benchmarks/kernels.py) against the XLA convolutions in rolled scans
+# (the preset before 2026-12-06), and in bfloat16; kernels.py's XLA_CONVOLUTIONS is the same "xla" variant.
+FORMULATIONS = ("preset:", "xla:compute.dynamics_unroll=1,compute.lstm_conv=xla",
+                "preset_bf16:compute.dtype=bfloat16",
                 # the policy phase: 19,000 PPO updates in a paper run, each a 50-step dream and an update
-                "policy/plain:", "policy/unrolled:compute.imagination_unroll=10,compute.ppo_unroll=true",
-                "policy/unrolled_bf16:compute.imagination_unroll=10,compute.ppo_unroll=true,compute.dtype=bfloat16")
+                "policy/preset:",
+                "policy/xla:compute.imagination_unroll=1,compute.dream_lstm_conv=xla,compute.policy_conv=xla",
+                "policy/preset_bf16:compute.dtype=bfloat16")
 # XLA:GPU command buffers (CUDA graphs) for loops and conditionals too, so that a scanned chunk can be one graph.
 COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 FORMULATION_PARTS = {"formulations": "", "formulations_graphs": COMMAND_BUFFER_FLAGS}

@@ -110,8 +110,12 @@ _YNN_FUSION_TYPES = {"reduce": "LIBRARY_FUSION_TYPE_REDUCE", "none": ""}
 COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 
 # The formulations each compute target fills in for fields left None (benchmarks/README.md, ComputeConfig table).
-# "cpu": measured fastest on XLA:CPU (the reasons are beside the fields below). "accelerator": the plain
-# formulations, what XLA's GPU/TPU compilers are built for (rolled scans, XLA convolutions, XLA's default fusions).
+# "cpu": measured fastest on XLA:CPU (the reasons are beside the fields below). "accelerator": the formulations a
+# latency-bound GPU program launches least from its host (benchmarks/kernels.py, XLA's GPU compiler for an H100):
+# the 6x6-grid convolutions as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside), the
+# 10-step dynamics loss and the 50-step dream unrolled by 10; the PPO update's scans stay rolled (unrolled, with GEMM
+# convolutions, XLA's compile for the H100 found no Triton tiling). Per dynamics slot 1,098 -> 49 host launches,
+# per dream 1,434 -> 39 (benchmarks/README.md); the device check times them against the XLA convolutions.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
@@ -120,8 +124,8 @@ COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
                 policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
                 ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
-    "accelerator": dict(upsample="transpose", dynamics_unroll=1, lstm_conv="xla", dream_lstm_conv="xla",
-                        policy_conv="xla", imagination_unroll=1, ppo_unroll=False, vqvae_ynnpack="all",
+    "accelerator": dict(upsample="transpose", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
+                        policy_conv="gemm", imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all",
                         ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=64),
 }
 
@@ -145,13 +149,15 @@ class ComputeConfig:
     target: str = "auto"  # "auto" | "cpu" | "accelerator": fills the None fields below
     # Each field's comment: the CPU choice / the accelerator choice, and why the CPU differs (measured here).
     upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "transpose"
-    dynamics_unroll: int | None = None  # 10 / 1: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
-    lstm_conv: str | None = None        # ConvLSTM 5x5 convs on the 6x6 grid: "im2col" (one matmul) / "xla"; or "rows",
-                                        # or "gemm" (im2col with a scatter-free, deterministic gradient)
+    dynamics_unroll: int | None = None  # 10 / 10: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
+    lstm_conv: str | None = None        # the dynamics' convs (5x5 cells, 1x1 heads) on the 6x6 grid: "im2col" (one
+                                        # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient); or
+                                        # "rows", or "xla" (lax.conv_general_dilated: cuDNN on a GPU)
     dream_lstm_conv: str | None = None  # the same in imagination (forward only): "rows" (skips all-padding kernel
-                                        # rows) / "xla"
-    policy_conv: str | None = None      # actor-critic convs: "xla" / "xla" ("im2col" wins only with YNNPACK in PPO)
-    imagination_unroll: int | None = None  # 5 / 1: scan unroll of the 50-step imagination (XLA:CPU shares work, ~4%)
+                                        # rows) / "gemm"
+    policy_conv: str | None = None      # actor-critic convs: "xla" / "gemm" ("im2col" wins on CPU only with YNNPACK in
+                                        # PPO)
+    imagination_unroll: int | None = None  # 5 / 10: scan unroll of the 50-step imagination (XLA:CPU shares work, ~4%)
     ppo_unroll: bool | None = None      # True / False: unroll PPO's epochs x minibatches scans (conv grads in a rolled
                                         # scan are very slow on CPU)
     vqvae_ynnpack: str | None = None    # "reduce" / "all": which XLA:CPU ops the VQ-VAE step sends to YNNPACK:

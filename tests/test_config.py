@@ -12,9 +12,9 @@ from dlwm_jax.config import resolve_compute
 CPU = dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla",
            imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce", ppo_ynnpack="reduce",
            threefry_partitionable=False, epoch_chunk=0)
-# benchmarks/device_check.py's former PLAIN_COMPUTE list, and JAX's default PRNG.
-PLAIN = dict(upsample="transpose", dynamics_unroll=1, lstm_conv="xla", dream_lstm_conv="xla", policy_conv="xla",
-             imagination_unroll=1, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
+# The GEMM formulations (benchmarks/kernels.py), and JAX's default PRNG.
+PLAIN = dict(upsample="transpose", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
+             imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
              threefry_partitionable=True, epoch_chunk=64)
 
 

@@ -37,7 +37,7 @@ def test_check_measures_what_auto_gives_an_accelerator_run_on_any_backend():
     for backend in ("cpu", "gpu", "tpu"):
         checked = config_lib.resolve_compute(config_lib.override(config_lib.paper(), overrides), backend)
         assert dataclasses.replace(checked.compute, target="auto") == on_gpu.compute
-    assert on_gpu.compute.lstm_conv == "xla" and on_gpu.compute.dynamics_unroll == 1  # the plain formulations
+    assert on_gpu.compute.lstm_conv == "gemm" and on_gpu.compute.dynamics_unroll == 10  # the accelerator's GEMMs
 
 
 def test_devices_part_alone_writes_its_keys(tmp_path):
