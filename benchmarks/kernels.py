@@ -20,10 +20,14 @@ thunk passes (command buffers formed), and this counts what one call executes:
   kConvolution: a cuDNN convolution (none was inside a command buffer here); kCopy; kGemm; kDynamicSliceFusion: a
   kernel on a slice of a buffer; ...).
 
-The world-model chunk (compute.epoch_chunk slots in one scan) is counted per slot, by what the slot runs: `dynamics`
-(the VQ-VAE step skipped), `vqvae` (the dynamics step skipped: a warm-up slot) and `both`; a skipped step runs its
-conditional's other branch (copies of the state). What the chunk runs once per call, outside its scan, is
-`per_call`. The PPO update is `dream` (encode 16 starts, imagine 50 steps) then `ppo_update`.
+The world-model chunk (compute.epoch_chunk slots in one scan) comes in two forms (programs.make_world_model_chunk).
+`world_model_chunk/<pattern>` runs an epoch's bulk, whose chunks repeat one slot pattern (`warmup`: a VQ-VAE step
+a slot; `joint_every_k`: a dynamics step a slot, a VQ-VAE step every k-th): counted per call and per slot (the
+call's counts / its slots). `world_model_chunk`, with a conditional per step kind and slot, runs an epoch's last
+chunk: counted per slot by what the slot runs, `dynamics` (the VQ-VAE step skipped), `vqvae` (the dynamics step
+skipped) and `both`; a skipped step runs its conditional's other branch (copies of the state); what it runs once
+per call, outside its scan, is `per_call`. The PPO update is `dream` (encode 16 starts, imagine 50 steps) then
+`ppo_update`.
 
 What it cannot show: times (no device), autotuning choices (none without a device: XLA's defaults), and whether the
 device's driver lets XLA capture loops and conditionals in CUDA graphs (`--graphs` asks for it, but the
@@ -280,7 +284,14 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             stage.compile(compiler_options={**options, "xla_dump_to": directory})
             compile_s = time.perf_counter() - start
             thunks, trips = read_dump(directory)
-        figures = chunk_slots(thunks, trips) if program == "world_model_chunk" else summary(count(thunks, trips))
+        if program == "world_model_chunk":
+            figures = chunk_slots(thunks, trips)
+        elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slot pattern: per call and slot
+            per_call, n = summary(count(thunks, trips)), config.compute.epoch_chunk
+            figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
+                       "per_call": per_call, "slots_per_call": n}
+        else:
+            figures = summary(count(thunks, trips))
         out["programs"][program] = {**figures, "compile_s": round(compile_s, 1)}
         print(f"[kernels] {name} {program}: {json.dumps(out['programs'][program])}", file=sys.stderr, flush=True)
     return out

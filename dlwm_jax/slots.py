@@ -88,29 +88,83 @@ def dynamics_slot(world: wm.WorldModelState, batch_stats: Any, indices: jax.Arra
     return _keep(slot.dyn_active, new, world, mask), _sums(metrics, slot.dyn_active)
 
 
+def _steps(world: wm.WorldModelState, frames: jax.Array, first: Slots, first_index: jax.Array, steps_key: jax.Array,
+           lr_scale: jax.Array, mask: bool) -> tuple[Any, Any, Sums, Sums]:
+    """A chunk's (vqvae(w, slot) -> (w, sums), dynamics(w, slot, index) -> (w, sums), zero VQ-VAE sums, zero
+    dynamics sums); `first` and `first_index`, a slot of the chunk, shape the zeros."""
+    def vqvae(w, slot):
+        return vqvae_slot(w, frames, slot, lr_scale, mask)
+
+    def dynamics(w, slot, index):
+        indices, batch_stats = encode_slot(w, frames, slot)
+        return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask)
+    zeros = lambda fn, *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)[1])
+    return vqvae, dynamics, zeros(vqvae, world, first), zeros(dynamics, world, first, first_index)
+
+
+def _add(a: Sums, b: Sums) -> Sums:
+    return jax.tree.map(jnp.add, a, b)
+
+
 def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: SharedSlots, steps_key: jax.Array,
           lr_scale: jax.Array, mask: bool) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
     """L slots in one lax.scan: returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. A part no seed takes
-    is skipped (lax.cond on the shared flags), so a chunk's padded tail costs next to nothing."""
-    def dynamics_part(w, slot, index):
-        indices, batch_stats = encode_slot(w, frames, slot)
-        return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask)
-
+    is skipped (lax.cond on the shared flags), so a chunk's padded tail costs next to nothing. The sums ride in
+    the scan's carry (stacked per slot, each metric would be a GPU kernel per slot: benchmarks/kernels.py)."""
     first = jax.tree.map(lambda x: x[0], (slots, shared))
-    zeros = lambda fn, *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)[1])
-    no_vq = zeros(lambda w, s: vqvae_slot(w, frames, s, lr_scale, mask), world, first[0])
-    no_dyn = zeros(dynamics_part, world, first[0], first[1].index)
+    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first[0], first[1].index, steps_key, lr_scale, mask)
 
     def body(carry, xs):
         w, vq_sums, dyn_sums = carry
         slot, on = xs
-        w, vq = jax.lax.cond(on.vq_on, lambda w: vqvae_slot(w, frames, slot, lr_scale, mask),
-                             lambda w: (w, no_vq), w)
-        w, dyn = jax.lax.cond(on.dyn_on, lambda w: dynamics_part(w, slot, on.index), lambda w: (w, no_dyn), w)
-        add = lambda a, b: jax.tree.map(jnp.add, a, b)
-        return (w, add(vq_sums, vq), add(dyn_sums, dyn)), None
+        w, vq = jax.lax.cond(on.vq_on, lambda w: vqvae(w, slot), lambda w: (w, no_vq), w)
+        w, dyn = jax.lax.cond(on.dyn_on, lambda w: dynamics(w, slot, on.index), lambda w: (w, no_dyn), w)
+        return (w, _add(vq_sums, vq), _add(dyn_sums, dyn)), None
 
-    # The sums ride in the carry: stacking per-slot metrics as scan outputs costs a GPU a kernel per metric and
-    # slot to write them (benchmarks/kernels.py).
     (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), (slots, shared))
+    return world, (vq, dyn)
+
+
+Pattern = tuple[tuple[bool, bool], ...]  # (VQ-VAE step, dynamics step) of each slot of a period
+
+
+def period(shared: SharedSlots, longest: int = 6) -> Pattern | None:
+    """The shortest pattern of (vq_on, dyn_on) flags that the chunk's slots repeat at least twice, of a length <=
+    `longest` (each slot of it is written out) that divides the chunk's; None if there is none, or if its slots
+    take no step. A joint epoch's slots repeat ((True, True), (False, True), ...) of its VQ-VAE interval's length
+    until a stream runs out, a warm-up's ((True, False),)."""
+    flags = [(bool(v), bool(d)) for v, d in zip(shared.vq_on, shared.dyn_on)]
+    for p in range(1, min(longest, len(flags) // 2) + 1):  # repeated at least twice: a chunk's own irregular
+                                                            # flags would be a program per epoch end
+        if len(flags) % p == 0 and all(flags[j] == flags[j % p] for j in range(len(flags))):
+            return tuple(flags[:p]) if any(v or d for v, d in flags[:p]) else None
+    return None
+
+
+def periodic_chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax.Array,
+                   steps_key: jax.Array, lr_scale: jax.Array, mask: bool,
+                   pattern: Pattern) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
+    """`chunk` for L slots whose shared flags repeat `pattern` (period(shared); L a multiple of its length p): a
+    lax.scan over the L / p periods with each period's steps written out, so no conditional. On a GPU a
+    conditional reads its predicate back to the host and its pass-through branch copies the whole state
+    (benchmarks/kernels.py); the same steps in the same order as `chunk`. index: the shared slot numbers [L]."""
+    p = len(pattern)
+    first = jax.tree.map(lambda x: x[0], slots)
+    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first, index[0], steps_key, lr_scale, mask)
+
+    def body(carry, xs):
+        w, vq_sums, dyn_sums = carry
+        group, numbers = xs
+        for j, (vq_on, dyn_on) in enumerate(pattern):
+            slot = jax.tree.map(lambda x: x[j], group)
+            if vq_on:
+                w, sums = vqvae(w, slot)
+                vq_sums = _add(vq_sums, sums)
+            if dyn_on:
+                w, sums = dynamics(w, slot, numbers[j])
+                dyn_sums = _add(dyn_sums, sums)
+        return (w, vq_sums, dyn_sums), None
+
+    periods = jax.tree.map(lambda x: x.reshape(-1, p, *x.shape[1:]), (slots, index))
+    (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), periods)
     return world, (vq, dyn)

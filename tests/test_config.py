@@ -15,7 +15,7 @@ CPU = dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_ls
 # The GEMM formulations (benchmarks/kernels.py), and JAX's default PRNG.
 PLAIN = dict(upsample="transpose", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
              imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
-             threefry_partitionable=True, epoch_chunk=64)
+             threefry_partitionable=True, epoch_chunk=60)
 
 
 def formulations(config):

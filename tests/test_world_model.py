@@ -3,6 +3,7 @@
 Smoke-width networks; the dynamics scan is rolled (compute.dynamics_unroll=1) because compiling is what costs
 here; unrolling changes speed, not results.
 """
+import functools
 import math
 
 import jax
@@ -233,15 +234,17 @@ def _assert_trees_close(a, b, rtol=1e-4):
             np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("epoch_chunk", [0, pytest.param(4, marks=pytest.mark.slow)])
-def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs, epoch_chunk):
+@pytest.mark.parametrize("epoch_chunk, interval", [(0, 2), pytest.param(4, 2, marks=pytest.mark.slow),
+                                                    pytest.param(6, 3, marks=pytest.mark.slow)])
+def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs, epoch_chunk, interval):
     """A joint epoch as the loop runs it against wm.vqvae_step and wm.dynamics_step (one program each) called step
     by step on batches the host gathers (the loop before slots). epoch_chunk 0: the per-slot programs (the encoder
-    pass and the ConvLSTM update compiled apart, batches gathered on the device); 4 (slow): scanned chunks of 4
-    slots, the last chunk's padded slots skipped. Same steps, same parameters to float tolerance (other programs
-    round differently in the last bits)."""
+    pass and the ConvLSTM update compiled apart, batches gathered on the device); 4 and 6 (slow): scanned chunks,
+    the epoch's bulk with its slot pattern written out (slots.periodic_chunk), its last chunk with conditionals and
+    padded slots skipped (slots.chunk). Same steps, same parameters to float tolerance (other programs round
+    differently in the last bits)."""
     replay, num_actions = atari
-    interval, key = 2, jax.random.key(11)
+    key = jax.random.key(11)
     vq_key, dyn_key, steps_key = jax.random.split(key, 3)
     vq_batches = replay.observation_batches(vq_key, CFG.vqvae.batch_size)
     seq_batches = list(replay.sequence_batches(dyn_key, CFG.dynamics.batch_size, CFG.dynamics.sequence_length,
@@ -261,6 +264,28 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
     assert int(state.dynamics_steps) == len(seq_batches) == metrics["dynamics"]["steps"]
     assert int(state.vqvae_steps) == int(reference.vqvae_steps) == metrics["vqvae"]["steps"]
     _assert_trees_close(state, reference)
+
+
+def test_a_repeated_slot_pattern_runs_as_the_conditional_chunk_does(atari, initial):
+    """slots.periodic_chunk (no conditional) against slots.chunk (a conditional per step) on the same 4 slots of a
+    joint epoch with interval 2 and of a warm-up epoch: the same parameters and metric sums."""
+    from dlwm_jax import slots
+    from dlwm_jax.epochs import epoch_slots
+    replay, _ = atari
+    d, keys = CFG.dynamics, jax.random.split(jax.random.key(12), 3)
+    vq_plan = [replay.observation_plan(keys[0], CFG.vqvae.batch_size)]
+    seq_plan = [replay.sequence_plan(keys[1], d.batch_size, d.sequence_length, d.max_offset)]
+    frames = jnp.asarray(replay.frames)
+    for part, shared in (epoch_slots(CFG, vq_plan, seq_plan, 2), epoch_slots(CFG, vq_plan)):
+        part, shared = slots.Slots(*(x[0, :4] for x in part)), slots.SharedSlots(*(x[:4] for x in shared))
+        pattern = slots.period(shared)
+        assert pattern in (((True, True), (False, True)), ((True, False),))
+        with_conds = jax.jit(functools.partial(slots.chunk, mask=False))(initial, frames, part, shared, keys[2],
+                                                                          jnp.float32(1.0))
+        written_out = jax.jit(functools.partial(slots.periodic_chunk, mask=False, pattern=pattern))(
+            initial, frames, part, shared.index, keys[2], jnp.float32(1.0))
+        _assert_trees_close(written_out, with_conds, rtol=1e-5)
+        assert int(written_out[0].dynamics_steps) == int(with_conds[0].dynamics_steps) == 4 * pattern[0][1]
 
 
 def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):
