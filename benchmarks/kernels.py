@@ -21,7 +21,7 @@ thunk passes (command buffers formed), and this counts what one call executes:
   kernel on a slice of a buffer; ...).
 
 The world-model chunk (compute.epoch_chunk slots in one scan) comes in two forms (programs.make_world_model_chunk).
-`world_model_chunk/<pattern>` runs an epoch's bulk, whose chunks repeat one slot pattern (`warmup`: a VQ-VAE step
+`world_model_chunk/<period>` runs an epoch's bulk, whose chunks repeat one slots.Period (`warmup`: a VQ-VAE step
 a slot; `joint_every_k`: a dynamics step a slot, a VQ-VAE step every k-th): counted per call and per slot (the
 call's counts / its slots). `world_model_chunk`, with a conditional per step kind and slot, runs an epoch's last
 chunk: counted per slot by what the slot runs, `dynamics` (the VQ-VAE step skipped), `vqvae` (the dynamics step
@@ -286,7 +286,7 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             thunks, trips = read_dump(directory)
         if program == "world_model_chunk":
             figures = chunk_slots(thunks, trips)
-        elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slot pattern: per call and slot
+        elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
             per_call, n = summary(count(thunks, trips)), config.compute.epoch_chunk
             figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
                        "per_call": per_call, "slots_per_call": n}

@@ -114,7 +114,7 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # latency-bound GPU program launches least from its host (benchmarks/kernels.py, XLA's GPU compiler for an H100):
 # the 6x6-grid convolutions as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside), the
 # 10-step dynamics loss and the 50-step dream unrolled by 10; the PPO update's scans stay rolled (unrolled, with GEMM
-# convolutions, XLA's compile for the H100 found no Triton tiling). Per joint-epoch slot 1,140 -> 74 host launches
+# convolutions, XLA's compile for the H100 found no Triton tiling). Per joint-epoch slot 1,140 -> 64 host launches
 # (with slots.periodic_chunk), per dream 1,434 -> 39 (benchmarks/README.md); the device check times them against
 # the XLA convolutions.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
@@ -169,7 +169,7 @@ class ComputeConfig:
                                                 # on XLA:CPU (why True elsewhere: COMPUTE_PRESETS)
     epoch_chunk: int | None = None  # 0 / 60: world-model epoch slots per compiled scan (0: a program per step
                                     # kind with its own XLA:CPU options, a host loop dispatching them; 60: a multiple
-                                    # of every VQ-VAE interval 1-6, so an epoch's chunks repeat one slot pattern and
+                                    # of every VQ-VAE interval 1-6, so an epoch's chunks repeat one slots.Period and
                                     # need no conditional, slots.periodic_chunk; programs.py)
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)

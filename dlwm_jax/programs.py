@@ -80,35 +80,35 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
                            compile_: Callable) -> tuple[int, Callable]:
     """(chunk_slots, world_model_chunk) of Programs; compile_(fn, in_axes, xla_options_of, donate) as in
     _compile_programs. compute.epoch_chunk = n > 0: a chunk of n slots is one compiled lax.scan, one dispatch and
-    no host sync per n slots: slots.periodic_chunk where the chunk's slots repeat a pattern (an epoch's bulk: no
-    conditional in the scan; a program per pattern, epoch_patterns' compiled ahead), else slots.chunk (an epoch's
-    last chunk: a conditional per step kind and slot). 0 (the CPU's choice): each part of a slot is its own program with its
+    no host sync per n slots: slots.periodic_chunk where the chunk's slots repeat (an epoch's bulk: no conditional
+    in the scan; a program per slots.Period, epoch_periods' compiled ahead), else slots.chunk (an epoch's last
+    chunk: a conditional per step kind and slot). 0 (the CPU's choice): each part of a slot is its own program with its
     own XLA options (the VQ-VAE step and the dynamics step's encoder pass want other XLA:CPU kernels than the
     ConvLSTM update), dispatched by a host loop over the chunk's slots. Both donate the world they are given."""
     mask, n = num_seeds > 1, config.compute.epoch_chunk
     put = functools.partial(put_on_seeds, sharding=sharding)
     if n:
         general = compile_(functools.partial(slots.chunk, mask=mask), (0, 0, 0, None, 0, None), donate=(0,))
-        periodic = functools.cache(lambda pattern: compile_(
-            functools.partial(slots.periodic_chunk, mask=mask, pattern=pattern), (0, 0, 0, None, 0, None),
+        periodic = functools.cache(lambda period: compile_(
+            functools.partial(slots.periodic_chunk, mask=mask, period=period), (0, 0, 0, None, 0, None),
             donate=(0,)))
 
         def scanned(world, frames, part, shared, steps_keys, lr_scale):
-            pattern = slots.period(shared)
-            if pattern is None:  # an epoch's last chunk (a stream runs out, padded slots)
+            period = slots.period(shared)
+            if period is None:  # an epoch's last chunk (a stream runs out, padded slots)
                 world, (vq, dyn) = general(world, frames, put(part), shared, put(steps_keys), lr_scale)
             else:
-                world, (vq, dyn) = periodic(pattern)(world, frames, put(part), shared.index, put(steps_keys),
-                                                     lr_scale)
+                world, (vq, dyn) = periodic(period)(world, frames, put(part), shared.index, put(steps_keys),
+                                                    lr_scale)
             return world, [vq], [dyn]
 
         def scanned_lower(world, frames, steps_keys):
             part, shared = slots.empty(config, num_seeds, n)
             args = (world, frames, put(part))
             lowered = {"world_model_chunk": general.lower(*args, shared, put(steps_keys), _LR_SCALE)}
-            for name, pattern in epoch_patterns(config, n).items():
-                lowered[f"world_model_chunk/{name}"] = periodic(pattern).lower(*args, shared.index, put(steps_keys),
-                                                                              _LR_SCALE)
+            for name, period in epoch_periods(config, n).items():
+                lowered[f"world_model_chunk/{name}"] = periodic(period).lower(*args, shared.index, put(steps_keys),
+                                                                             _LR_SCALE)
             return lowered
         scanned.lower = scanned_lower
         return n, scanned
@@ -141,14 +141,14 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
     return HOST_LOOP_CHUNK, per_slot
 
 
-def epoch_patterns(config: Config, chunk_slots: int) -> dict[str, slots.Pattern]:
-    """The slot patterns (slots.period) of the schedule's epochs whose chunks of `chunk_slots` repeat them: the
-    warm-up's and each VQ-VAE interval's that divides `chunk_slots` (the accelerator's 60 slots: 1-6)."""
-    patterns = {"warmup": ((True, False),)}
+def epoch_periods(config: Config, chunk_slots: int) -> dict[str, slots.Period]:
+    """The slots.Periods of the schedule's epochs in chunks of `chunk_slots`: the warm-up's and each VQ-VAE
+    interval's that divides `chunk_slots` (the accelerator's 60 slots: 1-6)."""
+    periods = {"warmup": slots.Period(1, False)}
     for k in sorted(set(config.schedule.vq_update_intervals)):
         if chunk_slots % k == 0:
-            patterns[f"joint_every_{k}"] = ((True, True),) + ((False, True),) * (k - 1)
-    return patterns
+            periods[f"joint_every_{k}"] = slots.Period(k, True)
+    return periods
 
 
 def make_act(networks, temperature: float):

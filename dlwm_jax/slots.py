@@ -125,46 +125,62 @@ def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: Sh
     return world, (vq, dyn)
 
 
-Pattern = tuple[tuple[bool, bool], ...]  # (VQ-VAE step, dynamics step) of each slot of a period
+class Period(NamedTuple):
+    """The slots of a chunk that repeats (slots.period): a VQ-VAE step in the first of every `interval` slots (0: in
+    none) and a dynamics step in every slot (`dynamics`) or in none. Static: a program per Period."""
+    interval: int
+    dynamics: bool
 
 
-def period(shared: SharedSlots, longest: int = 6) -> Pattern | None:
-    """The shortest pattern of (vq_on, dyn_on) flags that the chunk's slots repeat at least twice, of a length <=
-    `longest` (each slot of it is written out) that divides the chunk's; None if there is none, or if its slots
-    take no step. A joint epoch's slots repeat ((True, True), (False, True), ...) of its VQ-VAE interval's length
-    until a stream runs out, a warm-up's ((True, False),)."""
-    flags = [(bool(v), bool(d)) for v, d in zip(shared.vq_on, shared.dyn_on)]
-    for p in range(1, min(longest, len(flags) // 2) + 1):  # repeated at least twice: a chunk's own irregular
-                                                            # flags would be a program per epoch end
-        if len(flags) % p == 0 and all(flags[j] == flags[j % p] for j in range(len(flags))):
-            return tuple(flags[:p]) if any(v or d for v, d in flags[:p]) else None
-    return None
+def period(shared: SharedSlots, longest: int = 6) -> Period | None:
+    """The Period of a chunk's shared flags, or None: the warm-up's chunks are Period(1, False), a joint epoch's
+    Period(interval, True) until a stream runs out, with the interval (<= `longest`, a program each) dividing the
+    chunk's length so that every chunk starts a period. An epoch's last chunk (its last slot takes no dynamics
+    step, padded slots none) has none."""
+    vq, dyn, length = np.asarray(shared.vq_on, bool), np.asarray(shared.dyn_on, bool), len(shared.index)
+    if not length or not (dyn.all() or not dyn.any()):
+        return None
+    if not vq.any():
+        return Period(0, True) if dyn.all() else None
+    starts = np.flatnonzero(vq)
+    interval = int(starts[1]) if len(starts) > 1 else length
+    slot = np.arange(length)
+    if interval > longest or length % interval or starts[0] != 0 or not np.array_equal(vq, slot % interval == 0):
+        return None
+    return Period(interval, bool(dyn[0]))
 
 
 def periodic_chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax.Array,
                    steps_key: jax.Array, lr_scale: jax.Array, mask: bool,
-                   pattern: Pattern) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
-    """`chunk` for L slots whose shared flags repeat `pattern` (period(shared); L a multiple of its length p): a
-    lax.scan over the L / p periods with each period's steps written out, so no conditional. On a GPU a
-    conditional reads its predicate back to the host and its pass-through branch copies the whole state
-    (benchmarks/kernels.py); the same steps in the same order as `chunk`. index: the shared slot numbers [L]."""
-    p = len(pattern)
+                   period: Period) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
+    """`chunk` for L slots whose shared flags repeat `period` (slots.period): a lax.scan over the periods, each a
+    VQ-VAE step and then a scan of the period's dynamics steps, with no conditional. On a GPU a conditional
+    reads its predicate back to the host and its pass-through branch copies the whole state
+    (benchmarks/kernels.py). The same steps in the same order as `chunk`. index: the shared slot numbers [L]."""
     first = jax.tree.map(lambda x: x[0], slots)
     vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first, index[0], steps_key, lr_scale, mask)
+
+    def dynamics_steps(w, dyn_sums, group, numbers):
+        def step(carry, xs):
+            w, sums = carry
+            w, more = dynamics(w, *xs)
+            return (w, _add(sums, more)), None
+        (w, dyn_sums), _ = jax.lax.scan(step, (w, dyn_sums), (group, numbers))
+        return w, dyn_sums
+
+    if period.interval == 0:  # dynamics steps only (the VQ-VAE stream ran out)
+        world, dyn = dynamics_steps(world, no_dyn, slots, index)
+        return world, (no_vq, dyn)
 
     def body(carry, xs):
         w, vq_sums, dyn_sums = carry
         group, numbers = xs
-        for j, (vq_on, dyn_on) in enumerate(pattern):
-            slot = jax.tree.map(lambda x: x[j], group)
-            if vq_on:
-                w, sums = vqvae(w, slot)
-                vq_sums = _add(vq_sums, sums)
-            if dyn_on:
-                w, sums = dynamics(w, slot, numbers[j])
-                dyn_sums = _add(dyn_sums, sums)
+        w, more = vqvae(w, jax.tree.map(lambda x: x[0], group))
+        vq_sums = _add(vq_sums, more)
+        if period.dynamics:
+            w, dyn_sums = dynamics_steps(w, dyn_sums, group, numbers)
         return (w, vq_sums, dyn_sums), None
 
-    periods = jax.tree.map(lambda x: x.reshape(-1, p, *x.shape[1:]), (slots, index))
+    periods = jax.tree.map(lambda x: x.reshape(-1, period.interval, *x.shape[1:]), (slots, index))
     (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), periods)
     return world, (vq, dyn)

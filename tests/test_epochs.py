@@ -81,10 +81,10 @@ def test_empty_slots_have_the_epochs_shapes_and_dtypes_and_are_all_off():
     assert not (empty.vq_active.any() or empty.dyn_active.any() or empty_shared.vq_on.any() or empty_shared.dyn_on.any())
 
 
-def test_period_finds_the_pattern_a_joint_epochs_chunks_repeat():
+def test_period_finds_the_slots_a_joint_epochs_chunks_repeat():
     """slots.period: a joint epoch's chunks of a multiple of its interval repeat (VQ-VAE + dynamics, dynamics, ...)
     until a stream runs out; its last chunk, padded, repeats nothing."""
-    from dlwm_jax.slots import period
+    from dlwm_jax.slots import Period, SharedSlots, period
     d, interval, n = CFG.dynamics, 3, 6
     replay = replays_of([2000])[0]
     keys = jax.random.split(jax.random.key(4), 2)
@@ -92,16 +92,19 @@ def test_period_finds_the_pattern_a_joint_epochs_chunks_repeat():
     seq = [replay.sequence_plan(keys[1], d.batch_size, d.sequence_length, d.max_offset)]
     _, shared = epoch_slots(CFG, vq, seq, interval)
     pad = -len(shared.index) % n  # as epochs.run_slots pads the last chunk
-    padded = type(shared)(*(np.concatenate([x, np.zeros(pad, x.dtype)]) for x in shared))
-    chunks = [type(shared)(*(x[start:start + n] for x in padded)) for start in range(0, len(padded.index), n)]
+    padded = SharedSlots(*(np.concatenate([x, np.zeros(pad, x.dtype)]) for x in shared))
+    chunks = [SharedSlots(*(x[start:start + n] for x in padded)) for start in range(0, len(padded.index), n)]
     assert len(chunks) >= 3
-    assert [period(chunk) for chunk in chunks[:-1]] == [((True, True), (False, True), (False, True))] * (len(chunks) - 1)
+    assert [period(chunk) for chunk in chunks[:-1]] == [Period(3, True)] * (len(chunks) - 1)
     assert period(chunks[-1]) is None  # the epoch's end: its last slot takes no dynamics step
     warmup = epoch_slots(CFG, vq)[1]
-    assert period(type(warmup)(*(x[:4] for x in warmup))) == ((True, False),)
-    off = type(warmup)(np.arange(4), np.zeros(4, bool), np.zeros(4, bool))
-    assert period(off) is None  # padding only: nothing to run
-    odd = type(warmup)(np.arange(7), np.array([1, 0, 0, 1, 0, 0, 0], bool), np.ones(7, bool))
-    assert period(odd) is None  # 7 slots: no period of length <= 6 divides them
-    every_6th = type(warmup)(np.arange(12), np.arange(12) % 6 == 0, np.ones(12, bool))
-    assert period(every_6th) == ((True, True),) + ((False, True),) * 5  # the short preset's interval
+    assert period(SharedSlots(*(x[:4] for x in warmup))) == Period(1, False)
+    flags = lambda vq_on, dyn_on: SharedSlots(np.arange(len(vq_on)), np.array(vq_on, bool), np.array(dyn_on, bool))
+    assert period(flags([0, 0, 0, 0], [1, 1, 1, 1])) == Period(0, True)  # the VQ-VAE stream ran out
+    assert period(flags([0, 0, 0, 0], [0, 0, 0, 0])) is None  # padding only: nothing to run
+    assert period(flags([1, 0, 0, 1, 0, 0, 0], [1] * 7)) is None  # 7 slots: interval 3 does not divide them
+    assert period(flags([0, 1, 0, 1], [1] * 4)) is None  # a chunk must start a period
+    assert period(flags([1, 0, 1, 1], [1] * 4)) is None
+    assert period(flags([1, 0, 1, 0], [1, 1, 1, 0])) is None  # the dynamics stream ends inside
+    assert period(flags(np.arange(12) % 6 == 0, [1] * 12)) == Period(6, True)  # the short preset's interval
+    assert period(flags(np.arange(14) % 7 == 0, [1] * 14)) is None  # longer than 6: not a program of its own

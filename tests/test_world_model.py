@@ -268,7 +268,8 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
 
 def test_a_repeated_slot_pattern_runs_as_the_conditional_chunk_does(atari, initial):
     """slots.periodic_chunk (no conditional) against slots.chunk (a conditional per step) on the same 4 slots of a
-    joint epoch with interval 2 and of a warm-up epoch: the same parameters and metric sums."""
+    joint epoch with interval 2, of a warm-up epoch and of a joint epoch's dynamics steps alone (the VQ-VAE stream
+    run out): the same parameters and metric sums."""
     from dlwm_jax import slots
     from dlwm_jax.epochs import epoch_slots
     replay, _ = atari
@@ -276,16 +277,21 @@ def test_a_repeated_slot_pattern_runs_as_the_conditional_chunk_does(atari, initi
     vq_plan = [replay.observation_plan(keys[0], CFG.vqvae.batch_size)]
     seq_plan = [replay.sequence_plan(keys[1], d.batch_size, d.sequence_length, d.max_offset)]
     frames = jnp.asarray(replay.frames)
-    for part, shared in (epoch_slots(CFG, vq_plan, seq_plan, 2), epoch_slots(CFG, vq_plan)):
+    joint, warmup = epoch_slots(CFG, vq_plan, seq_plan, 2), epoch_slots(CFG, vq_plan)
+    no_vq = (joint[0]._replace(vq_active=np.zeros_like(joint[0].vq_active)), joint[1]._replace(
+        vq_on=np.zeros_like(joint[1].vq_on)))
+    for (part, shared), expected in ((joint, slots.Period(2, True)), (warmup, slots.Period(1, False)),
+                                     (no_vq, slots.Period(0, True))):
         part, shared = slots.Slots(*(x[0, :4] for x in part)), slots.SharedSlots(*(x[:4] for x in shared))
-        pattern = slots.period(shared)
-        assert pattern in (((True, True), (False, True)), ((True, False),))
+        period = slots.period(shared)
+        assert period == expected
         with_conds = jax.jit(functools.partial(slots.chunk, mask=False))(initial, frames, part, shared, keys[2],
                                                                           jnp.float32(1.0))
-        written_out = jax.jit(functools.partial(slots.periodic_chunk, mask=False, pattern=pattern))(
+        periodic = jax.jit(functools.partial(slots.periodic_chunk, mask=False, period=period))(
             initial, frames, part, shared.index, keys[2], jnp.float32(1.0))
-        _assert_trees_close(written_out, with_conds, rtol=1e-5)
-        assert int(written_out[0].dynamics_steps) == int(with_conds[0].dynamics_steps) == 4 * pattern[0][1]
+        _assert_trees_close(periodic, with_conds, rtol=1e-5)
+        assert int(periodic[0].dynamics_steps) == int(with_conds[0].dynamics_steps) == 4 * period.dynamics
+        assert int(periodic[0].vqvae_steps) == int(with_conds[0].vqvae_steps) == (4 // period.interval if period.interval else 0)
 
 
 def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):
