@@ -104,12 +104,11 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
 
         def scanned_lower(world, frames, steps_keys):
             part, shared = slots.empty(config, num_seeds, n)
-            args = (world, frames, put(part))
-            lowered = {"world_model_chunk": general.lower(*args, shared, put(steps_keys), _LR_SCALE)}
-            for name, period in epoch_periods(config, n).items():
-                lowered[f"world_model_chunk/{name}"] = periodic(period).lower(*args, shared.index, put(steps_keys),
-                                                                             _LR_SCALE)
-            return lowered
+            args, keys = (world, frames, put(part)), put(steps_keys)
+            lowered = {f"world_model_chunk/{name}": periodic(period).lower(*args, shared.index, keys, _LR_SCALE)
+                       for name, period in epoch_periods(config, n).items()}  # the warm-up's first
+            return {"world_model_chunk/warmup": lowered.pop("world_model_chunk/warmup"),
+                    "world_model_chunk": general.lower(*args, shared, keys, _LR_SCALE), **lowered}
         scanned.lower = scanned_lower
         return n, scanned
 
