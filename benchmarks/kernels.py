@@ -182,11 +182,13 @@ def summary(counter: collections.Counter) -> dict[str, Any]:
 
 
 def chunk_slots(thunks: list[Thunk], trips: dict[int, int]) -> dict[str, Any]:
-    """The world-model chunk per slot kind: its scan is the outermost while loop; the scan body's two conditionals
-    are the VQ-VAE step and then the dynamics step (the second takes the first's state); a skipped step runs the
-    branch with fewer thunks."""
-    loops = [t for t in _walk(thunks) if t.kind == "kWhile" and trips.get(t.id, 0) > 1]
-    scan = max(loops, key=lambda t: trips[t.id])
+    """The world-model chunk per slot kind: its scan is the longest top-level while loop; the scan body's two
+    conditionals are the VQ-VAE step and then the dynamics step (the second takes the first's state); a skipped
+    step runs the branch with fewer thunks."""
+    loops = [t for t in thunks if t.kind == "kWhile"]
+    if not loops:
+        raise ValueError("the chunk's scan is not a top-level thunk")
+    scan = max(loops, key=lambda t: trips.get(t.id, 0))
     body = scan.children("condition") + scan.children("body")
     conds = [t for t in _walk(body) if t.kind == "kConditional"]
     if len(conds) != 2:
@@ -200,10 +202,7 @@ def chunk_slots(thunks: list[Thunk], trips: dict[int, int]) -> dict[str, Any]:
     for kind, rule in kinds.items():
         out[kind] = summary(count(body, trips, lambda cond: rule.get(cond.id, larger_branch)(cond)))
         out[kind]["loop_iterations"] += 1  # the scan's own iteration
-    outside = [t for t in thunks if t is not scan]
-    if scan not in thunks:
-        raise ValueError("the chunk's scan is not a top-level thunk")
-    out["per_call"] = summary(count(outside, trips))
+    out["per_call"] = summary(count([t for t in thunks if t is not scan], trips))
     out["slots_per_call"] = trips[scan.id]
     return out
 
@@ -224,9 +223,10 @@ def read_dump(directory: str) -> tuple[list[Thunk], dict[int, int]]:
         with open(paths[0]) as f:
             return f.read()
     hlo = one("*gpu_after_optimizations.txt")
+    # Without command buffers (xla_gpu_enable_command_buffer empty) XLA runs no thunk passes and dumps no such file.
     passes = glob.glob(os.path.join(directory, "*.thunk_sequence_after_thunk_passes.txt"))
-    sequence = one("*.thunk_sequence_after_thunk_passes.txt" if passes else "*.thunk_sequence.txt")  # no passes: no
-    return parse_thunks(sequence), trip_counts(hlo, one("*.thunk_metadata.txt"))                   # command buffers
+    sequence = one("*.thunk_sequence_after_thunk_passes.txt" if passes else "*.thunk_sequence.txt")
+    return parse_thunks(sequence), trip_counts(hlo, one("*.thunk_metadata.txt"))
 
 
 # ------------------------------------------------------------------------------------------ compilation

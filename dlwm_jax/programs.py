@@ -105,10 +105,12 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
         def scanned_lower(world, frames, steps_keys):
             part, shared = slots.empty(config, num_seeds, n)
             args, keys = (world, frames, put(part)), put(steps_keys)
-            lowered = {f"world_model_chunk/{name}": periodic(period).lower(*args, shared.index, keys, _LR_SCALE)
-                       for name, period in epoch_periods(config, n).items()}  # the warm-up's first
-            return {"world_model_chunk/warmup": lowered.pop("world_model_chunk/warmup"),
-                    "world_model_chunk": general.lower(*args, shared, keys, _LR_SCALE), **lowered}
+            lower = lambda period: periodic(period).lower(*args, shared.index, keys, _LR_SCALE)
+            (_, warmup), *joint = epoch_periods(config, n).items()
+            # In the order the loop needs them: the warm-up's chunks, an epoch's last chunk, the joint epochs'.
+            return {"world_model_chunk/warmup": lower(warmup),
+                    "world_model_chunk": general.lower(*args, shared, keys, _LR_SCALE),
+                    **{f"world_model_chunk/{name}": lower(period) for name, period in joint}}
         scanned.lower = scanned_lower
         return n, scanned
 

@@ -145,7 +145,7 @@ def period(shared: SharedSlots, longest: int = 6) -> Period | None:
     starts = np.flatnonzero(vq)
     interval = int(starts[1]) if len(starts) > 1 else length
     slot = np.arange(length)
-    if interval > longest or length % interval or starts[0] != 0 or not np.array_equal(vq, slot % interval == 0):
+    if interval > longest or length % interval or not np.array_equal(vq, slot % interval == 0):
         return None
     return Period(interval, bool(dyn[0]))
 
