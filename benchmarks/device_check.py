@@ -66,20 +66,23 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
-PART_LIMITS_S = {"devices": 20, "formulations": 150, "formulations_graphs": 140, "profile_scan": 50,
+PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_graphs": 90, "profile_scan": 50,
                  "loop_short": 100, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
                  "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50, "loop_paper": 590}
 DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan", "loop_short")
-# The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), in this order: the
-# largest terms of the paper run are its 241k dynamics steps (ConvLSTM chain, 10-step loss) and its 19k PPO
-# updates; which of these the accelerator preset should take is what the figures decide.
-# The accelerator preset (the GEMM formulations, benchmarks/kernels.py) against the XLA convolutions in rolled scans
-# (the preset before 2026-12-06), and in bfloat16; kernels.py's XLA_CONVOLUTIONS is the same "xla" variant.
-FORMULATIONS = ("preset:", "xla:compute.dynamics_unroll=1,compute.lstm_conv=xla",
-                "preset_bf16:compute.dtype=bfloat16",
-                # the policy phase: 19,000 PPO updates in a paper run, each a 50-step dream and an update
+# The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), the largest terms
+# of the paper run first: its 241k dynamics steps (ConvLSTM chain, 10-step loss, an encoder pass), its 105k VQ-VAE
+# steps and its 19k PPO updates, bfloat16 last. Each times the accelerator preset (the GEMM formulations,
+# benchmarks/kernels.py) against XLA's convolutions in rolled scans (the preset before 2026-12-06; kernels.py's
+# XLA_CONVOLUTIONS); which the preset should take is what the figures decide.
+XLA_VQVAE = "compute.vqvae_conv=xla,compute.upsample=transpose"  # the VQ-VAE's (the encoder's wherever it runs)
+FORMULATIONS = ("preset:", f"xla:compute.dynamics_unroll=1,compute.lstm_conv=xla,{XLA_VQVAE}",
+                # 6.7 ms a VQ-VAE step on the H100 of 2026-11-27 (cuDNN convolutions): 11.8 min of a paper run
+                "vqvae/preset:", f"vqvae/xla:{XLA_VQVAE}",
                 "policy/preset:",
-                "policy/xla:compute.imagination_unroll=1,compute.dream_lstm_conv=xla,compute.policy_conv=xla",
+                "policy/xla:compute.imagination_unroll=1,compute.dream_lstm_conv=xla,compute.policy_conv=xla,"
+                f"{XLA_VQVAE}",
+                "preset_bf16:compute.dtype=bfloat16", "vqvae/preset_bf16:compute.dtype=bfloat16",
                 "policy/preset_bf16:compute.dtype=bfloat16")
 # XLA:GPU command buffers (CUDA graphs) for loops and conditionals too, so that a scanned chunk can be one graph.
 COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"

@@ -112,20 +112,21 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # The formulations each compute target fills in for fields left None (benchmarks/README.md, ComputeConfig table).
 # "cpu": measured fastest on XLA:CPU (the reasons are beside the fields below). "accelerator": the formulations a
 # latency-bound GPU program launches least from its host (benchmarks/kernels.py, XLA's GPU compiler for an H100):
-# the 6x6-grid convolutions as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside), the
-# 10-step dynamics loss and the 50-step dream unrolled by 10; the PPO update's scans stay rolled (unrolled, with GEMM
-# convolutions, XLA's compile for the H100 found no Triton tiling). Per joint-epoch slot 1,140 -> 64 host launches
-# (with slots.periodic_chunk), per dream 1,434 -> 39 (benchmarks/README.md); the device check times them against
+# every convolution as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside; the VQ-VAE's
+# upsampling in its sub-pixel form, a stride-1 convolution), the 10-step dynamics loss and the 50-step dream unrolled
+# by 10; the PPO update's scans stay rolled (unrolled, with GEMM convolutions, XLA's compile for the H100 found no
+# Triton tiling). Host launches per joint-epoch slot 1,140 -> 7 (with slots.periodic_chunk), per VQ-VAE step
+# 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1 (benchmarks/README.md); the device check times them against
 # the XLA convolutions.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
 # rounding (TF32, other kernels) would make the runs diverge anyway.
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
+    "cpu": dict(upsample="subpixel", vqvae_conv="xla", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
                 policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
                 ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
-    "accelerator": dict(upsample="transpose", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
+    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
                         policy_conv="gemm", imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all",
                         ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=60),
 }
@@ -149,7 +150,11 @@ class ComputeConfig:
     """
     target: str = "auto"  # "auto" | "cpu" | "accelerator": fills the None fields below
     # Each field's comment: the CPU choice / the accelerator choice, and why the CPU differs (measured here).
-    upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "transpose"
+    upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "subpixel"; or
+                                        # "transpose" (XLA's transposed convolution)
+    vqvae_conv: str | None = None       # the VQ-VAE's convs (encoder, decoder; the encoder wherever it runs): "xla"
+                                        # (XLA:CPU's convs beat its matmuls here) / "gemm" (matmuls over patches, strided
+                                        # ones folded to stride 1; needs upsample "subpixel"); or "im2col"
     dynamics_unroll: int | None = None  # 10 / 10: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
     lstm_conv: str | None = None        # the dynamics' convs (5x5 cells, 1x1 heads) on the 6x6 grid: "im2col" (one
                                         # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient); or
@@ -255,6 +260,11 @@ def validate(config: Config) -> Config:
         raise ValueError(f"compute.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
     if c.upsample not in (None, "subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {c.upsample!r}")
+    if c.vqvae_conv not in (None, "im2col", "gemm", "xla"):
+        raise ValueError(f"compute.vqvae_conv must be 'im2col', 'gemm' or 'xla', got {c.vqvae_conv!r}")
+    if c.vqvae_conv not in (None, "xla") and c.upsample == "transpose":
+        raise ValueError(f"compute.vqvae_conv={c.vqvae_conv!r} needs compute.upsample='subpixel' (a 'transpose' "
+                         "upsampling is XLA's own convolution)")
     for name in ("dynamics_unroll", "imagination_unroll"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ValueError(f"compute.{name} must be >= 1, got {getattr(c, name)}")
@@ -407,10 +417,20 @@ def from_dict(d: dict[str, Any]) -> Config:
 
     Used to rebuild a run's config from its checkpoint (meta["config"]). A field missing from `d` keeps its
     default (a checkpoint written before the field existed; for a compute formulation field that is None, which
-    `resolve_compute` fills); an unknown field or a value of the wrong kind raises ValueError (one line). The
+    `resolve_compute` fills, except in a resolved config, which gets what runs computed before the field existed:
+    _BEFORE_FIELD_EXISTED); an unknown field or a value of the wrong kind raises ValueError (one line). The
     result is validated, not resolved.
     """
+    compute = d.get("compute")
+    if isinstance(compute, dict) and all(compute.get(name) is not None for name in COMPUTE_PRESETS["cpu"]
+                                         if name not in _BEFORE_FIELD_EXISTED):  # resolved, maybe before a field
+        d = {**d, "compute": {**_BEFORE_FIELD_EXISTED, **compute}}
     return validate(_dataclass_from_dict(Config, d, ""))
+
+
+# What every run computed before these compute formulation fields existed: a resolved config saved before one
+# existed keeps running that way on any backend, whatever the target's choice is now.
+_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla"}
 
 
 def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:

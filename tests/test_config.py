@@ -8,13 +8,15 @@ import pytest
 from dlwm_jax import config as config_lib
 from dlwm_jax.config import resolve_compute
 
-# The CPU formulations as ComputeConfig's defaults were before `target` existed (what old checkpoints hold).
-CPU = dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla",
-           imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce", ppo_ynnpack="reduce",
-           threefry_partitionable=False, epoch_chunk=0)
+# The CPU formulations as ComputeConfig's defaults were before `target` existed (what old checkpoints hold), and
+# with the fields added since.
+OLD_CPU = dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla",
+               imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce", ppo_ynnpack="reduce",
+               threefry_partitionable=False)
+CPU = dict(OLD_CPU, epoch_chunk=0, vqvae_conv="xla")
 # The GEMM formulations (benchmarks/kernels.py), and JAX's default PRNG.
-PLAIN = dict(upsample="transpose", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
-             imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
+PLAIN = dict(upsample="subpixel", vqvae_conv="gemm", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
+             policy_conv="gemm", imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
              threefry_partitionable=True, epoch_chunk=60)
 
 
@@ -81,12 +83,16 @@ def test_resolve_is_idempotent_and_keeps_a_resolved_config_on_any_backend():
 def test_a_config_saved_before_the_target_existed_loads_as_the_resolved_cpu_config():
     """A checkpoint's meta["config"] from before this option: every formulation concrete, no `target` key."""
     saved = json.loads(json.dumps(dataclasses.asdict(config_lib.short())))
-    saved["compute"] = {**CPU, "dtype": "float32"}
+    saved["compute"] = {**OLD_CPU, "dtype": "float32"}
     restored = config_lib.from_dict(saved)
     assert restored == resolve_compute(config_lib.short(), "cpu")  # what a resumed run computes on the CPU
     assert restored.compute.target == "auto" and restored.compute.resolved
     assert resolve_compute(restored, "gpu") is restored  # it keeps the formulations it ran with
     assert restored != resolve_compute(config_lib.short(), "gpu")
+    # fields added since hold what every run computed before them, on any backend (not the target's choice now)
+    assert (restored.compute.epoch_chunk, restored.compute.vqvae_conv) == (0, "xla")
+    unresolved = config_lib.to_dict(config_lib.short())
+    assert config_lib.from_dict(unresolved).compute.epoch_chunk is None  # an unresolved config stays unresolved
 
 
 def test_unresolved_and_resolved_configs_round_trip_through_json():
@@ -117,6 +123,14 @@ def test_validate_allows_none_only_where_the_target_fills_it():
         config_lib.override(config_lib.smoke(), {"compute.ppo_unroll": "sometimes"})
     with pytest.raises(ValueError, match="compute.lstm_conv must be 'im2col', 'gemm', 'rows' or 'xla', got 'winograd'"):
         config_lib.override(config_lib.smoke(), {"compute.lstm_conv": "winograd"})
+    with pytest.raises(ValueError, match="compute.vqvae_conv must be 'im2col', 'gemm' or 'xla', got 'rows'"):
+        config_lib.override(config_lib.smoke(), {"compute.vqvae_conv": "rows"})
+    with pytest.raises(ValueError, match="compute.vqvae_conv='gemm' needs compute.upsample='subpixel'"):
+        config_lib.override(config_lib.smoke(), {"compute.vqvae_conv": "gemm", "compute.upsample": "transpose"})
+    transpose = config_lib.override(config_lib.smoke(), {"compute.upsample": "transpose"})
+    assert resolve_compute(transpose, "cpu").compute.vqvae_conv == "xla"
+    with pytest.raises(ValueError, match="compute.vqvae_conv='gemm' needs compute.upsample='subpixel'"):
+        resolve_compute(transpose, "gpu")  # the accelerator's VQ-VAE convolutions are GEMMs
 
 
 def test_compiler_options_resolve_an_unresolved_config():

@@ -8,7 +8,7 @@ from dlwm_jax import config as config_lib
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.convlstm import ConvLSTMCell
 from dlwm_jax.networks.dynamics import initial_state
-from dlwm_jax.networks.layers import PatchConv, gemm_conv, im2col_conv, rows_conv
+from dlwm_jax.networks.layers import Conv, conv2d, gemm_conv, im2col_conv, rows_conv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -38,16 +38,81 @@ def test_fast_conv_equals_xla_conv_with_gradients(conv, size, kernel, padding, c
         np.testing.assert_allclose(g_fast, g_plain, **TOL)
 
 
-def test_patch_conv_has_nn_conv_parameters_and_init():
-    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 9))
-    from dlwm_jax.networks.layers import conv
-    reference = conv(16, 5, 2, bias=False).init(jax.random.key(2), x)
-    for impl in ("im2col", "xla"):
-        params = PatchConv(16, 5, 2, impl=impl).init(jax.random.key(2), x)
-        assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
-        np.testing.assert_array_equal(params["params"]["kernel"], reference["params"]["kernel"])
+@pytest.mark.parametrize("impl", ["im2col", "gemm"])
+@pytest.mark.parametrize("size,kernel,padding,cin,cout", [(12, 4, 1, 3, 5), (8, 4, 1, 6, 4), (7, 3, 0, 2, 3)])
+def test_strided_matmul_conv_equals_xla_conv_with_gradients(impl, size, kernel, padding, cin, cout):
+    """Stride 2 (the encoder's 4x4 convolutions) folded to stride 1 (space_to_depth_conv); a size whose padded
+    size is odd cannot fold."""
+    key_x, key_w, key_t = jax.random.split(jax.random.key(10), 3)
+    x = jax.random.normal(key_x, (3, size, size, cin))
+    w = jax.random.normal(key_w, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
+    if (size + 2 * padding) % 2 or kernel % 2:
+        with pytest.raises(ValueError, match="divisible by 2"):
+            conv2d(x, w, padding, impl, stride=2)
+        return
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), ((padding, padding),) * 2,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                      precision=jax.lax.Precision.HIGHEST)
+    fast = lambda x, w: conv2d(x, w, padding, impl, stride=2)
+    np.testing.assert_allclose(fast(x, w), plain(x, w), **TOL)
+    target = jax.random.normal(key_t, plain(x, w).shape)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)) * target)
+    for g_fast, g_plain in zip(jax.grad(loss(fast), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+        np.testing.assert_allclose(g_fast, g_plain, **TOL)
+
+
+@pytest.mark.parametrize("stride,bias", [(1, False), (2, True)])
+def test_conv_has_nn_conv_parameters_names_and_init(stride, bias):
+    import flax.linen as nn
+
+    class Two(nn.Module):  # two auto-named convolutions of each kind
+        make: object
+
+        @nn.compact
+        def __call__(self, x):
+            return self.make()(self.make()(x))
+
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 9))
+    init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -1 / 12, 1 / 12)
+    reference = Two(lambda: nn.Conv(9, (4, 4), (stride, stride), ((1, 1), (1, 1)), use_bias=bias, kernel_init=init,
+                                    bias_init=bias_init)).init(jax.random.key(2), x)
+    for impl in ("im2col", "gemm", "xla"):
+        params = Two(lambda: Conv(9, 4, 1, stride, bias, impl=impl)).init(jax.random.key(2), x)
+        assert jax.tree.structure(params) == jax.tree.structure(reference)
+        assert sorted(params["params"]) == ["Conv_0", "Conv_1"]
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="unknown conv impl"):
-        PatchConv(16, 5, 2, impl="fft").init(jax.random.key(2), x)
+        Conv(16, 5, 2, impl="fft").init(jax.random.key(2), x)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "gemm"])
+def test_vqvae_matmul_convs_equal_xla_outputs_and_gradients(impl):
+    """compute.vqvae_conv: the smoke-sized encoder (batch-norm statistics, strided convs) and decoder (sub-pixel
+    upsampling) through a loss of both, against XLA's convolutions."""
+    configs = {c: config_lib.override(config_lib.smoke(), {"compute.vqvae_conv": c}) for c in (impl, "xla")}
+    nets = {c: make_networks(cfg, num_actions=4) for c, cfg in configs.items()}
+    assert nets[impl].encoder.conv_impl == nets[impl].decoder.conv_impl == impl
+    variables = init_variables(nets["xla"], configs["xla"], jax.random.key(11))
+    obs = jax.random.randint(jax.random.key(12), (5, 96, 96, 4), 0, 256).astype(jnp.uint8)
+
+    def loss(n, params):
+        z_e, stats = n.encoder.apply({**variables["encoder"], "params": params["encoder"]}, obs, train=True,
+                                     mutable=["batch_stats"])
+        logits = n.decoder.apply({"params": params["decoder"]}, z_e)
+        return jnp.mean(jnp.sin(logits)) + jnp.mean(z_e ** 2), (z_e, stats)
+
+    params = {k: variables[k]["params"] for k in ("encoder", "decoder")}
+    out = {c: jax.jit(jax.value_and_grad(lambda p, n=n: loss(n, p), has_aux=True))(params) for c, n in nets.items()}
+    (value, aux), grads = out[impl]
+    (value_xla, aux_xla), grads_xla = out["xla"]
+    np.testing.assert_allclose(value, value_xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(aux_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_xla))  # some leaves' gradients are ~0
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def _cell_inputs(hidden=16, cin=11, batch=3):
@@ -113,7 +178,7 @@ def test_actor_critic_fast_convs_equal_xla_outputs_and_gradients(impl):
         np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv"])
+@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv", "vqvae_conv"])
 def test_config_rejects_unknown_conv_impl(field):
     with pytest.raises(ValueError, match=field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})

@@ -32,8 +32,9 @@ def make_networks(config: Config, num_actions: int) -> Networks:
                         d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
                         config.compute.lstm_conv, dtype)
     return Networks(
-        encoder=Encoder(v.code_dim, v.channels, v.batch_norm_momentum, v.batch_norm_epsilon, dtype),
-        decoder=Decoder(config.env.frame_stack, v.channels, config.compute.upsample, dtype),
+        encoder=Encoder(v.code_dim, v.channels, v.batch_norm_momentum, v.batch_norm_epsilon, dtype,
+                        config.compute.vqvae_conv),
+        decoder=Decoder(config.env.frame_stack, v.channels, config.compute.upsample, dtype, config.compute.vqvae_conv),
         dynamics=dynamics,
         actor_critic=ActorCritic(num_actions, p.conv_channels, p.hidden, p.layer_norm_epsilon, config.compute.policy_conv,
                                  dtype),

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import PatchConv, dense, leaky_relu, spatial_layer_norm
+from dlwm_jax.networks.layers import Conv, dense, leaky_relu, spatial_layer_norm
 
 
 class ActorCritic(nn.Module):
@@ -27,11 +27,10 @@ class ActorCritic(nn.Module):
     @nn.compact
     def __call__(self, z_q: jax.Array) -> tuple[jax.Array, jax.Array]:
         chex.assert_rank(z_q, 4)
-        # Explicit names keep nn.Conv's auto-names (the parameter tree is unchanged).
         dtype = self.dtype
-        x = PatchConv(self.conv_channels, 1, 0, impl=self.conv_impl, dtype=dtype, name="Conv_0")(z_q)
+        x = Conv(self.conv_channels, 1, 0, impl=self.conv_impl, dtype=dtype)(z_q)
         x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype)(x))
-        x = PatchConv(self.conv_channels, 5, 2, impl=self.conv_impl, dtype=dtype, name="Conv_1")(x)
+        x = Conv(self.conv_channels, 5, 2, impl=self.conv_impl, dtype=dtype)(x)
         x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype)(x))
         x = x.reshape(x.shape[0], -1)
         x = leaky_relu(dense(self.hidden, x.shape[-1], dtype=dtype)(x))

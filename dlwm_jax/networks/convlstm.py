@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import PatchConv, spatial_layer_norm, uniform_init
+from dlwm_jax.networks.layers import Conv, spatial_layer_norm, uniform_init
 
 
 class ConvLSTMCell(nn.Module):
@@ -32,7 +32,7 @@ class ConvLSTMCell(nn.Module):
         h, c = state
         hc, k = self.hidden_channels, self.kernel_size
         pad = k // 2
-        gate_conv = lambda name: PatchConv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
+        gate_conv = lambda name: Conv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
                                            name=name)
         x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x")(gate_conv("conv_x")(inputs))
         h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h")(gate_conv("conv_h")(h))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dlwm_jax.networks.convlstm import ConvLSTMCell
-from dlwm_jax.networks.layers import PatchConv, dense, leaky_relu, spatial_layer_norm
+from dlwm_jax.networks.layers import Conv, dense, leaky_relu, spatial_layer_norm
 
 
 class DynamicsState(NamedTuple):
@@ -63,7 +63,7 @@ class Dynamics(nn.Module):
         h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
         y = jnp.concatenate([h2, act], -1)
         dtype = self.dtype
-        head = lambda features, name: PatchConv(features, 1, 0, use_bias=True, impl=self.conv_impl, dtype=dtype,
+        head = lambda features, name: Conv(features, 1, 0, use_bias=True, impl=self.conv_impl, dtype=dtype,
                                                 name=name)  # 1x1 convolutions, computed as the cells' are
         next_latent_logits = head(self.num_codes, "next_latent_head")(y)
         r = head(self.reward_conv_channels, "reward_conv")(y)

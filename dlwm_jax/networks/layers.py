@@ -27,18 +27,6 @@ def uniform_init(bound: float):
     return init
 
 
-def conv(features: int, kernel: int, padding: int, stride: int = 1, bias: bool = True, in_features: int | None = None,
-         name: str | None = None, dtype: Any = jnp.float32) -> nn.Conv:
-    """nn.Conv with explicit symmetric padding and PyTorch's default init (U(+-1/sqrt(fan_in))); computed in
-    `dtype`, parameters float32."""
-    # Kaiming-uniform with a=sqrt(5) is variance_scaling(1/3, fan_in, uniform): bound 1/sqrt(fan_in).
-    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    bias_init = uniform_init(1.0 / math.sqrt(in_features * kernel * kernel)) if (bias and in_features) else nn.initializers.zeros
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-                   use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, name=name, dtype=dtype,
-                   param_dtype=jnp.float32)
-
-
 def _patch_index(out_height: int, out_width: int, kernel: tuple[int, int], padded_width: int) -> np.ndarray:
     """Gather index [H'*W'*kh*kw] into a flattened padded grid of width `padded_width`: for each output
     position (y, x), its taps (y + i, x + j) in row-major (i, j) order (stride 1)."""
@@ -162,15 +150,54 @@ def _rows_conv_bwd(padding, residuals, cotangent):
 rows_conv.defvjp(_rows_conv_fwd, _rows_conv_bwd)
 
 
-class PatchConv(nn.Module):
-    """Drop-in for `conv(...)` (stride 1): same parameters ("kernel" [k, k, Cin, Cout], optional "bias") and
-    init, computed by `im2col_conv` (impl "im2col"), `gemm_conv` ("gemm"), `rows_conv` ("rows") or
-    lax.conv_general_dilated ("xla"), in `dtype` (input and float32 parameters cast to it)."""
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array, padding: int, stride: int) -> tuple[jax.Array, jax.Array]:
+    """A stride-s convolution as a stride-1 one with no padding: returns (input, kernel) such that a stride-1,
+    unpadded convolution of them equals the stride-s convolution of x [B, H, W, C] with kernel [k, k, C, O] padded
+    `padding`. Tap i = s*q + r of output o reads padded row s*(o + q) + r, which is row o + q of the padded input
+    folded s x s into its channels ([B, (H+2p)/s, (W+2p)/s, s*s*C], channels (r_h, r_w, C)), through the kernel
+    folded the same way ([k/s, k/s, s*s*C, O]). Needs k and H + 2p, W + 2p divisible by s."""
+    b, h, w, c = x.shape
+    k, out = kernel.shape[0], kernel.shape[-1]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    if k % stride or hp % stride or wp % stride:
+        raise ValueError(f"a stride-{stride} convolution as a stride-1 one needs kernel {k} and padded size "
+                         f"{hp}x{wp} divisible by {stride}")
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x = x.reshape(b, hp // stride, stride, wp // stride, stride, c).transpose(0, 1, 3, 2, 4, 5)
+    kernel = kernel.reshape(k // stride, stride, k // stride, stride, c, out).transpose(0, 2, 1, 3, 4, 5)
+    return (x.reshape(b, hp // stride, wp // stride, stride * stride * c),
+            kernel.reshape(k // stride, k // stride, stride * stride * c, out))
+
+
+CONV_IMPLS = ("im2col", "gemm", "rows", "xla")
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, padding: int, impl: str, stride: int = 1) -> jax.Array:
+    """Convolution [B, H, W, Cin] * [k, k, Cin, Cout] with symmetric `padding` and `stride`, computed by
+    `im2col_conv` ("im2col"), `gemm_conv` ("gemm"), `rows_conv` ("rows") or lax.conv_general_dilated ("xla": cuDNN
+    on a GPU). The matmul forms take a stride > 1 as a stride-1 convolution (`space_to_depth_conv`)."""
+    if impl == "xla":
+        pad = ((padding, padding), (padding, padding))
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv impl {impl!r} (one of {', '.join(CONV_IMPLS)})")
+    if stride != 1:
+        (x, kernel), padding = space_to_depth_conv(x, kernel, padding, stride), 0
+    return {"im2col": im2col_conv, "gemm": gemm_conv, "rows": rows_conv}[impl](x, kernel, padding)
+
+
+class Conv(nn.Module):
+    """A 2-D convolution with PyTorch's default init (kernel U(+-1/sqrt(fan_in)) as Kaiming-uniform with
+    a=sqrt(5), optional bias U(+-1/sqrt(fan_in))) and flax.linen.Conv's parameters ("kernel" [k, k, Cin, Cout],
+    "bias"), so its auto name (Conv_0, ...) and init equal nn.Conv's. Computed by `conv2d` with `impl`, in `dtype`
+    (input and float32 parameters cast to it)."""
     features: int
     kernel_size: int
     padding: int
+    stride: int = 1
     use_bias: bool = False
-    impl: str = "im2col"
+    impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -178,18 +205,7 @@ class PatchConv(nn.Module):
         k, cin = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
                             (k, k, cin, self.features))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.impl == "im2col":
-            y = im2col_conv(x, kernel, self.padding)
-        elif self.impl == "gemm":
-            y = gemm_conv(x, kernel, self.padding)
-        elif self.impl == "rows":
-            y = rows_conv(x, kernel, self.padding)
-        elif self.impl == "xla":
-            pad = ((self.padding, self.padding), (self.padding, self.padding))
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        else:
-            raise ValueError(f"unknown conv impl {self.impl!r}")
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.padding, self.impl, self.stride)
         if self.use_bias:
             y = y + self.param("bias", uniform_init(1.0 / math.sqrt(cin * k * k)), (self.features,)).astype(self.dtype)
         return y
@@ -252,11 +268,13 @@ class Upsample2x(nn.Module):
     (in, out, kH, kW) weight permuted) and `bias` [out]. `mode` only picks how it is computed:
     "transpose" = input-dilated convolution with the flipped kernel (the textbook formulation);
     "subpixel" = one 3x3 convolution to 4*out channels followed by depth-to-space, which XLA:CPU runs
-    several times faster (same result to float rounding; tests/test_networks.py checks it). Computed in `dtype`.
+    several times faster (same result to float rounding; tests/test_networks.py checks it); `impl` computes that
+    convolution (`conv2d`; "transpose" is XLA's own). Computed in `dtype`.
     """
     features: int
     mode: str = "subpixel"
     dtype: Any = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -267,6 +285,9 @@ class Upsample2x(nn.Module):
         x = x.astype(self.dtype)
         dn = ("NHWC", "HWIO", "NHWC")
         if self.mode == "transpose":
+            if self.impl != "xla":
+                raise ValueError(f"upsample 'transpose' is XLA's input-dilated convolution; conv impl {self.impl!r} "
+                                 "needs upsample 'subpixel'")
             y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1].astype(self.dtype), (1, 1), ((2, 2), (2, 2)),
                                              lhs_dilation=(2, 2), dimension_numbers=dn)
             return y + bias
@@ -277,7 +298,7 @@ class Upsample2x(nn.Module):
         # k3[jh, ah, jw, aw] = kernel[_TAP[jh, ah], _TAP[jw, aw]] (zero where no tap), then (3,3,in,2,2,out).
         k3 = kernel[taps[:, :, None, None], taps[None, None, :, :]] * (mask[:, :, None, None] * mask[None, None])[..., None, None]
         k3 = k3.transpose(0, 2, 4, 1, 3, 5).reshape(3, 3, in_features, 4 * self.features).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(x, k3, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+        y = conv2d(x, k3, 1, self.impl)
         b, h, w, _ = y.shape
         y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features)
         return y + bias

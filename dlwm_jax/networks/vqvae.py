@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import BatchNorm, Upsample2x, conv, leaky_relu
+from dlwm_jax.networks.layers import BatchNorm, Conv, Upsample2x, leaky_relu
 
 
 class ResidualBlock(nn.Module):
@@ -17,16 +17,17 @@ class ResidualBlock(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        bias = not self.use_batch_norm
-        y = conv(c, 3, 1, bias=bias, in_features=c, dtype=self.dtype)(x)
+        conv = lambda k, pad: Conv(c, k, pad, use_bias=not self.use_batch_norm, impl=self.conv_impl, dtype=self.dtype)
+        y = conv(3, 1)(x)
         if self.use_batch_norm:
             y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
         y = jax.nn.relu(y)
-        y = conv(c, 1, 0, bias=bias, in_features=c, dtype=self.dtype)(y)
+        y = conv(1, 0)(y)
         if self.use_batch_norm:
             y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
         return y + x
@@ -35,13 +36,14 @@ class ResidualBlock(nn.Module):
 class Encoder(nn.Module):
     """Observations uint8 [B, 96, 96, C] (or float in [0, 1]) -> z_e float32 [B, 6, 6, D] (SPEC 3.1).
 
-    Convolutions in `dtype` (ComputeConfig.dtype); the last batch norm outputs float32, so z_e, the codebook
-    distances and the commitment loss are float32."""
+    Convolutions in `dtype` (ComputeConfig.dtype), computed by `conv_impl` (ComputeConfig.vqvae_conv); the last
+    batch norm outputs float32, so z_e, the codebook distances and the commitment loss are float32."""
     code_dim: int = 32
     channels: Sequence[int] = (32, 64, 128, 256)
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, observations: jax.Array, train: bool = False) -> jax.Array:
@@ -49,33 +51,35 @@ class Encoder(nn.Module):
         x = observations.astype(jnp.float32) / 255.0 if observations.dtype == jnp.uint8 else observations
         bn = lambda dtype=self.dtype: BatchNorm(self.bn_momentum, self.bn_epsilon, dtype)
         for features in self.channels:
-            x = conv(features, 4, 1, stride=2, bias=False, dtype=self.dtype)(x)
+            x = Conv(features, 4, 1, stride=2, impl=self.conv_impl, dtype=self.dtype)(x)
             x = leaky_relu(bn()(x, train))
         for _ in range(2):
-            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
+            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon, self.dtype, self.conv_impl)(x, train)
             x = leaky_relu(x)
-        x = conv(self.code_dim, 1, 0, bias=False, dtype=self.dtype)(x)
+        x = Conv(self.code_dim, 1, 0, impl=self.conv_impl, dtype=self.dtype)(x)
         return bn(jnp.float32)(x, train)  # no activation: this is z_e
 
 
 class Decoder(nn.Module):
     """Quantised latents [B, 6, 6, D] -> continuous-Bernoulli logits float32 [B, 96, 96, C] (SPEC 3.2); layers
-    computed in `dtype`."""
+    computed in `dtype`, convolutions by `conv_impl` (ComputeConfig.vqvae_conv; the upsampling's too in its
+    "subpixel" form)."""
     out_channels: int = 4
     channels: Sequence[int] = (32, 64, 128, 256)
     upsample: str = "subpixel"
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, z_q: jax.Array) -> jax.Array:
         chex.assert_rank(z_q, 4)
         width = self.channels[-1]
-        x = leaky_relu(conv(width, 3, 1, in_features=z_q.shape[-1], dtype=self.dtype)(z_q))
+        x = leaky_relu(Conv(width, 3, 1, use_bias=True, impl=self.conv_impl, dtype=self.dtype)(z_q))
         for _ in range(2):
-            x = leaky_relu(ResidualBlock(False, dtype=self.dtype)(x))
+            x = leaky_relu(ResidualBlock(False, dtype=self.dtype, conv_impl=self.conv_impl)(x))
         outs = list(self.channels[-2::-1]) + [self.out_channels]
         for i, features in enumerate(outs):
-            x = Upsample2x(features, self.upsample, self.dtype)(x)
+            x = Upsample2x(features, self.upsample, self.dtype, self.conv_impl)(x)
             if i < len(outs) - 1:
                 x = leaky_relu(x)
         return x.astype(jnp.float32)  # the likelihood is computed in float32
