@@ -177,7 +177,7 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         variants = report[part]["variants"]
         assert [v["variant"] for v in variants] == [f.split(":")[0] for f in device_check.FORMULATIONS]
         assert all(v["ms_per_step"] > 0 for v in variants)
-        assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 60), ("policy", 8)}
+        assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 60), ("vqvae", 60), ("policy", 8)}
         assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
     for part, chunk in (("profile_scan", 60), ("profile_per_step", 16)):
         profile = report[part]["result"]
