@@ -6,8 +6,10 @@
 `check` runs these parts by default, in this order, each a subprocess with its own time limit inside one overall
 budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
   devices           jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
-  formulations      benchmarks/profile.py --variant ...: the 60-slot dynamics chunk under each formulation of
-                    FORMULATIONS (the accelerator preset, the XLA convolutions, bfloat16), ms per step each
+  formulations      benchmarks/profile.py --variant ...: a 60-slot chunk of dynamics steps, one of VQ-VAE steps and 8
+                    PPO updates under each formulation of FORMULATIONS (the accelerator preset, the XLA
+                    convolutions, bfloat16), ms per step each, and per formulation the minutes a paper run's
+                    training steps would take at those figures
   formulations_graphs  the same with XLA's command buffers (CUDA graphs) extended to loops and conditionals
                     (COMMAND_BUFFER_FLAGS): whether a chunk captured whole runs faster
   profile_scan      benchmarks/profile.py: one 60-slot chunk of paper-size dynamics steps as one scanned program,
@@ -263,8 +265,25 @@ def formulations_part(name: str, limit_s: float, out: str, env: dict[str, str], 
     if flags:
         env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {flags}".strip()}
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
-    variants = [json.loads(text[len("[variant] "):]) for _, text in run["lines"] if text.startswith("[variant] ")]
-    return {**_outcome(run), "xla_flags": flags, "variants": variants, "tail": _tail(run["lines"])}
+    tagged = lambda tag: [json.loads(text[len(tag) + 1:]) for _, text in run["lines"] if text.startswith(tag + " ")]
+    variants, schedule = tagged("[variant]"), (tagged("[schedule]") or [None])[0]
+    return {**_outcome(run), "xla_flags": flags, "variants": variants,
+            "projected_training_min": projected_training_min(variants, schedule), "schedule_counts": schedule,
+            "tail": _tail(run["lines"])}
+
+
+def projected_training_min(variants: list[dict], schedule: dict | None) -> dict[str, float]:
+    """Minutes of a whole run's training steps on this device, per formulation that all three kinds finished:
+    dynamics steps x the dynamics chunk's ms per step + VQ-VAE steps x the VQ-VAE chunk's + PPO updates x the
+    policy kind's (each a dream and an update). Device time of the chunked programs only: no collection, evaluation,
+    compilation, host waits, or the joint slots' mix of both steps in one program."""
+    if not schedule:
+        return {}
+    ms = {(v["kind"], v["variant"].split("/")[-1]): v["ms_per_step"] for v in variants}
+    counts = {"dynamics": schedule["dynamics_steps"], "vqvae": schedule["vqvae_steps"], "policy": schedule["ppo_updates"]}
+    names = dict.fromkeys(name for _, name in ms)
+    return {name: round(sum(n * ms[(kind, name)] for kind, n in counts.items()) / 60e3, 2) for name in names
+            if all((kind, name) in ms for kind in counts)}
 
 
 def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
@@ -311,6 +330,9 @@ def _summary(part: dict) -> str:
     text = f"rc {part['rc']}, {part['wall_s']:.0f} s{' (stopped at its limit)' if part['timed_out'] else ''}"
     if part.get("variants"):
         text += "; " + ", ".join(f"{v['variant']} {v['ms_per_step']} ms per step" for v in part["variants"])
+    if part.get("projected_training_min"):
+        text += "; a run's training steps: " + ", ".join(f"{name} {minutes} min" for name, minutes
+                                                          in part["projected_training_min"].items())
     if part.get("info"):
         text += f"; {part['info'].get('backend')} {part['info'].get('devices')}"
     if part.get("result") and "traced_chunk_ms" in part["result"]:

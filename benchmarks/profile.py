@@ -15,7 +15,8 @@ With --variant (repeatable; overrides on top of --set, none for the plain config
 compiles its chunk, runs it once more to warm it, then `--repeats` timed chunks, and prints `[variant] {...}` (the
 first chunk's seconds, the median chunk's ms per step) as soon as it is done, so a run stopped at a time limit
 keeps the variants it finished; the formulations of issue 22 step 3 (scan unroll, convolutions as GEMMs,
-bfloat16) side by side on one device. A variant named KIND/name times that kind instead of --kind.
+bfloat16) side by side on one device. A variant named KIND/name times that kind instead of --kind. A first
+`[schedule] {...}` line gives the preset's step counts of a whole run (benchmarks/run.py's schedule_counts).
 """
 from __future__ import annotations
 
@@ -149,8 +150,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks per variant")
     args = parser.parse_args()
     if args.variant:
+        from dlwm_jax import config as config_lib
+        from run import schedule_counts
+        counts = schedule_counts(config_lib.get_preset(args.preset))  # what the ms per step multiply in a run
+        print(f"[schedule] {json.dumps({'preset': args.preset, **counts})}", flush=True)
         print(json.dumps({"kind": args.kind, "variants": [time_variant(args, item) for item in args.variant],
-                          "preset": args.preset, "overrides": args.set, **_device()}))
+                          "preset": args.preset, "overrides": args.set, "schedule_counts": counts, **_device()}))
         return
 
     import jax

@@ -65,6 +65,16 @@ def test_train_slice_is_a_short_paper_run():
     assert 0 < counts["dynamics_steps"] < 1_000 and cut.env.eval_max_steps == 200
 
 
+def test_projected_training_minutes_need_all_three_kinds_of_a_formulation():
+    variant = lambda name, kind, ms: {"variant": name, "kind": kind, "ms_per_step": ms}
+    variants = [variant("preset", "dynamics", 2.0), variant("xla", "dynamics", 10.0), variant("vqvae/preset", "vqvae", 1.0),
+                variant("vqvae/xla", "vqvae", 6.0), variant("policy/preset", "policy", 30.0)]  # policy/xla stopped
+    schedule = {"dynamics_steps": 240_000, "vqvae_steps": 105_000, "ppo_updates": 19_000}
+    # (240,000 x 2 + 105,000 x 1 + 19,000 x 30) ms = 1,155 s
+    assert device_check.projected_training_min(variants, schedule) == {"preset": 19.25}
+    assert device_check.projected_training_min(variants, None) == {}
+
+
 def test_script_refuses_missing_wheels_and_unknown_parts(tmp_path):
     result = _run([str(tmp_path / "out"), "--wheels", str(tmp_path / "none")], timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: no wheels in")
@@ -179,6 +189,8 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         assert all(v["ms_per_step"] > 0 for v in variants)
         assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 60), ("vqvae", 60), ("policy", 8)}
         assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
+        assert report[part]["schedule_counts"]["dynamics_steps"] > 0  # the smoke preset's, tiny
+        assert set(report[part]["projected_training_min"]) == {"preset", "xla", "preset_bf16"}
     for part, chunk in (("profile_scan", 60), ("profile_per_step", 16)):
         profile = report[part]["result"]
         assert profile["chunk_slots"] == chunk and profile["ms_per_step"] > 0 and profile["threads"]
