@@ -164,24 +164,35 @@ def count(thunks: list[Thunk], trips: dict[int, int], choose: Choice = larger_br
         elif t.kind == "kSequential":
             c += count(t.children(), trips, choose, in_graph)
         else:  # one operation (a dynamic-slice fusion runs its embedded thunk with sliced buffers: one operation)
-            c["in_graphs" if in_graph else "launches"] += 1
-            c[f"{'in_graphs' if in_graph else 'launches'}_by_kind.{t.kind}"] += 1
+            group = "in_graphs" if in_graph else "launches"
+            c[group] += 1
+            c[f"{group}_by_kind.{t.kind}"] += 1
+            c[f"{group}_by_op.{op_name(t)}"] += 1
     return c
 
 
-def summary(counter: collections.Counter) -> dict[str, Any]:
-    """The counts as JSON: the totals, then launches_by_kind and in_graphs_by_kind."""
+def op_name(thunk: Thunk) -> str:
+    """What an operation is, from its thunk's name without XLA's numbering: input_reduce_fusion_70 ->
+    input_reduce_fusion (a reduction), gemm_fusion_dot_general.144 -> gemm_fusion_dot_general; the kind if unnamed."""
+    m = re.match(r"[A-Za-z_]*[A-Za-z]", thunk.name)
+    return m.group(0) if m else thunk.kind
+
+
+def summary(counter: collections.Counter, by_op: bool = False) -> dict[str, Any]:
+    """The counts as JSON: the totals, then launches_by_kind and in_graphs_by_kind (and with `by_op`, launches_by_op
+    and in_graphs_by_op: by op_name)."""
     out: dict[str, Any] = {key: 0 for key in ("launches", "graphs", "in_graphs", "loop_iterations", "conditionals")}
     for key, value in sorted(counter.items()):
-        group, _, kind = key.partition("_by_kind.")
-        if kind:
-            out.setdefault(f"{group}_by_kind", {})[kind] = value
-        else:
+        group, by, name = key.partition("_by_")
+        if not by:
             out[key] = value
+        elif by_op or name.startswith("kind."):
+            what, _, name = name.partition(".")
+            out.setdefault(f"{group}_by_{what}", {})[name] = value
     return out
 
 
-def chunk_slots(thunks: list[Thunk], trips: dict[int, int]) -> dict[str, Any]:
+def chunk_slots(thunks: list[Thunk], trips: dict[int, int], by_op: bool = False) -> dict[str, Any]:
     """The world-model chunk per slot kind: its scan is the longest top-level while loop; the scan body's two
     conditionals are the VQ-VAE step and then the dynamics step (the second takes the first's state); a skipped
     step runs the branch with fewer thunks."""
@@ -200,9 +211,9 @@ def chunk_slots(thunks: list[Thunk], trips: dict[int, int]) -> dict[str, Any]:
              "both": {vq.id: take, dyn.id: take}}
     out = {}
     for kind, rule in kinds.items():
-        out[kind] = summary(count(body, trips, lambda cond: rule.get(cond.id, larger_branch)(cond)))
+        out[kind] = summary(count(body, trips, lambda cond: rule.get(cond.id, larger_branch)(cond)), by_op)
         out[kind]["loop_iterations"] += 1  # the scan's own iteration
-    out["per_call"] = summary(count([t for t in thunks if t is not scan], trips))
+    out["per_call"] = summary(count([t for t in thunks if t is not scan], trips), by_op)
     out["slots_per_call"] = trips[scan.id]
     return out
 
@@ -285,13 +296,13 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             compile_s = time.perf_counter() - start
             thunks, trips = read_dump(directory)
         if program == "world_model_chunk":
-            figures = chunk_slots(thunks, trips)
+            figures = chunk_slots(thunks, trips, args.by_op)
         elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
-            per_call, n = summary(count(thunks, trips)), config.compute.epoch_chunk
+            per_call, n = summary(count(thunks, trips), args.by_op), config.compute.epoch_chunk
             figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
                        "per_call": per_call, "slots_per_call": n}
         else:
-            figures = summary(count(thunks, trips))
+            figures = summary(count(thunks, trips), args.by_op)
         out["programs"][program] = {**figures, "compile_s": round(compile_s, 1)}
         print(f"[kernels] {name} {program}: {json.dumps(out['programs'][program])}", file=sys.stderr, flush=True)
     return out
@@ -305,6 +316,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:overrides (comma-separated); default: " + " ".join(VARIANTS))
     parser.add_argument("--programs", default="", help="comma-separated program names (default: all)")
+    parser.add_argument("--by-op", action="store_true",
+                        help="count the operations by name too (launches_by_op, in_graphs_by_op: input_reduce_fusion, "
+                             "gemm_fusion_dot, ...)")
     parser.add_argument("--graphs", action="store_true",
                         help=f"ask XLA for command buffers of {GRAPHS} (device_check's formulations_graphs)")
     args = parser.parse_args()

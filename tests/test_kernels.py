@@ -110,6 +110,11 @@ def test_counts_follow_loops_branches_and_command_buffers():
     assert c["in_graphs"] == 3 + 64 * 2
     assert c["loop_iterations"] == 64 + 64 * 10 and c["conditionals"] == 2 * 64
     assert c["launches_by_kind.kConvolution"] == 64 * 11
+    assert c["in_graphs_by_op.input_reduce_fusion"] == 64 * 2 and c["in_graphs_by_op.kCopy"] == 1
+    assert c["launches_by_op.loop_compare_fusion"] == 64 * 11  # the scan's condition, the inner loop's
+    with_ops = kernels.summary(c, by_op=True)
+    assert with_ops["in_graphs_by_op"]["input_reduce_fusion"] == 64 * 2 and "launches_by_op" in with_ops
+    assert "in_graphs_by_op" not in kernels.summary(c) and kernels.summary(c)["in_graphs_by_kind"]["kCopy"] == 1
     skipped = kernels.count(top, trips, lambda cond: 1)
     assert skipped["launches"] == 1 + 64 * (1 + 1 + 1 + 1) and skipped["in_graphs"] == 3 + 64 * 5
 
