@@ -123,10 +123,10 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
 # rounding (TF32, other kernels) would make the runs diverge anyway.
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(upsample="subpixel", vqvae_conv="xla", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
+    "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
                 policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
                 ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
-    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
+    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
                         policy_conv="gemm", imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all",
                         ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=60),
 }
@@ -155,6 +155,9 @@ class ComputeConfig:
     vqvae_conv: str | None = None       # the VQ-VAE's convs (encoder, decoder; the encoder wherever it runs): "xla"
                                         # (XLA:CPU's convs beat its matmuls here) / "gemm" (matmuls over patches, strided
                                         # ones folded to stride 1; needs upsample "subpixel"); or "im2col"
+    layer_norm: str | None = None       # the dynamics' and the policy's layer norms: "flax" (Flax's LayerNorm) /
+                                        # "fused" (layers.fused_layer_norm: both statistics, and both sums of its
+                                        # gradient, as one reduction each: fewer GPU kernels)
     dynamics_unroll: int | None = None  # 10 / 10: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
     lstm_conv: str | None = None        # the dynamics' convs (5x5 cells, 1x1 heads) on the 6x6 grid: "im2col" (one
                                         # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient); or
@@ -260,6 +263,8 @@ def validate(config: Config) -> Config:
         raise ValueError(f"compute.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
     if c.upsample not in (None, "subpixel", "transpose"):
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {c.upsample!r}")
+    if c.layer_norm not in (None, "flax", "fused"):
+        raise ValueError(f"compute.layer_norm must be 'flax' or 'fused', got {c.layer_norm!r}")
     if c.vqvae_conv not in (None, "im2col", "gemm", "xla"):
         raise ValueError(f"compute.vqvae_conv must be 'im2col', 'gemm' or 'xla', got {c.vqvae_conv!r}")
     if c.vqvae_conv not in (None, "xla") and c.upsample == "transpose":
@@ -430,7 +435,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 # What every run computed before these compute formulation fields existed: a resolved config saved before one
 # existed keeps running that way on any backend, whatever the target's choice is now.
-_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla"}
+_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax"}
 
 
 def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:

@@ -178,7 +178,59 @@ def test_actor_critic_fast_convs_equal_xla_outputs_and_gradients(impl):
         np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv", "vqvae_conv"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_layer_norm_equals_flax_with_gradients(dtype):
+    """compute.layer_norm=fused: Flax's parameters and values, gradients of input, scale and bias; a leading seed
+    axis under vmap; the input's dtype for its gradient."""
+    from dlwm_jax.networks.layers import spatial_layer_norm
+    x = (jax.random.normal(jax.random.key(20), (2, 3, 6, 6, 20)) * 3 + 1).astype(dtype)
+    flax_ln, fused = spatial_layer_norm(1e-5, dtype=dtype), spatial_layer_norm(1e-5, dtype=dtype, impl="fused")
+    params = flax_ln.init(jax.random.key(21), x[0])
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, fused.init(jax.random.key(21), x[0]))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fused.init(jax.random.key(21), x[0]))):
+        np.testing.assert_array_equal(a, b)  # ones and zeros
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(22), p.shape), params)
+    target = jax.random.normal(jax.random.key(23), x.shape)
+    tol = TOL if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)  # bfloat16 output rounding
+    outs, grads = {}, {}
+    for name, ln in (("flax", flax_ln), ("fused", fused)):
+        apply = jax.vmap(lambda p, x: ln.apply(p, x), (None, 0))
+        outs[name] = apply(params, x)
+        loss = lambda p, x: jnp.sum(jnp.sin(apply(p, x).astype(jnp.float32)) * target)
+        grads[name] = jax.grad(loss, (0, 1))(params, x)
+    assert outs["fused"].dtype == dtype and grads["fused"][1].dtype == dtype
+    np.testing.assert_allclose(outs["fused"].astype(np.float32), outs["flax"].astype(np.float32), **tol)
+    for a, b in zip(jax.tree.leaves(grads["fused"]), jax.tree.leaves(grads["flax"])):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), **tol)
+
+
+def test_fused_layer_norm_networks_equal_flax_ones():
+    """The dynamics network through 3 recurrent steps and the actor-critic, layer norms fused against Flax's."""
+    configs = {ln: config_lib.override(config_lib.smoke(), {"compute.layer_norm": ln}) for ln in ("fused", "flax")}
+    nets = {ln: make_networks(cfg, num_actions=5) for ln, cfg in configs.items()}
+    assert nets["fused"].dream_dynamics.layer_norm == nets["fused"].actor_critic.layer_norm == "fused"
+    variables = init_variables(nets["flax"], configs["flax"], jax.random.key(24))
+    assert jax.tree.structure(variables) == jax.tree.structure(init_variables(nets["fused"], configs["fused"],
+                                                                             jax.random.key(24)))
+    d = configs["flax"].vqvae.code_dim
+    latents = jax.random.normal(jax.random.key(25), (3, 4, 6, 6, d))
+
+    def loss(n, params):
+        state, total = initial_state(4, configs["flax"].dynamics.hidden_channels), 0.0
+        for t in range(3):
+            logits, reward_logits, state = n.dynamics.apply(params["dynamics"], latents[t], jnp.arange(4), state)
+            total += jnp.sum(jax.nn.log_softmax(logits)[..., 0]) + jnp.sum(reward_logits ** 2)
+        policy_logits, value = n.actor_critic.apply(params["actor_critic"], latents[0])
+        return total + jnp.sum(jnp.tanh(policy_logits)) + jnp.sum(value ** 2)
+
+    params = {k: variables[k] for k in ("dynamics", "actor_critic")}
+    values = {ln: jax.value_and_grad(lambda p, n=n: loss(n, p))(params) for ln, n in nets.items()}
+    np.testing.assert_allclose(values["fused"][0], values["flax"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(values["fused"][1]), jax.tree.leaves(values["flax"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv", "vqvae_conv", "layer_norm"])
 def test_config_rejects_unknown_conv_impl(field):
     with pytest.raises(ValueError, match=field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})

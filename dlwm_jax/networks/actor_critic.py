@@ -23,15 +23,16 @@ class ActorCritic(nn.Module):
     layer_norm_epsilon: float = 1e-5
     conv_impl: str = "im2col"
     dtype: Any = jnp.float32
+    layer_norm: str = "flax"  # ComputeConfig.layer_norm
 
     @nn.compact
     def __call__(self, z_q: jax.Array) -> tuple[jax.Array, jax.Array]:
         chex.assert_rank(z_q, 4)
         dtype = self.dtype
         x = Conv(self.conv_channels, 1, 0, impl=self.conv_impl, dtype=dtype)(z_q)
-        x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype)(x))
+        x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype, impl=self.layer_norm)(x))
         x = Conv(self.conv_channels, 5, 2, impl=self.conv_impl, dtype=dtype)(x)
-        x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype)(x))
+        x = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, dtype=dtype, impl=self.layer_norm)(x))
         x = x.reshape(x.shape[0], -1)
         x = leaky_relu(dense(self.hidden, x.shape[-1], dtype=dtype)(x))
         logits = dense(self.num_actions, self.hidden, name="actor", dtype=dtype)(x)

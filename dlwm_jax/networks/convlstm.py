@@ -26,6 +26,7 @@ class ConvLSTMCell(nn.Module):
     layer_norm_epsilon: float = 1e-5
     conv_impl: str = "im2col"
     dtype: Any = jnp.float32
+    layer_norm: str = "flax"  # ComputeConfig.layer_norm: how the two layer norms are computed
 
     @nn.compact
     def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -34,8 +35,8 @@ class ConvLSTMCell(nn.Module):
         pad = k // 2
         gate_conv = lambda name: Conv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
                                            name=name)
-        x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x")(gate_conv("conv_x")(inputs))
-        h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h")(gate_conv("conv_h")(h))
+        x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x", impl=self.layer_norm)(gate_conv("conv_x")(inputs))
+        h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h", impl=self.layer_norm)(gate_conv("conv_h")(h))
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))
         b_i, b_f, b_g, b_o = (self.param(f"bias_{g}", gate_bias, (hc,)) for g in "ifgo")
         w_ci, w_cf, w_co = (self.param(f"peephole_{g}", nn.initializers.normal(1.0), (hc,)) for g in "ifo")

@@ -51,6 +51,7 @@ class Dynamics(nn.Module):
     layer_norm_epsilon: float = 1e-5
     conv_impl: str = "im2col"  # ComputeConfig.lstm_conv: how the cells' 5x5 convolutions are computed
     dtype: Any = jnp.float32   # ComputeConfig.dtype
+    layer_norm: str = "flax"   # ComputeConfig.layer_norm
 
     @nn.compact
     def __call__(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState):
@@ -58,7 +59,8 @@ class Dynamics(nn.Module):
         chex.assert_shape(actions, (z_q.shape[0],))
         act = tile_action(actions, self.num_actions, z_q.shape[1])
         cell = lambda name: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias,
-                                         self.layer_norm_epsilon, self.conv_impl, self.dtype, name=name)
+                                         self.layer_norm_epsilon, self.conv_impl, self.dtype, self.layer_norm,
+                                         name=name)
         h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
         h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
         y = jnp.concatenate([h2, act], -1)
@@ -67,7 +69,7 @@ class Dynamics(nn.Module):
                                                 name=name)  # 1x1 convolutions, computed as the cells' are
         next_latent_logits = head(self.num_codes, "next_latent_head")(y)
         r = head(self.reward_conv_channels, "reward_conv")(y)
-        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype)(r))
+        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype, self.layer_norm)(r))
         r = r.reshape(r.shape[0], -1)
         r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense", dtype=dtype)(r))
         reward_logits = dense(self.num_reward_classes, self.reward_hidden, name="reward_out", dtype=dtype)(r)

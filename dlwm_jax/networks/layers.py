@@ -217,13 +217,67 @@ def dense(features: int, in_features: int, name: str | None = None, dtype: Any =
                     param_dtype=jnp.float32)
 
 
-def spatial_layer_norm(epsilon: float, name: str | None = None, dtype: Any = jnp.float32) -> nn.LayerNorm:
-    """LayerNorm over the whole (H, W, C) tensor per sample with elementwise affine of shape (H, W, C).
+def spatial_layer_norm(epsilon: float, name: str | None = None, dtype: Any = jnp.float32,
+                       impl: str = "flax") -> nn.Module:
+    """LayerNorm over the whole (H, W, C) tensor per sample with elementwise affine of shape (H, W, C), statistics
+    and normalisation in float32, output cast to `dtype`. `impl` (ComputeConfig.layer_norm): "flax" (Flax's
+    LayerNorm) or "fused" (`LayerNorm`: `fused_layer_norm`, fewer GPU kernels); the same parameters either way."""
+    if impl == "flax":
+        return nn.LayerNorm(epsilon=epsilon, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1), name=name,
+                            dtype=dtype, param_dtype=jnp.float32)
+    if impl != "fused":
+        raise ValueError(f"unknown layer norm impl {impl!r} (flax or fused)")
+    return LayerNorm(epsilon, dtype, name=name)
 
-    Flax computes the statistics and the normalisation in float32 (its default) and casts the
-    output to `dtype`."""
-    return nn.LayerNorm(epsilon=epsilon, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1), name=name,
-                        dtype=dtype, param_dtype=jnp.float32)
+
+def _moments(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The means of a and b [N, F] over F, as ONE reduction of the stacked [N, 2, F] (XLA:GPU: one two-stage
+    reduction instead of a first stage for both and a second stage each)."""
+    means = jnp.mean(jnp.stack([a, b], 1), -1)
+    return means[:, 0], means[:, 1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """Layer norm of x [..., H, W, C] over its last three axes, float32 out: (x - mean) / sqrt(var + epsilon) *
+    scale + bias with var = E[x^2] - E[x]^2 (Flax's fast variance). Its statistics are one reduction, and its
+    gradient's two sums another (`_moments`); equal to Flax's LayerNorm (tests/test_fast_ops.py)."""
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    flat = x.astype(jnp.float32).reshape(-1, math.prod(x.shape[-3:]))
+    mean, mean_sq = _moments(flat, flat * flat)
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+    xhat = ((flat - mean[:, None]) * inv[:, None]).reshape(x.shape)
+    return xhat * scale + bias, (xhat, inv, scale, jnp.zeros((0,), x.dtype))  # the last: x's dtype for dx
+
+
+def _layer_norm_bwd(epsilon, residuals, dy):
+    xhat, inv, scale, like_x = residuals
+    dy = dy.astype(jnp.float32)
+    n = math.prod(xhat.shape[-3:])
+    g, flat_xhat = (dy * scale).reshape(-1, n), xhat.reshape(-1, n)
+    mean_g, mean_gx = _moments(g, g * flat_xhat)
+    dx = inv[:, None] * (g - mean_g[:, None] - flat_xhat * mean_gx[:, None])
+    per_feature = jnp.sum(jnp.stack([dy * xhat, dy], 0).reshape(2, -1, *xhat.shape[-3:]), 1)
+    return dx.reshape(xhat.shape).astype(like_x.dtype), per_feature[0], per_feature[1]
+
+
+fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """`spatial_layer_norm`'s "fused" form: Flax's LayerNorm parameters ("scale" ones, "bias" zeros, both [H, W, C]
+    float32; named LayerNorm_0, ... as Flax's), computed by `fused_layer_norm`, output cast to `dtype`."""
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, x.shape[-3:], jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, x.shape[-3:], jnp.float32)
+        return fused_layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 class BatchNorm(nn.Module):
