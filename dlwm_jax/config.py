@@ -115,20 +115,22 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # every convolution as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside; the VQ-VAE's
 # upsampling in its sub-pixel form, a stride-1 convolution), the 10-step dynamics loss and the 50-step dream unrolled
 # by 10; the PPO update's scans stay rolled (unrolled, with GEMM convolutions, XLA's compile for the H100 found no
-# Triton tiling). Host launches per joint-epoch slot 1,140 -> 7 (with slots.periodic_chunk), per VQ-VAE step
-# 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1 (benchmarks/README.md); the device check times them against
-# the XLA convolutions.
+# Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 7
+# (with slots.periodic_chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1; operations in
+# a joint slot's graphs 1,172 -> 1,090 with the fused layer norms (benchmarks/README.md). The device check times
+# them against the XLA convolutions and Flax's layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
 # rounding (TF32, other kernels) would make the runs diverge anyway.
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows",
-                policy_conv="xla", imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce",
-                ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
-    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm",
-                        policy_conv="gemm", imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all",
-                        ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=60),
+    "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", dynamics_unroll=10, lstm_conv="im2col",
+                dream_lstm_conv="rows", policy_conv="xla", imagination_unroll=5, ppo_unroll=True,
+                vqvae_ynnpack="reduce", ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
+    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", dynamics_unroll=10,
+                        lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=10,
+                        ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True,
+                        epoch_chunk=60),
 }
 
 
