@@ -281,7 +281,8 @@ def projected_training_min(variants: list[dict], schedule: dict | None) -> dict[
     if not schedule:
         return {}
     ms = {(v["kind"], v["variant"].split("/")[-1]): v["ms_per_step"] for v in variants}
-    counts = {"dynamics": schedule["dynamics_steps"], "vqvae": schedule["vqvae_steps"], "policy": schedule["ppo_updates"]}
+    counts = {"dynamics": schedule["dynamics_steps"], "vqvae": schedule["vqvae_steps"],
+              "policy": schedule["ppo_updates"]}
     names = dict.fromkeys(name for _, name in ms)
     return {name: round(sum(n * ms[(kind, name)] for kind, n in counts.items()) / 60e3, 2) for name in names
             if all((kind, name) in ms for kind in counts)}

@@ -155,8 +155,8 @@ class ComputeConfig:
     upsample: str | None = None         # "subpixel" (3x3 conv + depth-to-space, fast on XLA:CPU) / "subpixel"; or
                                         # "transpose" (XLA's transposed convolution)
     vqvae_conv: str | None = None       # the VQ-VAE's convs (encoder, decoder; the encoder wherever it runs): "xla"
-                                        # (XLA:CPU's convs beat its matmuls here) / "gemm" (matmuls over patches, strided
-                                        # ones folded to stride 1; needs upsample "subpixel"); or "im2col"
+                                        # (XLA:CPU's convs beat its matmuls here) / "gemm" (matmuls over patches,
+                                        # strided ones folded to stride 1; needs upsample "subpixel"); or "im2col"
     layer_norm: str | None = None       # the dynamics' and the policy's layer norms: "flax" (Flax's LayerNorm) /
                                         # "fused" (layers.fused_layer_norm: both statistics, and both sums of its
                                         # gradient, as one reduction each: fewer GPU kernels)

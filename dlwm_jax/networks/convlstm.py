@@ -34,7 +34,7 @@ class ConvLSTMCell(nn.Module):
         hc, k = self.hidden_channels, self.kernel_size
         pad = k // 2
         gate_conv = lambda name: Conv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
-                                           name=name)
+                                      name=name)
         x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x", impl=self.layer_norm)(gate_conv("conv_x")(inputs))
         h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h", impl=self.layer_norm)(gate_conv("conv_h")(h))
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))

@@ -66,7 +66,7 @@ class Dynamics(nn.Module):
         y = jnp.concatenate([h2, act], -1)
         dtype = self.dtype
         head = lambda features, name: Conv(features, 1, 0, use_bias=True, impl=self.conv_impl, dtype=dtype,
-                                                name=name)  # 1x1 convolutions, computed as the cells' are
+                                           name=name)  # 1x1 convolutions, computed as the cells' are
         next_latent_logits = head(self.num_codes, "next_latent_head")(y)
         r = head(self.reward_conv_channels, "reward_conv")(y)
         r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype, self.layer_norm)(r))
