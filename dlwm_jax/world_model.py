@@ -235,21 +235,31 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
 
     def step(carry, x):
         recurrent, sampled = carry
-        t, true_index, target, action, terminal, reward_target, step_key = x
+        t, true_index, action, terminal, step_key = x
         inputs = jnp.where(t < context_length, embeddings[true_index], embeddings[sampled])
-        logits, reward_logits, recurrent = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent)
-        sampled = jax.random.categorical(step_key, jax.lax.stop_gradient(logits)).astype(jnp.int32)
+        y, recurrent = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent, method="recur")
+        # The next input's sample only: the loss reads the heads run once on every step's y, after the scan.
+        logits = dynamics.apply({"params": jax.lax.stop_gradient(dynamics_params)}, jax.lax.stop_gradient(y),
+                                method="latent_head")
+        sampled = jax.random.categorical(step_key, logits).astype(jnp.int32)
         keep = 1.0 - terminal.astype(jnp.float32)
         recurrent = jax.tree.map(lambda s: s * keep[:, None, None, None], recurrent)
-        out = (-categorical_log_prob(logits, target).sum((1, 2)), jnp.mean(sampled == target, (1, 2)),
-               -categorical_log_prob(reward_logits, reward_target),
-               jnp.argmax(reward_logits, -1).astype(jnp.int32))
-        return (recurrent, sampled), out
+        return (recurrent, sampled), (y, sampled)
 
     classes = reward_class(rewards)
-    xs = (jnp.arange(num_steps), indices[:-1], indices[1:], actions[:-1], terminals[:-1], classes[:-1], step_keys)
+    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], step_keys)
     carry = (initial_state(batch_size, d.hidden_channels, indices.shape[2]), jnp.zeros_like(indices[0]))
-    _, (nll, acc, reward_nll, reward_pred) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
+    _, (ys, sampled) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
+    # The heads feed nothing back into the recurrence: one batched pass over all steps (and one backward pass).
+    logits, reward_logits = dynamics.apply({"params": dynamics_params}, ys.reshape(-1, *ys.shape[2:]),
+                                           method="heads")
+    logits = logits.reshape(num_steps, batch_size, *logits.shape[1:])
+    reward_logits = reward_logits.reshape(num_steps, batch_size, -1)
+    targets = indices[1:]
+    nll = -categorical_log_prob(logits, targets).sum((2, 3))
+    acc = jnp.mean(sampled == targets, (2, 3))
+    reward_nll = -categorical_log_prob(reward_logits, classes[:-1])
+    reward_pred = jnp.argmax(reward_logits, -1).astype(jnp.int32)
     include = prediction_mask(terminals, valid, d.reference_terminal_mask)
     return DynamicsUnroll(nll, acc, include, reward_nll, classes[:-1], reward_pred)
 

@@ -30,7 +30,8 @@ def make_networks(config: Config, num_actions: int) -> Networks:
     dtype = jnp.dtype(config.compute.dtype)  # activations and matmuls; parameters stay float32
     dynamics = Dynamics(num_actions, v.num_codes, d.hidden_channels, d.kernel_size, d.forget_bias,
                         d.reward_conv_channels, d.reward_hidden, d.num_reward_classes, d.layer_norm_epsilon,
-                        config.compute.lstm_conv, dtype, config.compute.layer_norm)
+                        config.compute.lstm_conv, dtype, config.compute.layer_norm,
+                        config.env.image_size // 16)
     return Networks(
         encoder=Encoder(v.code_dim, v.channels, v.batch_norm_momentum, v.batch_norm_epsilon, dtype,
                         config.compute.vqvae_conv),

@@ -36,6 +36,8 @@ class Dynamics(nn.Module):
 
     The one-hot action is tiled over the grid and concatenated (as the last channels) to the input of both
     cells and to the heads' shared input y = [h2, action]; no nonlinearity on h2 (SPEC 4.2).
+    `recur` (the two cells: y and the new state) and `heads` (y -> both logits) are the step's two halves: the heads
+    feed nothing back into the recurrence, so a training unroll runs them once on every step's y (world_model).
     Convolutions and dense layers in `dtype` (ComputeConfig.dtype); state and both logits are float32. `conv_impl`
     computes the cells' 5x5 convolutions and the heads' 1x1 ones (with "im2col" or "gemm" a 1x1 one is a matmul, which
     a GPU runs in its command buffers, where a cuDNN convolution ends one: benchmarks/kernels.py).
@@ -52,30 +54,46 @@ class Dynamics(nn.Module):
     conv_impl: str = "im2col"  # ComputeConfig.lstm_conv: how the cells' 5x5 convolutions are computed
     dtype: Any = jnp.float32   # ComputeConfig.dtype
     layer_norm: str = "flax"   # ComputeConfig.layer_norm
+    grid: int = 6              # the latent grid's side (image_size // 16): the reward head's dense input
 
-    @nn.compact
+    def setup(self):
+        cell = lambda: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias, self.layer_norm_epsilon,
+                                    self.conv_impl, self.dtype, self.layer_norm)
+        self.cell1, self.cell2 = cell(), cell()
+        head = lambda features: Conv(features, 1, 0, use_bias=True, impl=self.conv_impl,
+                                     dtype=self.dtype)  # 1x1 convolutions, computed as the cells' are
+        self.next_latent_head = head(self.num_codes)
+        self.reward_conv = head(self.reward_conv_channels)
+        self.reward_norm = spatial_layer_norm(self.layer_norm_epsilon, None, self.dtype, self.layer_norm)
+        self.reward_dense = dense(self.reward_hidden, self.grid * self.grid * self.reward_conv_channels,
+                                  dtype=self.dtype)
+        self.reward_out = dense(self.num_reward_classes, self.reward_hidden, dtype=self.dtype)
+
     def __call__(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState):
+        y, state = self.recur(z_q, actions, state)
+        return (*self.heads(y), state)
+
+    def recur(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState) -> tuple[jax.Array, DynamicsState]:
+        """The two cells: (z_q, actions, state) -> (y = [h2, action] [B, 6, 6, Hc + A], the new state)."""
         chex.assert_rank(z_q, 4)
         chex.assert_shape(actions, (z_q.shape[0],))
         act = tile_action(actions, self.num_actions, z_q.shape[1])
-        cell = lambda name: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias,
-                                         self.layer_norm_epsilon, self.conv_impl, self.dtype, self.layer_norm,
-                                         name=name)
-        h1, c1 = cell("cell1")(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
-        h2, c2 = cell("cell2")(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
-        y = jnp.concatenate([h2, act], -1)
-        dtype = self.dtype
-        head = lambda features, name: Conv(features, 1, 0, use_bias=True, impl=self.conv_impl, dtype=dtype,
-                                           name=name)  # 1x1 convolutions, computed as the cells' are
-        next_latent_logits = head(self.num_codes, "next_latent_head")(y)
-        r = head(self.reward_conv_channels, "reward_conv")(y)
-        r = leaky_relu(spatial_layer_norm(self.layer_norm_epsilon, "reward_norm", dtype, self.layer_norm)(r))
-        r = r.reshape(r.shape[0], -1)
-        r = leaky_relu(dense(self.reward_hidden, r.shape[-1], name="reward_dense", dtype=dtype)(r))
-        reward_logits = dense(self.num_reward_classes, self.reward_hidden, name="reward_out", dtype=dtype)(r)
-        # Log-softmax losses and sampling read float32 logits.
-        return (next_latent_logits.astype(jnp.float32), reward_logits.astype(jnp.float32),
-                DynamicsState(h1, c1, h2, c2))
+        h1, c1 = self.cell1(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
+        h2, c2 = self.cell2(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
+        return jnp.concatenate([h2, act], -1), DynamicsState(h1, c1, h2, c2)
+
+    def heads(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """y [B, 6, 6, Hc + A] -> (next_latent_logits [B, 6, 6, K], reward_logits [B, 3]), float32 (log-softmax
+        losses and sampling read them)."""
+        return self.latent_head(y), self.reward_head(y)
+
+    def latent_head(self, y: jax.Array) -> jax.Array:
+        return self.next_latent_head(y).astype(jnp.float32)
+
+    def reward_head(self, y: jax.Array) -> jax.Array:
+        r = leaky_relu(self.reward_norm(self.reward_conv(y)))
+        r = leaky_relu(self.reward_dense(r.reshape(r.shape[0], -1)))
+        return self.reward_out(r).astype(jnp.float32)
 
 
 def is_reward_head(path: tuple[str, ...]) -> bool:
