@@ -26,7 +26,8 @@ import optax
 from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.networks import Networks, init_variables, make_networks
 from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
-from dlwm_jax.networks.dynamics import initial_state, is_reward_head
+from dlwm_jax.networks.convlstm import parameter_grads
+from dlwm_jax.networks.dynamics import CELLS, dynamics_cell, initial_state, is_reward_head
 from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantize, straight_through
 from dlwm_jax.replay import ObservationBatch, SequenceBatch
 
@@ -211,18 +212,21 @@ class DynamicsUnroll(NamedTuple):
     reward_nll: jax.Array
     reward_class: jax.Array      # int32 target class of reward_t
     reward_pred: jax.Array       # int32 argmax of the reward logits
+    residuals: Any = None        # with taps: per cell, its sown RESIDUALS of every step, each [T-1, B, ...]
 
 
 def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
                     rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array,
-                    context_length: int | None = None) -> DynamicsUnroll:
+                    context_length: int | None = None, taps: Any = None) -> DynamicsUnroll:
     """The loop of SPEC 4.6 step 3, on latent indices (the seam that lets tests bypass the encoder).
 
     indices int32 [T, B, 6, 6] (true codes z*), actions int32 [T, B], rewards float [T, B], terminals bool [T, B],
     valid bool [B]. Inputs are the true embeddings for t < context and the embeddings of the indices sampled at
     step t-1 afterwards (no gradient through samples); the recurrent state is zeroed after step t where
     terminal_t. One key per step, split once here. context_length (static) defaults to dynamics.context_length;
-    the diagnostics pass T to teacher-force every step.
+    the diagnostics pass T to teacher-force every step. taps ({"cell1", "cell2"}: zeros [T-1, B, 6, 6, 4 Hc]):
+    the cells' parameters enter the recurrence without gradient, each step adds its taps to the cells' gates and
+    the unroll returns their residuals (dynamics_grads).
     """
     chex.assert_rank(indices, 4)
     chex.assert_equal_shape([actions, rewards, terminals])
@@ -235,21 +239,29 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
 
     def step(carry, x):
         recurrent, sampled = carry
-        t, true_index, action, terminal, step_key = x
+        t, true_index, action, terminal, step_key, tap = x
         inputs = jnp.where(t < context_length, embeddings[true_index], embeddings[sampled])
-        y, recurrent = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent, method="recur")
+        if tap is None:
+            (y, recurrent), residuals = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent,
+                                                       method="recur"), None
+        else:
+            (y, recurrent), variables = dynamics.apply({"params": jax.lax.stop_gradient(dynamics_params)}, inputs,
+                                                       action, recurrent, tap, method="recur",
+                                                       mutable=["intermediates"])
+            residuals = jax.tree.map(lambda sown: sown[0], variables["intermediates"],
+                                     is_leaf=lambda v: isinstance(v, tuple))
         # The next input's sample only: the loss reads the heads run once on every step's y, after the scan.
         logits = dynamics.apply({"params": jax.lax.stop_gradient(dynamics_params)}, jax.lax.stop_gradient(y),
                                 method="latent_head")
         sampled = jax.random.categorical(step_key, logits).astype(jnp.int32)
         keep = 1.0 - terminal.astype(jnp.float32)
         recurrent = jax.tree.map(lambda s: s * keep[:, None, None, None], recurrent)
-        return (recurrent, sampled), (y, sampled)
+        return (recurrent, sampled), (y, sampled, residuals)
 
     classes = reward_class(rewards)
-    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], step_keys)
+    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], step_keys, taps)
     carry = (initial_state(batch_size, d.hidden_channels, indices.shape[2]), jnp.zeros_like(indices[0]))
-    _, (ys, sampled) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
+    _, (ys, sampled, residuals) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
     # The heads feed nothing back into the recurrence: one batched pass over all steps (and one backward pass).
     logits, reward_logits = dynamics.apply({"params": dynamics_params}, ys.reshape(-1, *ys.shape[2:]),
                                            method="heads")
@@ -261,17 +273,20 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
     reward_nll = -categorical_log_prob(reward_logits, classes[:-1])
     reward_pred = jnp.argmax(reward_logits, -1).astype(jnp.int32)
     include = prediction_mask(terminals, valid, d.reference_terminal_mask)
-    return DynamicsUnroll(nll, acc, include, reward_nll, classes[:-1], reward_pred)
+    return DynamicsUnroll(nll, acc, include, reward_nll, classes[:-1], reward_pred, residuals)
 
 
 def dynamics_loss(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
                   rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array):
     """next_latent_loss + reward_loss_weight * reward_loss (SPEC 4.6 steps 4-7). Arguments as dynamics_unroll.
+    Returns (loss, metrics): unroll_loss of the unroll."""
+    return unroll_loss(state, dynamics_unroll(dynamics_params, state, indices, actions, rewards, terminals, valid,
+                                              key), valid)
 
-    next_latent_loss: per-sample sum over positions, mean over included (t, b); reward_loss: mean over all
-    valid (t, b). Returns (loss, metrics); per-class reward accuracy is -1 where the class is absent.
-    """
-    out = dynamics_unroll(dynamics_params, state, indices, actions, rewards, terminals, valid, key)
+
+def unroll_loss(state: WorldModelState, out: DynamicsUnroll, valid: jax.Array):
+    """(loss, metrics) of an unroll. next_latent_loss: per-sample sum over positions, mean over included (t, b);
+    reward_loss: mean over all valid (t, b); per-class reward accuracy is -1 where the class is absent."""
     include = out.include.astype(jnp.float32)
     valid_steps = jnp.broadcast_to(valid[None, :], include.shape).astype(jnp.float32)
     count = jnp.maximum(include.sum(), 1.0)
@@ -290,12 +305,39 @@ def dynamics_loss(dynamics_params: Any, state: WorldModelState, indices: jax.Arr
     return loss, metrics
 
 
+def dynamics_grads(dynamics_params: Any, state: WorldModelState, indices: jax.Array, actions: jax.Array,
+                   rewards: jax.Array, terminals: jax.Array, valid: jax.Array, key: jax.Array):
+    """jax.grad(dynamics_loss, has_aux=True)'s value, the cells' parameter gradients summed over the steps in one
+    batched pass each (convlstm.parameter_grads) instead of one per step inside the unroll: the same sums in
+    another order (tests/test_world_model.py), and far fewer operations, each of which a GPU runs as a kernel of
+    its own (benchmarks/kernels.py). The backward pass through the unroll carries the cotangents of the states
+    and of each step's gates (the taps), not of the cells' parameters.
+    """
+    steps, batch = indices.shape[0] - 1, indices.shape[1]
+    dynamics = state.networks.dynamics
+    gates = (steps, batch, *indices.shape[2:], 4 * dynamics.hidden_channels)
+
+    def loss(params, taps):
+        out = dynamics_unroll(params, state, indices, actions, rewards, terminals, valid, key, taps=taps)
+        loss, metrics = unroll_loss(state, out, valid)
+        return loss, (metrics, out.residuals)
+
+    taps = {cell: jnp.zeros(gates, jnp.float32) for cell in CELLS}
+    (grads, d_taps), (metrics, residuals) = jax.grad(loss, (0, 1), has_aux=True)(dynamics_params, taps)
+    steps_as_batch = lambda x: x.reshape(steps * batch, *x.shape[2:])
+    cell = dynamics_cell(dynamics)
+    for name in CELLS:  # the unroll's own gradients of these parameters are zeros (stop_gradient): replaced
+        grads = {**grads, name: parameter_grads(cell, dynamics_params[name],
+                                                jax.tree.map(steps_as_batch, residuals[name]),
+                                                steps_as_batch(d_taps[name]))}
+    return grads, metrics
+
+
 def dynamics_update(state: WorldModelState, indices: jax.Array, actions: jax.Array, rewards: jax.Array,
                     terminals: jax.Array, valid: jax.Array, key: jax.Array):
     """One dynamics Adam step on given true indices [T, B, 6, 6] (encoder bypassed; arguments as
     dynamics_unroll). Returns (new state, scalar metrics)."""
-    grads, metrics = jax.grad(dynamics_loss, has_aux=True)(state.dynamics_params, state, indices, actions,
-                                                           rewards, terminals, valid, key)
+    grads, metrics = dynamics_grads(state.dynamics_params, state, indices, actions, rewards, terminals, valid, key)
     updates, opt_state = dynamics_optimizer(state.config).update(grads, state.dynamics_opt_state,
                                                                  state.dynamics_params)
     params = optax.apply_updates(state.dynamics_params, updates)

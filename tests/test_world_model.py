@@ -155,6 +155,24 @@ def test_dynamics_learns_a_deterministic_latent_task(synthetic_state):
     assert np.mean(accuracies[-5:]) > 5 * chance, accuracies[-5:]
 
 
+def test_dynamics_grads_equal_the_autodiff_of_the_loss(synthetic_state):
+    """dynamics_grads (the cells' parameter gradients in one batched pass after the unroll) = jax.grad of
+    dynamics_loss (one per step inside it), with episode ends, a padded sequence and open-loop steps."""
+    indices, actions, rewards, terminals, valid = _synthetic_batch(np.random.default_rng(3), batch_size=3)
+    rewards[2, 0], rewards[4, 1] = 1.0, -1.0
+    terminals[2, 0] = terminals[4, 1] = True
+    valid[2] = False
+    args = (synthetic_state.dynamics_params, synthetic_state, indices, actions, rewards, terminals, valid,
+            jax.random.key(4))
+    expected, expected_metrics = jax.jit(jax.grad(wm.dynamics_loss, has_aux=True))(*args)
+    grads, metrics = jax.jit(wm.dynamics_grads)(*args)
+    assert jax.tree.structure(grads) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(grads)):
+        assert float(jnp.abs(a).max()) > 0, path
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.abs(a).max()), err_msg=str(path))
+    assert _tree_equal(metrics, expected_metrics)
+
+
 def test_reward_head_has_its_own_learning_rate(synthetic_state):
     labels = wm.dynamics_param_labels(synthetic_state.dynamics_params)
     groups = {k: set(jax.tree.leaves(v)) for k, v in labels.items()}

@@ -19,6 +19,10 @@ class ConvLSTMCell(nn.Module):
     `conv_impl` ("im2col" | "gemm" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
     The gate convolutions run in `dtype` (ComputeConfig.dtype); layer norms, gates and the state (h, c) are float32,
     so a 10- or 50-step recurrence does not accumulate bfloat16 rounding.
+
+    For the parameters' gradient of an unroll in one batched pass (`parameter_grads`): `tap` (zeros shaped as the
+    gates) is added to LN_x + LN_h, so its cotangent is the gates' (every pre-activation's); with the
+    "intermediates" collection mutable the call sows what that pass reads (`RESIDUALS`).
     """
     hidden_channels: int = 128
     kernel_size: int = 5
@@ -28,21 +32,58 @@ class ConvLSTMCell(nn.Module):
     dtype: Any = jnp.float32
     layer_norm: str = "flax"  # ComputeConfig.layer_norm: how the two layer norms are computed
 
-    @nn.compact
-    def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        h, c = state
+    RESIDUALS = ("inputs", "h", "c", "c_new", "y_x", "y_h")
+
+    def setup(self):
         hc, k = self.hidden_channels, self.kernel_size
-        pad = k // 2
-        gate_conv = lambda name: Conv(4 * hc, k, pad, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
-                                      name=name)
-        x_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_x", impl=self.layer_norm)(gate_conv("conv_x")(inputs))
-        h_gates = spatial_layer_norm(self.layer_norm_epsilon, "ln_h", impl=self.layer_norm)(gate_conv("conv_h")(h))
+        conv = lambda: Conv(4 * hc, k, k // 2, use_bias=False, impl=self.conv_impl, dtype=self.dtype)
+        norm = lambda: spatial_layer_norm(self.layer_norm_epsilon, impl=self.layer_norm)
+        self.conv_x, self.ln_x, self.conv_h, self.ln_h = conv(), norm(), conv(), norm()
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))
-        b_i, b_f, b_g, b_o = (self.param(f"bias_{g}", gate_bias, (hc,)) for g in "ifgo")
-        w_ci, w_cf, w_co = (self.param(f"peephole_{g}", nn.initializers.normal(1.0), (hc,)) for g in "ifo")
-        i, f, g, o = jnp.split(x_gates + h_gates, 4, axis=-1)
-        i = jax.nn.sigmoid(i + w_ci * c + b_i)
-        f = jax.nn.sigmoid(f + w_cf * c + b_f + self.forget_bias)
-        c_new = f * c + i * jnp.tanh(g + b_g)
-        h_new = jax.nn.sigmoid(o + b_o + w_co * c_new) * jnp.tanh(c_new)
+        self.bias_i, self.bias_f, self.bias_g, self.bias_o = (
+            self.param(f"bias_{g}", gate_bias, (hc,)) for g in "ifgo")
+        self.peephole_i, self.peephole_f, self.peephole_o = (
+            self.param(f"peephole_{g}", nn.initializers.normal(1.0), (hc,)) for g in "ifo")
+
+    def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array],
+                 tap: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        h, c = state
+        y_x, y_h = self.convs(inputs, h)
+        gates = self.ln_x(y_x) + self.ln_h(y_h)
+        if tap is not None:
+            gates = gates + tap
+        i, f, g = self._input_preactivations(gates, c)
+        c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h_new = jax.nn.sigmoid(self._output_preactivation(gates, c_new)) * jnp.tanh(c_new)
+        for name, value in zip(self.RESIDUALS, (inputs, h, c, c_new, y_x, y_h)):
+            self.sow("intermediates", name, value)
         return h_new, c_new
+
+    def convs(self, inputs: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.conv_x(inputs), self.conv_h(h)
+
+    def preactivations(self, y_x: jax.Array, y_h: jax.Array, c: jax.Array, c_new: jax.Array) -> jax.Array:
+        """The four gates' arguments before their nonlinearity, [..., 4 Hc], from the convolutions' outputs and the
+        old and new cell states as given: how every parameter but the kernels enters a step."""
+        gates = self.ln_x(y_x) + self.ln_h(y_h)
+        return jnp.concatenate([*self._input_preactivations(gates, c), self._output_preactivation(gates, c_new)], -1)
+
+    def _input_preactivations(self, gates, c):
+        i, f, g, _ = jnp.split(gates, 4, axis=-1)
+        return (i + self.peephole_i * c + self.bias_i, f + self.peephole_f * c + self.bias_f + self.forget_bias,
+                g + self.bias_g)
+
+    def _output_preactivation(self, gates, c_new):
+        return jnp.split(gates, 4, axis=-1)[3] + self.bias_o + self.peephole_o * c_new
+
+
+def parameter_grads(cell: ConvLSTMCell, params: Any, residuals: dict[str, jax.Array], d_gates: jax.Array) -> Any:
+    """The cell parameters' gradient over all steps of an unroll at once: residuals are the sown `RESIDUALS` of
+    every step, stacked on the batch axis, and d_gates the gates' cotangents (the `tap`'s) likewise. Sum over steps
+    of each step's gradient, with one batched pass per parameter instead of one per step."""
+    r = residuals
+    pre = lambda p, y_x, y_h: cell.apply({"params": p}, y_x, y_h, r["c"], r["c_new"], method="preactivations")
+    grads, dy_x, dy_h = jax.vjp(pre, params, r["y_x"], r["y_h"])[1](d_gates)
+    convs = lambda p: cell.apply({"params": p}, r["inputs"], r["h"], method="convs")
+    kernel_grads, = jax.vjp(convs, params)[1]((dy_x, dy_h))  # the convolutions' forward is dead code here
+    return jax.tree.map(jnp.add, grads, kernel_grads)  # each is zero where the other is not

@@ -57,9 +57,7 @@ class Dynamics(nn.Module):
     grid: int = 6              # the latent grid's side (image_size // 16): the reward head's dense input
 
     def setup(self):
-        cell = lambda: ConvLSTMCell(self.hidden_channels, self.kernel_size, self.forget_bias, self.layer_norm_epsilon,
-                                    self.conv_impl, self.dtype, self.layer_norm)
-        self.cell1, self.cell2 = cell(), cell()
+        self.cell1, self.cell2 = dynamics_cell(self), dynamics_cell(self)
         head = lambda features: Conv(features, 1, 0, use_bias=True, impl=self.conv_impl,
                                      dtype=self.dtype)  # 1x1 convolutions, computed as the cells' are
         self.next_latent_head = head(self.num_codes)
@@ -73,13 +71,16 @@ class Dynamics(nn.Module):
         y, state = self.recur(z_q, actions, state)
         return (*self.heads(y), state)
 
-    def recur(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState) -> tuple[jax.Array, DynamicsState]:
-        """The two cells: (z_q, actions, state) -> (y = [h2, action] [B, 6, 6, Hc + A], the new state)."""
+    def recur(self, z_q: jax.Array, actions: jax.Array, state: DynamicsState,
+              taps: dict[str, jax.Array] | None = None) -> tuple[jax.Array, DynamicsState]:
+        """The two cells: (z_q, actions, state) -> (y = [h2, action] [B, 6, 6, Hc + A], the new state). taps:
+        {"cell1": ..., "cell2": ...}, each cell's `tap` (convlstm.parameter_grads)."""
         chex.assert_rank(z_q, 4)
         chex.assert_shape(actions, (z_q.shape[0],))
+        taps = taps or {}
         act = tile_action(actions, self.num_actions, z_q.shape[1])
-        h1, c1 = self.cell1(jnp.concatenate([z_q, act], -1), (state.h1, state.c1))
-        h2, c2 = self.cell2(jnp.concatenate([h1, act], -1), (state.h2, state.c2))
+        h1, c1 = self.cell1(jnp.concatenate([z_q, act], -1), (state.h1, state.c1), taps.get("cell1"))
+        h2, c2 = self.cell2(jnp.concatenate([h1, act], -1), (state.h2, state.c2), taps.get("cell2"))
         return jnp.concatenate([h2, act], -1), DynamicsState(h1, c1, h2, c2)
 
     def heads(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -94,6 +95,15 @@ class Dynamics(nn.Module):
         r = leaky_relu(self.reward_norm(self.reward_conv(y)))
         r = leaky_relu(self.reward_dense(r.reshape(r.shape[0], -1)))
         return self.reward_out(r).astype(jnp.float32)
+
+
+CELLS = ("cell1", "cell2")
+
+
+def dynamics_cell(dynamics: Dynamics) -> ConvLSTMCell:
+    """A ConvLSTMCell as `dynamics` builds each of its two (apply it with params[CELLS[i]])."""
+    return ConvLSTMCell(dynamics.hidden_channels, dynamics.kernel_size, dynamics.forget_bias,
+                        dynamics.layer_norm_epsilon, dynamics.conv_impl, dynamics.dtype, dynamics.layer_norm)
 
 
 def is_reward_head(path: tuple[str, ...]) -> bool:
