@@ -40,19 +40,30 @@ def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_para
                      embeddings: jax.Array, carry: Carry, key: jax.Array, temperature: float = 1.0,
                      forced_actions: jax.Array | None = None):
     """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan.
-    forced_actions int [N] (optional): taken instead of the policy's sample where >= 0."""
-    action_key, latent_key, reward_key = jax.random.split(key, 3)
+    forced_actions int [N] (optional): taken instead of the policy's sample where >= 0. The record holds the
+    dynamics' y, not the reward: the reward feeds nothing back, so `imagined_rewards` samples every step's at once
+    (with the third of the step's keys)."""
+    action_key, latent_key, _ = jax.random.split(key, 3)
     latents = embeddings[carry.indices]
     logits, value = actor_critic.apply(policy_params, latents)
     actions = jax.random.categorical(action_key, logits / temperature).astype(jnp.int32)
     if forced_actions is not None:
         actions = jnp.where(forced_actions >= 0, forced_actions.astype(jnp.int32), actions)
     log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), actions[:, None], -1)[:, 0]
-    next_logits, reward_logits, state = dynamics.apply(dynamics_params, latents, actions, carry.state)
+    y, state = dynamics.apply(dynamics_params, latents, actions, carry.state, method="recur")
+    next_logits = dynamics.apply(dynamics_params, y, method="latent_head")
     next_indices = jax.random.categorical(latent_key, next_logits).astype(jnp.int32)
-    rewards = jax.random.categorical(reward_key, reward_logits).astype(jnp.float32) - 1.0
-    record = (latents, actions, log_probs, value, rewards, carry.indices)
+    record = (latents, actions, log_probs, value, y, carry.indices)
     return Carry(next_indices, state), record
+
+
+def imagined_rewards(dynamics: nn.Module, dynamics_params: Any, ys: jax.Array, keys: jax.Array) -> jax.Array:
+    """Rewards in {-1, 0, 1} [T, N] of the steps whose y [T, N, ...] and keys [T] imagination_step had: the reward
+    head on all steps in one pass (not one per step in the scan), each step's class sampled with its key."""
+    logits = dynamics.apply(dynamics_params, ys.reshape(-1, *ys.shape[2:]), method="reward_head")
+    logits = logits.reshape(*ys.shape[:2], -1)
+    reward_keys = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
+    return jax.vmap(jax.random.categorical)(reward_keys, logits).astype(jnp.float32) - 1.0
 
 
 def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
@@ -64,7 +75,8 @@ def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, 
     actions int [horizon, N] (optional): at step t env n takes actions[t, n] instead of the policy's sample where
     it is >= 0 (log_probs are then the policy's of the action taken); -1 leaves the step to the policy.
 
-    Pure and jit-able (modules, horizon, flags static); vmap over a leading seed axis of the arrays.
+    `dynamics` is a module with Dynamics' methods `recur`, `latent_head` and `reward_head`. Pure and jit-able
+    (modules, horizon, flags static); vmap over a leading seed axis of the arrays.
     """
     chex.assert_rank(start_indices, 3)
     hidden = dynamics.hidden_channels
@@ -73,8 +85,10 @@ def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, 
         chex.assert_shape(actions, (horizon, start_indices.shape[0]))
     step = lambda c, x: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, x[0],
                                          temperature, x[1])
-    carry, (latents, actions, log_probs, values, rewards, indices) = jax.lax.scan(
-        step, carry, (jax.random.split(key, horizon), actions), unroll=unroll)
+    keys = jax.random.split(key, horizon)
+    carry, (latents, actions, log_probs, values, ys, indices) = jax.lax.scan(step, carry, (keys, actions),
+                                                                             unroll=unroll)
+    rewards = imagined_rewards(dynamics, dynamics_params, ys, keys)
     _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
     last = jnp.arange(horizon) == horizon - 1
     terminals = jnp.broadcast_to((last & (not bootstrap_at_horizon))[:, None], actions.shape)

@@ -128,7 +128,7 @@ def test_flops_counts_a_paper_run():
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert set(report["gflop"]) == {"vqvae_step", "dynamics_step", "imagination_step", "ppo_epochs"}
+    assert set(report["gflop"]) == {"vqvae_step", "dynamics_step", "dream", "ppo_epochs"}
     assert 10 < report["paper_run_pflop"] < 100 and report["matmul_2048_gflops"] > 0
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import ppo
-from dlwm_jax.imagination import Carry, imagination_step, imagine
+from dlwm_jax.imagination import Carry, imagination_step, imagine, imagined_rewards
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.actor_critic import ActorCritic
 from dlwm_jax.networks.dynamics import initial_state
@@ -36,7 +36,8 @@ def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
                                                  embeddings, c, k))
     carry = Carry(start, initial_state(4, CONFIG.dynamics.hidden_channels))
     for t, k in enumerate(jax.random.split(key, horizon)):
-        carry, (latents, actions, log_probs, value, rewards, indices) = step(carry, k)
+        carry, (latents, actions, log_probs, value, y, indices) = step(carry, k)
+        rewards = imagined_rewards(dynamics, v["dynamics"], y[None], k[None])[0]
         np.testing.assert_array_equal(dream.actions[t], actions)
         np.testing.assert_array_equal(dream.indices[t], indices)
         np.testing.assert_array_equal(dream.rewards[t], rewards)
@@ -76,13 +77,16 @@ class GoodActionWorld(nn.Module):
     good: int
     hidden_channels: int = 1
 
-    @nn.compact
-    def __call__(self, z_q, actions, state):
-        b, h, w, _ = z_q.shape
-        next_logits = jnp.zeros((b, h, w, self.num_codes))
-        reward_logits = jnp.where((actions == self.good)[:, None], jnp.array([-30.0, -30.0, 30.0]),
-                                  jnp.array([-30.0, 30.0, -30.0]))
-        return next_logits, reward_logits, state
+    def recur(self, z_q, actions, state):
+        """y: the action, as a plane over the grid."""
+        return jnp.broadcast_to(actions[:, None, None, None], (*z_q.shape[:3], 1)), state
+
+    def latent_head(self, y):
+        return jnp.zeros((*y.shape[:3], self.num_codes))
+
+    def reward_head(self, y):
+        return jnp.where((y[:, 0, 0, 0] == self.good)[:, None], jnp.array([-30.0, -30.0, 30.0]),
+                         jnp.array([-30.0, 30.0, -30.0]))
 
 
 @pytest.mark.slow  # a learning check (~24 s on 2 cores): in make test-slow for the default suite's 8-minute budget
