@@ -205,7 +205,8 @@ def test_fused_layer_norm_equals_flax_with_gradients(dtype):
 
 
 def test_fused_layer_norm_networks_equal_flax_ones():
-    """The dynamics network through 3 recurrent steps and the actor-critic, layer norms fused against Flax's."""
+    """The dynamics network through 3 recurrent steps (its cells normalise their two gate tensors as one,
+    paired_layer_norm) and the actor-critic, layer norms fused against Flax's."""
     configs = {ln: config_lib.override(config_lib.smoke(), {"compute.layer_norm": ln}) for ln in ("fused", "flax")}
     nets = {ln: make_networks(cfg, num_actions=5) for ln, cfg in configs.items()}
     assert nets["fused"].dream_dynamics.layer_norm == nets["fused"].actor_critic.layer_norm == "fused"

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import Conv, spatial_layer_norm, uniform_init
+from dlwm_jax.networks.layers import Conv, LayerNormAffine, paired_layer_norm, spatial_layer_norm, uniform_init
 
 
 class ConvLSTMCell(nn.Module):
@@ -37,7 +37,9 @@ class ConvLSTMCell(nn.Module):
     def setup(self):
         hc, k = self.hidden_channels, self.kernel_size
         conv = lambda: Conv(4 * hc, k, k // 2, use_bias=False, impl=self.conv_impl, dtype=self.dtype)
-        norm = lambda: spatial_layer_norm(self.layer_norm_epsilon, impl=self.layer_norm)
+        # "fused": the two layer norms normalise as one (paired_layer_norm); each keeps its parameters and name
+        norm = lambda: (LayerNormAffine() if self.layer_norm == "fused"
+                        else spatial_layer_norm(self.layer_norm_epsilon, impl=self.layer_norm))
         self.conv_x, self.ln_x, self.conv_h, self.ln_h = conv(), norm(), conv(), norm()
         gate_bias = uniform_init(1.0 / math.sqrt(hc * k * k))
         self.bias_i, self.bias_f, self.bias_g, self.bias_o = (
@@ -49,7 +51,7 @@ class ConvLSTMCell(nn.Module):
                  tap: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         h, c = state
         y_x, y_h = self.convs(inputs, h)
-        gates = self.ln_x(y_x) + self.ln_h(y_h)
+        gates = self._normalized(y_x, y_h)
         if tap is not None:
             gates = gates + tap
         i, f, g = self._input_preactivations(gates, c)
@@ -65,8 +67,15 @@ class ConvLSTMCell(nn.Module):
     def preactivations(self, y_x: jax.Array, y_h: jax.Array, c: jax.Array, c_new: jax.Array) -> jax.Array:
         """The four gates' arguments before their nonlinearity, [..., 4 Hc], from the convolutions' outputs and the
         old and new cell states as given: how every parameter but the kernels enters a step."""
-        gates = self.ln_x(y_x) + self.ln_h(y_h)
+        gates = self._normalized(y_x, y_h)
         return jnp.concatenate([*self._input_preactivations(gates, c), self._output_preactivation(gates, c_new)], -1)
+
+    def _normalized(self, y_x, y_h):
+        """LN_x(y_x) + LN_h(y_h)."""
+        if self.layer_norm == "fused":
+            shape = y_x.shape[-3:]
+            return paired_layer_norm(y_x, y_h, self.ln_x(shape), self.ln_h(shape), self.layer_norm_epsilon)
+        return self.ln_x(y_x) + self.ln_h(y_h)
 
     def _input_preactivations(self, gates, c):
         i, f, g, _ = jnp.split(gates, 4, axis=-1)

@@ -260,11 +260,32 @@ def _layer_norm_bwd(epsilon, residuals, dy):
     g, flat_xhat = (dy * scale).reshape(-1, n), xhat.reshape(-1, n)
     mean_g, mean_gx = _moments(g, g * flat_xhat)
     dx = inv[:, None] * (g - mean_g[:, None] - flat_xhat * mean_gx[:, None])
-    per_feature = jnp.sum(jnp.stack([dy * xhat, dy], 0).reshape(2, -1, *xhat.shape[-3:]), 1)
+    # scale and bias [..., H, W, C] broadcast over xhat's leading axes: their sums, as one reduction
+    per_feature = jnp.sum(jnp.stack([dy * xhat, dy], 0), tuple(range(1, 1 + xhat.ndim - scale.ndim)))
     return dx.reshape(xhat.shape).astype(like_x.dtype), per_feature[0], per_feature[1]
 
 
 fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def paired_layer_norm(x: jax.Array, y: jax.Array, x_affine: tuple[jax.Array, jax.Array],
+                      y_affine: tuple[jax.Array, jax.Array], epsilon: float) -> jax.Array:
+    """fused_layer_norm(x) + fused_layer_norm(y) (each with its (scale, bias)), x and y of one shape [..., H, W, C],
+    as ONE layer norm of the stacked pair: one reduction for both tensors' statistics, one for both gradients'."""
+    stack = lambda a, b: jnp.stack([a, b], -4)
+    out = fused_layer_norm(stack(x, y), stack(x_affine[0], y_affine[0]), stack(x_affine[1], y_affine[1]), epsilon)
+    return out[..., 0, :, :, :] + out[..., 1, :, :, :]
+
+
+class LayerNormAffine(nn.Module):
+    """The affine parameters of a layer norm over [H, W, C] alone, as `LayerNorm` creates them ("scale" ones,
+    "bias" zeros, float32): shape -> (scale, bias). For a module that normalises two tensors as one
+    (`paired_layer_norm`) and keeps each norm's parameters under its own name."""
+
+    @nn.compact
+    def __call__(self, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        return (self.param("scale", nn.initializers.ones, shape, jnp.float32),
+                self.param("bias", nn.initializers.zeros, shape, jnp.float32))
 
 
 class LayerNorm(nn.Module):
