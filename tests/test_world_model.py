@@ -155,9 +155,13 @@ def test_dynamics_learns_a_deterministic_latent_task(synthetic_state):
     assert np.mean(accuracies[-5:]) > 5 * chance, accuracies[-5:]
 
 
-def test_dynamics_grads_equal_the_autodiff_of_the_loss(synthetic_state):
+@pytest.mark.parametrize("compute", [{}, {"compute.lstm_conv": "gemm", "compute.layer_norm": "fused",
+                                         "compute.dynamics_unroll": 5}])
+def test_dynamics_grads_equal_the_autodiff_of_the_loss(synthetic_state, compute):
     """dynamics_grads (the cells' parameter gradients in one batched pass after the unroll) = jax.grad of
-    dynamics_loss (one per step inside it), with episode ends, a padded sequence and open-loop steps."""
+    dynamics_loss (one per step inside it), with episode ends, a padded sequence and open-loop steps; with the
+    CPU's formulations and the accelerator's (GEMM convolutions, paired fused layer norms, unrolled)."""
+    synthetic_state = synthetic_state.replace(config=config_lib.override(SYNTH, compute))
     indices, actions, rewards, terminals, valid = _synthetic_batch(np.random.default_rng(3), batch_size=3)
     rewards[2, 0], rewards[4, 1] = 1.0, -1.0
     terminals[2, 0] = terminals[4, 1] = True
