@@ -3,6 +3,7 @@
     make kernels                       # installs jax's CUDA plugin into .cuda-aot/ (~180 MB download), runs this
     python benchmarks/kernels.py [--preset paper] [--target benchmarks/device/h100.pbtxt] [--graphs]
                                  [--variant NAME:section.field=value,... ...] [--programs world_model_chunk,...]
+                                 [--by-op] [--by-source]
 
 XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed, compute.target=accelerator) ahead
 of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
@@ -16,6 +17,9 @@ thunk passes (command buffers formed), and this counts what one call executes:
 * `loop_iterations`: iterations of while loops outside command buffers (the host runs each: its condition kernel,
   then the body; XLA's trip counts from the optimized HLO), `conditionals`: conditionals run by the host (their
   predicate is read back to the host first).
+* `--by-op`: by XLA's fusion name too (`input_reduce_fusion`, `gemm_fusion_dot`, ...); `--by-source`: and by the
+  JAX operation and Flax module each comes from (`transpose(jvp())/Dynamics.recur/cell2/...`: a backward operation
+  of the dynamics' second cell), XLA's op_name metadata (a fusion carries one of its parts' names).
 * `launches_by_kind`, `in_graphs_by_kind`: the same by thunk kind (kCustomKernel: a kernel XLA generated;
   kConvolution: a cuDNN convolution (none was inside a command buffer here); kCopy; kGemm; kDynamicSliceFusion: a
   kernel on a slice of a buffer; ...).
@@ -70,6 +74,7 @@ class Thunk:
         self.indent, self.id, self.kind, self.name = indent, ident, kind, name
         self.sections: dict[str, list[Thunk]] = {}
         self.section = ""
+        self.source = ""  # with --by-source: where in the program the operation comes from (op_sources)
 
     def children(self, section: str = "") -> list["Thunk"]:
         return self.sections.get(section, [])
@@ -169,6 +174,8 @@ def count(thunks: list[Thunk], trips: dict[int, int], choose: Choice = larger_br
             c[group] += 1
             c[f"{group}_by_kind.{t.kind}"] += 1
             c[f"{group}_by_op.{op_name(t)}"] += 1
+            if t.source:
+                c[f"{group}_by_source.{t.source}"] += 1
     return c
 
 
@@ -179,9 +186,18 @@ def op_name(thunk: Thunk) -> str:
     return m.group(0) if m else thunk.kind
 
 
+def op_sources(hlo: str) -> dict[str, str]:
+    """Optimized HLO -> {instruction name: its op_name metadata without the jit, while and closed_call frames}:
+    the JAX operation (and Flax module path) XLA named the instruction after; a fusion carries one of its parts'
+    (jvp(): forward under a gradient, transpose(jvp()): backward)."""
+    frames = re.compile(r"^jit\([^)]*\)/|while/(?:body|cond)/|closed_call/")
+    return {m.group(1): frames.sub("", m.group(2)) or "?"
+            for m in re.finditer(r'^\s*%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo, re.M)}
+
+
 def summary(counter: collections.Counter, by_op: bool = False) -> dict[str, Any]:
     """The counts as JSON: the totals, then launches_by_kind and in_graphs_by_kind (and with `by_op`, launches_by_op
-    and in_graphs_by_op: by op_name)."""
+    and in_graphs_by_op: by op_name; with sources read (--by-source), launches_by_source and in_graphs_by_source)."""
     out: dict[str, Any] = {key: 0 for key in ("launches", "graphs", "in_graphs", "loop_iterations", "conditionals")}
     for key, value in sorted(counter.items()):
         group, by, name = key.partition("_by_")
@@ -226,8 +242,10 @@ def _walk(thunks: list[Thunk]):
             yield from _walk(children)
 
 
-def read_dump(directory: str) -> tuple[list[Thunk], dict[int, int]]:
-    """The thunks and while trip counts of the one module compiled into `directory` (XLA's --xla_dump_to)."""
+def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[int, int]]:
+    """The thunks and while trip counts of the one module compiled into `directory` (XLA's --xla_dump_to); with
+    `sources`, each operation's `source` (op_sources; the thunk input_reduce_fusion_70 is instruction
+    input_reduce_fusion.70)."""
     def one(pattern: str) -> str:
         paths = glob.glob(os.path.join(directory, pattern))
         if len(paths) != 1:
@@ -238,7 +256,12 @@ def read_dump(directory: str) -> tuple[list[Thunk], dict[int, int]]:
     # Without command buffers (xla_gpu_enable_command_buffer empty) XLA runs no thunk passes and dumps no such file.
     passes = glob.glob(os.path.join(directory, "*.thunk_sequence_after_thunk_passes.txt"))
     sequence = one("*.thunk_sequence_after_thunk_passes.txt" if passes else "*.thunk_sequence.txt")
-    return parse_thunks(sequence), trip_counts(hlo, one("*.thunk_metadata.txt"))
+    thunks = parse_thunks(sequence)
+    if sources:
+        names = op_sources(hlo)
+        for t in _walk(thunks):
+            t.source = names.get(t.name) or names.get(re.sub(r"_(\d+)$", r".\1", t.name), "")
+    return thunks, trip_counts(hlo, one("*.thunk_metadata.txt"))
 
 
 # ------------------------------------------------------------------------------------------ compilation
@@ -295,7 +318,7 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             start = time.perf_counter()
             stage.compile(compiler_options={**options, "xla_dump_to": directory})
             compile_s = time.perf_counter() - start
-            thunks, trips = read_dump(directory)
+            thunks, trips = read_dump(directory, args.by_source)
         if program == "world_model_chunk":
             figures = chunk_slots(thunks, trips, args.by_op)
         elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
@@ -322,7 +345,11 @@ def main() -> None:
                              "gemm_fusion_dot, ...)")
     parser.add_argument("--graphs", action="store_true",
                         help=f"ask XLA for command buffers of {GRAPHS} (device_check's formulations_graphs)")
+    parser.add_argument("--by-source", action="store_true",
+                        help="and by where in the program each operation comes from (launches_by_source, "
+                             "in_graphs_by_source: jvp()/Dynamics.recur/cell1/..., from XLA's op_name metadata)")
     args = parser.parse_args()
+    args.by_op = args.by_op or args.by_source
     args.programs = [p for p in args.programs.split(",") if p]
     if not os.path.isfile(args.target):
         raise SystemExit(f"kernels.py: no target file {args.target}")

@@ -119,6 +119,24 @@ def test_counts_follow_loops_branches_and_command_buffers():
     assert skipped["launches"] == 1 + 64 * (1 + 1 + 1 + 1) and skipped["in_graphs"] == 3 + 64 * 5
 
 
+def test_sources_name_each_operation_by_its_op_name_without_the_frames(tmp_path):
+    hlo = """\
+  %input_reduce_fusion.70 = f32[4,2,128]{2,1,0} fusion(%x), kind=kInput, calls=%fused_reduce.70, metadata={op_name="jit(single)/while/body/closed_call/jvp()/Dynamics.recur/cell1/jit(leaky_relu)/reduce_sum" stack_frame_id=3}
+  %input_reduce_fusion.122 = f32[4,2]{1,0} fusion(%input_reduce_fusion.70), kind=kInput, calls=%fused_reduce.122, metadata={op_name="jit(single)/transpose(jvp())/Encoder/reduce_sum"}
+  %param_0.1 = f32[4]{0} parameter(0)
+"""
+    sources = kernels.op_sources(hlo)
+    assert sources == {"input_reduce_fusion.70": "jvp()/Dynamics.recur/cell1/jit(leaky_relu)/reduce_sum",
+                       "input_reduce_fusion.122": "transpose(jvp())/Encoder/reduce_sum"}
+    for name, text in (("m.sm_9.0a_gpu_after_optimizations.txt", hlo), ("m.thunk_metadata.txt", ""),
+                       ("m.thunk_sequence_after_thunk_passes.txt", DUMP)):
+        (tmp_path / name).write_text(text)
+    top, _ = kernels.read_dump(str(tmp_path), sources=True)  # thunk input_reduce_fusion_70: instruction .70
+    c = kernels.summary(kernels.count(top, {75: 64, 721: 10}, lambda cond: 0), by_op=True)
+    assert c["in_graphs_by_source"] == {"jvp()/Dynamics.recur/cell1/jit(leaky_relu)/reduce_sum": 64,
+                                        "transpose(jvp())/Encoder/reduce_sum": 64}
+
+
 def test_chunk_slots_count_one_slot_of_each_kind():
     slots = kernels.chunk_slots(kernels.parse_thunks(DUMP), {75: 64, 721: 10})
     assert slots["slots_per_call"] == 64
