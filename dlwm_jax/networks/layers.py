@@ -277,15 +277,20 @@ def paired_layer_norm(x: jax.Array, y: jax.Array, x_affine: tuple[jax.Array, jax
     return out[..., 0, :, :, :] + out[..., 1, :, :, :]
 
 
+def _affine(module: nn.Module, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Flax LayerNorm's affine parameters in `module`: "scale" ones and "bias" zeros of `shape`, float32."""
+    return (module.param("scale", nn.initializers.ones, shape, jnp.float32),
+            module.param("bias", nn.initializers.zeros, shape, jnp.float32))
+
+
 class LayerNormAffine(nn.Module):
-    """The affine parameters of a layer norm over [H, W, C] alone, as `LayerNorm` creates them ("scale" ones,
-    "bias" zeros, float32): shape -> (scale, bias). For a module that normalises two tensors as one
-    (`paired_layer_norm`) and keeps each norm's parameters under its own name."""
+    """The affine parameters of a layer norm over [H, W, C] alone, as `LayerNorm` creates them: shape -> (scale,
+    bias). For a module that normalises two tensors as one (`paired_layer_norm`) and keeps each norm's parameters
+    under its own name."""
 
     @nn.compact
     def __call__(self, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-        return (self.param("scale", nn.initializers.ones, shape, jnp.float32),
-                self.param("bias", nn.initializers.zeros, shape, jnp.float32))
+        return _affine(self, shape)
 
 
 class LayerNorm(nn.Module):
@@ -296,9 +301,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, x.shape[-3:], jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, x.shape[-3:], jnp.float32)
-        return fused_layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+        return fused_layer_norm(x, *_affine(self, x.shape[-3:]), self.epsilon).astype(self.dtype)
 
 
 class BatchNorm(nn.Module):
