@@ -6,13 +6,13 @@
 `check` runs these parts by default, in this order, each a subprocess with its own time limit inside one overall
 budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<part>.log (each part's output):
   devices           jax.devices(), the backend and the versions of jax, jaxlib, flax, optax and envpool
-  formulations      benchmarks/profile.py --variant ...: a 60-slot chunk of dynamics steps, one of VQ-VAE steps and 8
+  formulations      benchmarks/profile.py --variant ...: a 12-slot chunk of dynamics steps, one of VQ-VAE steps and 8
                     PPO updates under each formulation of FORMULATIONS (the accelerator preset, the XLA
                     convolutions, bfloat16), ms per step each, and per formulation the minutes a paper run's
                     training steps would take at those figures
   formulations_graphs  the same with XLA's command buffers (CUDA graphs) extended to loops and conditionals
                     (COMMAND_BUFFER_FLAGS): whether a chunk captured whole runs faster
-  profile_scan      benchmarks/profile.py: one 60-slot chunk of paper-size dynamics steps as one scanned program,
+  profile_scan      benchmarks/profile.py: one 12-slot chunk of paper-size dynamics steps as one scanned program,
                     traced: events (kernels) per device stream and the fraction of the chunk each is busy
   loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
                     phase the wall time, the host's share and the steps per second; the run's wall time

@@ -24,14 +24,10 @@ thunk passes (command buffers formed), and this counts what one call executes:
   kConvolution: a cuDNN convolution (none was inside a command buffer here); kCopy; kGemm; kDynamicSliceFusion: a
   kernel on a slice of a buffer; ...).
 
-The world-model chunk (compute.epoch_chunk slots in one scan) comes in two forms (programs.make_world_model_chunk).
-`world_model_chunk/<period>` runs an epoch's bulk, whose chunks repeat one slots.Period (`warmup`: a VQ-VAE step
-a slot; `joint_every_k`: a dynamics step a slot, a VQ-VAE step every k-th): counted per call and per slot (the
-call's counts / its slots). `world_model_chunk`, with a conditional per step kind and slot, runs an epoch's last
-chunk: counted per slot by what the slot runs, `dynamics` (the VQ-VAE step skipped), `vqvae` (the dynamics step
-skipped) and `both`; a skipped step runs its conditional's other branch (copies of the state); what it runs once
-per call, outside its scan, is `per_call`. The PPO update is `dream` (encode 16 starts, imagine 50 steps) then
-`ppo_update`.
+The world-model chunk (about compute.epoch_chunk slots in one scan, programs.make_world_model_chunk) is a program
+per slots.Period: `world_model_chunk/warmup` (a VQ-VAE step a slot), `world_model_chunk/joint_every_k` (a dynamics
+step a slot, a VQ-VAE step every k-th); counted per call and per slot (the call's counts / its slots). The PPO
+update is `dream` (encode 16 starts, imagine 50 steps) then `ppo_update`.
 
 What it cannot show: times (no device), autotuning choices (none without a device: XLA's defaults), and whether the
 device's driver lets XLA capture loops and conditionals in CUDA graphs (`--graphs` asks for it, but the
@@ -209,32 +205,6 @@ def summary(counter: collections.Counter, by_op: bool = False) -> dict[str, Any]
     return out
 
 
-def chunk_slots(thunks: list[Thunk], trips: dict[int, int], by_op: bool = False) -> dict[str, Any]:
-    """The world-model chunk per slot kind: its scan is the longest top-level while loop; the scan body's two
-    conditionals are the VQ-VAE step and then the dynamics step (the second takes the first's state); a skipped
-    step runs the branch with fewer thunks."""
-    loops = [t for t in thunks if t.kind == "kWhile"]
-    if not loops:
-        raise ValueError("the chunk's scan is not a top-level thunk")
-    scan = max(loops, key=lambda t: trips.get(t.id, 0))
-    body = scan.children("condition") + scan.children("body")
-    conds = [t for t in _walk(body) if t.kind == "kConditional"]
-    if len(conds) != 2:
-        raise ValueError(f"the chunk's scan body has {len(conds)} conditionals, expected 2 (VQ-VAE, dynamics)")
-    vq, dyn = conds
-    skip = lambda cond: min(range(len(cond.sections)), key=lambda i: size(list(cond.sections.values())[i]))
-    take = lambda cond: 1 - skip(cond)
-    kinds = {"dynamics": {vq.id: skip, dyn.id: take}, "vqvae": {vq.id: take, dyn.id: skip},
-             "both": {vq.id: take, dyn.id: take}}
-    out = {}
-    for kind, rule in kinds.items():
-        out[kind] = summary(count(body, trips, lambda cond: rule.get(cond.id, larger_branch)(cond)), by_op)
-        out[kind]["loop_iterations"] += 1  # the scan's own iteration
-    out["per_call"] = summary(count([t for t in thunks if t is not scan], trips), by_op)
-    out["slots_per_call"] = trips[scan.id]
-    return out
-
-
 def _walk(thunks: list[Thunk]):
     for t in thunks:
         yield t
@@ -308,6 +278,7 @@ def lowered_programs(preset: str, overrides: list[str], placement, game: str = "
 
 def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str, Any]:
     """One variant: compile each selected program into its own dump folder and count it."""
+    from dlwm_jax.programs import epoch_periods
     config, lowered = lowered_programs(args.preset, overrides, placement, args.game)
     options = {"xla_gpu_enable_command_buffer": GRAPHS} if args.graphs else {}
     out: dict[str, Any] = {"variant": name, "overrides": overrides, "compute": config.compute.__dict__, "programs": {}}
@@ -319,10 +290,9 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             stage.compile(compiler_options={**options, "xla_dump_to": directory})
             compile_s = time.perf_counter() - start
             thunks, trips = read_dump(directory, args.by_source)
-        if program == "world_model_chunk":
-            figures = chunk_slots(thunks, trips, args.by_op)
-        elif program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
-            per_call, n = summary(count(thunks, trips), args.by_op), config.compute.epoch_chunk
+        if program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
+            period = epoch_periods(config)[program.partition("/")[2]]
+            per_call, n = summary(count(thunks, trips), args.by_op), period.slots(config.compute.epoch_chunk)
             figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
                        "per_call": per_call, "slots_per_call": n}
         else:

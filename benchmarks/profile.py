@@ -81,7 +81,7 @@ def setup(args, overrides: list[str]):
     from dlwm_jax import world_model as wm
     from dlwm_jax.programs import compile_programs
     from dlwm_jax.seed_axis import stack
-    from run import slot_chunk
+    from run import kind_period, slot_chunk
 
     config = config_lib.resolve_compute(config_lib.override(config_lib.get_preset(args.preset),
                                                             dict(item.split("=", 1) for item in overrides)))
@@ -101,12 +101,14 @@ def setup(args, overrides: list[str]):
                 agent, metrics = programs.policy_update(world, agent, frames, starts, keys)
             return jax.block_until_ready(agent)
         return config, updates, agent, POLICY_UPDATES
-    slots, shared = slot_chunk(config, num_actions, S, args.kind, programs.chunk_slots, pool, rng)
+    period = kind_period(args.kind)
+    n = programs.chunk_slots(period)
+    slots, shared = slot_chunk(config, num_actions, S, args.kind, n, pool, rng)
 
     def chunk(world):
-        world, vq, dyn = programs.world_model_chunk(world, frames, slots, shared, keys, jnp.float32(1.0))
+        world, vq, dyn = programs.world_model_chunk(world, frames, slots, shared, keys, jnp.float32(1.0), period)
         return jax.block_until_ready((world, vq, dyn))[0]
-    return config, chunk, world, programs.chunk_slots
+    return config, chunk, world, n
 
 
 def time_variant(args, item: str) -> dict:

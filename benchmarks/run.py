@@ -109,20 +109,23 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
 
     # The world model's steps as the loop runs them: a chunk of programs.chunk_slots slots (programs.world_model_chunk:
     # one scanned program, or a program per step on the CPU), batches gathered from frames on the device.
-    n, pool = programs.chunk_slots, 4_096
+    pool = 4_096
     frames = seed_axis(jax.device_put(rng.integers(0, 256, (pool, *frame[:2]), dtype=np.uint8)))
     key = jax.random.key(1)
     keys = seed_axis(key)
 
     state = [worlds]
 
-    def world_model_chunk(slots, shared):  # threads the world through: the scanned program donates it
-        state[0], vq_sums, dyn_sums = programs.world_model_chunk(state[0], frames, slots, shared, keys, jnp.float32(1.0))
+    def world_model_chunk(slots, shared, period):  # threads the world through: the scanned program donates it
+        state[0], vq_sums, dyn_sums = programs.world_model_chunk(state[0], frames, slots, shared, keys, jnp.float32(1.0),
+                                                                 period)
         return state[0], vq_sums, dyn_sums
     for kind in ("vqvae", "dynamics"):
         if kind in only:
+            period = kind_period(kind)
+            n = programs.chunk_slots(period)
             slots, shared = slot_chunk(config, num_actions, num_seeds, kind, n, pool, rng)
-            measure(f"{kind}_step", lambda: world_model_chunk(slots, shared), repeats,
+            measure(f"{kind}_step", lambda: world_model_chunk(slots, shared, period), repeats,
                     f"{kind}_step (per step of a {n}-slot chunk)", per_call=n)
     worlds = state[0]  # the scanned chunk donates its world: go on with the last one
 
@@ -152,9 +155,15 @@ def measure_training_steps(config, num_actions: int, repeats: int, num_seeds: in
     return out
 
 
+def kind_period(kind: str):
+    """The slots.Period a chunk of slot_chunk's `kind` repeats: a VQ-VAE step a slot, or a dynamics step a slot."""
+    from dlwm_jax.slots import Period
+    return Period(1, False) if kind == "vqvae" else Period(0, True)
+
+
 def slot_chunk(config, num_actions: int, num_seeds: int, kind: str, n: int, pool: int, rng) -> tuple:
     """(Slots [S, n], SharedSlots [n]) of n slots that each take one `kind` step ("vqvae" or "dynamics") on random
-    frame indices below `pool`, random actions, rewards and terminals (slots.py)."""
+    frame indices below `pool`, random actions, rewards and terminals (slots.py; kind_period(kind) runs them)."""
     from dlwm_jax.slots import SharedSlots, Slots
     v, d, C, T = config.vqvae, config.dynamics, config.env.frame_stack, config.dynamics.sequence_length
     on = np.full((num_seeds, n), True)
@@ -191,10 +200,10 @@ def stub_run(config, replays: list, work=jax.device_put):
     step = lambda state, *inputs: (work(inputs), state, metrics)[1:]
     sums = {"loss": jnp.zeros(S), "steps": jnp.ones(S)}
 
-    def world_model_chunk(world, frames, slots, shared, steps_keys, lr_scale):
+    def world_model_chunk(world, frames, slots, shared, steps_keys, lr_scale, period):
         work((slots, steps_keys))
         return world, [sums], [sums]
-    programs = Programs(chunk_slots=2, world_model_chunk=world_model_chunk,
+    programs = Programs(chunk_slots=lambda period: 2, world_model_chunk=world_model_chunk,
                         policy_update=lambda world, agent, frames, starts, keys: step(agent, starts, keys),
                         act_collect=None, act_eval=None, random_act=None, diagnostics=None, imagined_returns=None)
 

@@ -116,7 +116,7 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # upsampling in its sub-pixel form, a stride-1 convolution), the 10-step dynamics loss and the 50-step dream unrolled
 # by 10; the PPO update's scans stay rolled (unrolled, with GEMM convolutions, XLA's compile for the H100 found no
 # Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 7
-# (with slots.periodic_chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1; operations in
+# (with an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1; operations in
 # a joint slot's graphs 1,172 -> 1,090 with the fused layer norms (benchmarks/README.md). The device check times
 # them against the XLA convolutions and Flax's layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
@@ -130,7 +130,7 @@ COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", dynamics_unroll=10,
                         lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=10,
                         ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True,
-                        epoch_chunk=60),
+                        epoch_chunk=12),
 }
 
 
@@ -177,10 +177,11 @@ class ComputeConfig:
                                         # YNNPACK reductions)
     threefry_partitionable: bool | None = None  # False / True: the partitionable PRNG compiles several times slower
                                                 # on XLA:CPU (why True elsewhere: COMPUTE_PRESETS)
-    epoch_chunk: int | None = None  # 0 / 60: world-model epoch slots per compiled scan (0: a program per step
-                                    # kind with its own XLA:CPU options, a host loop dispatching them; 60: a multiple
-                                    # of every VQ-VAE interval 1-6, so an epoch's chunks repeat one slots.Period and
-                                    # need no conditional, slots.periodic_chunk; programs.py)
+    epoch_chunk: int | None = None  # 0 / 12: world-model epoch slots per compiled scan (0: a program per step
+                                    # kind with its own XLA:CPU options, a host loop dispatching them; n: a
+                                    # program per slots.Period of n slots rounded up to a multiple of the VQ-VAE
+                                    # interval, no conditional, the steps past an epoch's end masked: 12 pads an
+                                    # epoch by ~6 slots; slots.chunk, programs.py)
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)
 

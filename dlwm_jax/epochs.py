@@ -2,8 +2,8 @@
 dynamics steps, for S seeds at once. The host draws each seed's batches as frame indices from its replay
 (replay.py's plans: its generators, in order) and lays them out as slots (slots.py); programs.world_model_chunk
 runs them a chunk at a time, gathering the batches from the frames on the device (Run.frames) and summing the
-metrics there, so the epoch's one host sync is the fetch of its sums at the end. Seeds whose epochs are shorter
-get masked slots."""
+metrics there, so the epoch's one host sync is the fetch of its sums at the end. An epoch's slots repeat one
+slots.Period; seeds whose epochs are shorter get masked slots."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -17,7 +17,7 @@ from dlwm_jax.config import Config
 from dlwm_jax.programs import Programs
 from dlwm_jax.replay import ObservationPlan, Replay, SequencePlan
 from dlwm_jax.seed_axis import unstack
-from dlwm_jax.slots import SharedSlots, Slots
+from dlwm_jax.slots import Period, SharedSlots, Slots
 
 
 def _rows(plans: Sequence[Any], rows: np.ndarray, active: np.ndarray) -> list[np.ndarray]:
@@ -58,12 +58,12 @@ def epoch_slots(config: Config, vq_plans: Sequence[ObservationPlan], seq_plans: 
 
 
 def run_slots(programs: Programs, world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: SharedSlots,
-              steps_keys: jax.Array, lr_scale: float, progress: wm.Progress | None = None,
+              steps_keys: jax.Array, lr_scale: float, period: Period, progress: wm.Progress | None = None,
               ) -> tuple[wm.WorldModelState, list[dict[str, dict[str, float]]]]:
-    """An epoch's slots through programs.world_model_chunk, programs.chunk_slots at a time (the last chunk padded
-    with slots no seed takes). Returns (world, per seed {"vqvae": metrics, "dynamics": metrics} averaged over the
-    steps it took; {} for a kind it took none of)."""
-    n, length = programs.chunk_slots, len(shared.index)
+    """An epoch's slots, of `period` (slots.Period), through programs.world_model_chunk, programs.chunk_slots(period)
+    at a time (the last chunk padded with slots no seed takes). Returns (world, per seed {"vqvae": metrics,
+    "dynamics": metrics} averaged over the steps it took; {} for a kind it took none of)."""
+    n, length = programs.chunk_slots(period), len(shared.index)
     pad = -length % n
     slots = Slots(*(np.concatenate([x, np.zeros((x.shape[0], pad, *x.shape[2:]), x.dtype)], 1) for x in slots))
     shared = SharedSlots(np.concatenate([shared.index, np.arange(length, length + pad, dtype=np.int32)]),
@@ -73,7 +73,7 @@ def run_slots(programs: Programs, world: wm.WorldModelState, frames: jax.Array, 
     for start in range(0, length + pad, n):
         part = Slots(*(x[:, start:start + n] for x in slots))
         world, vq, dyn = programs.world_model_chunk(world, frames, part, SharedSlots(*(x[start:start + n] for x in shared)),
-                                                    steps_keys, lr_scale)
+                                                    steps_keys, lr_scale, period)
         sums["vqvae"] += vq
         sums["dynamics"] += dyn
         if progress is not None:
@@ -94,7 +94,7 @@ def warmup_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequenc
     plans = [r.observation_plan(k, config.vqvae.batch_size) for r, k in zip(replays, keys)]
     slots, shared = epoch_slots(config, plans)
     world, per_seed = run_slots(programs, world, frames, slots, shared, keys, config.vqvae.warmup_lr_multiplier,
-                                progress)
+                                Period(1, False), progress)
     return world, [metrics["vqvae"] for metrics in per_seed]
 
 
@@ -115,5 +115,5 @@ def joint_epoch(programs: Programs, world: wm.WorldModelState, replays: Sequence
     seq_plans = [r.sequence_plan(k[1], d.batch_size, d.sequence_length, d.max_offset) for r, k in zip(replays, split)]
     slots, shared = epoch_slots(config, vq_plans, seq_plans, interval)
     world, per_seed = run_slots(programs, world, frames, slots, shared, jnp.stack([k[2] for k in split]), lr_scale,
-                                progress)
+                                Period(interval, True), progress)
     return world, per_seed

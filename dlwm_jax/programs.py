@@ -38,9 +38,10 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
 
 class Programs(NamedTuple):
     """Every compiled program of the loop; arguments and outputs [S, ...] unless said otherwise."""
-    chunk_slots: int            # slots per world_model_chunk call (ComputeConfig.epoch_chunk, or HOST_LOOP_CHUNK)
-    world_model_chunk: Callable  # (world, frames, Slots [S, L] numpy, SharedSlots [L] numpy, steps_keys, lr_scale)
-                                 # -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py); the world given is donated
+    chunk_slots: Callable       # slots.Period -> slots per world_model_chunk call of that Period (L)
+    world_model_chunk: Callable  # (world, frames, Slots [S, L] numpy, SharedSlots [L] numpy, steps_keys, lr_scale,
+                                 # slots.Period) -> (world, [VQ-VAE sums], [dynamics sums]) (slots.py); the world
+                                 # given is donated
     act_collect: Callable       # (world, agent_params, stacks [S, E, ...], frames, is_first, key) -> (stacks, actions
     act_eval: Callable          # [S, E]): one env step of collect.py's actors, a program each (env_step)
     random_act: Callable        # (stacks, frames, is_first, key) -> (stacks, uniform actions [S, E])
@@ -77,48 +78,39 @@ _LR_SCALE = np.float32(1.0)  # an epoch's lr_scale argument (epochs.run_slots pa
 
 
 def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedSharding | None,
-                           compile_: Callable) -> tuple[int, Callable]:
+                           compile_: Callable) -> tuple[Callable, Callable]:
     """(chunk_slots, world_model_chunk) of Programs; compile_(fn, in_axes, xla_options_of, donate) as in
-    _compile_programs. compute.epoch_chunk = n > 0: a chunk of n slots is one compiled lax.scan, one dispatch and
-    no host sync per n slots: slots.periodic_chunk where the chunk's slots repeat (an epoch's bulk: no conditional
-    in the scan; a program per slots.Period, epoch_periods' compiled ahead), else slots.chunk (an epoch's last
-    chunk: a conditional per step kind and slot). 0 (the CPU's choice): each part of a slot is its own program with its
-    own XLA options (the VQ-VAE step and the dynamics step's encoder pass want other XLA:CPU kernels than the
-    ConvLSTM update), dispatched by a host loop over the chunk's slots. Both donate the world they are given."""
-    mask, n = num_seeds > 1, config.compute.epoch_chunk
+    _compile_programs. compute.epoch_chunk = n > 0: a chunk of slots.Period(...).slots(n) slots is one compiled
+    lax.scan (slots.chunk: no conditional, a program per Period, epoch_periods' compiled ahead), one dispatch and no
+    host sync. 0 (the CPU's choice): each part of a slot is its own program with its own XLA options (the VQ-VAE
+    step and the dynamics step's encoder pass want other XLA:CPU kernels than the ConvLSTM update), dispatched by a
+    host loop over the chunk's slots (HOST_LOOP_CHUNK of them). Both donate the world they are given."""
+    n = config.compute.epoch_chunk
     put = functools.partial(put_on_seeds, sharding=sharding)
     if n:
-        general = compile_(functools.partial(slots.chunk, mask=mask), (0, 0, 0, None, 0, None), donate=(0,))
-        periodic = functools.cache(lambda period: compile_(
-            functools.partial(slots.periodic_chunk, mask=mask, period=period), (0, 0, 0, None, 0, None),
-            donate=(0,)))
+        chunk = functools.cache(lambda period: compile_(functools.partial(slots.chunk, period=period),
+                                                        (0, 0, 0, None, 0, None), donate=(0,)))
 
-        def scanned(world, frames, part, shared, steps_keys, lr_scale):
-            period = slots.period(shared)
-            if period is None:  # an epoch's last chunk (a stream runs out, padded slots)
-                world, (vq, dyn) = general(world, frames, put(part), shared, put(steps_keys), lr_scale)
-            else:
-                world, (vq, dyn) = periodic(period)(world, frames, put(part), shared.index, put(steps_keys),
-                                                    lr_scale)
+        def scanned(world, frames, part, shared, steps_keys, lr_scale, period):
+            world, (vq, dyn) = chunk(period)(world, frames, put(part), shared.index, put(steps_keys), lr_scale)
             return world, [vq], [dyn]
 
         def scanned_lower(world, frames, steps_keys):
-            part, shared = slots.empty(config, num_seeds, n)
-            args, keys = (world, frames, put(part)), put(steps_keys)
-            lower = lambda period: periodic(period).lower(*args, shared.index, keys, _LR_SCALE)
-            (_, warmup), *joint = epoch_periods(config, n).items()
-            # In the order the loop needs them: the warm-up's chunks, an epoch's last chunk, the joint epochs'.
-            return {"world_model_chunk/warmup": lower(warmup),
-                    "world_model_chunk": general.lower(*args, shared, keys, _LR_SCALE),
-                    **{f"world_model_chunk/{name}": lower(period) for name, period in joint}}
-        scanned.lower = scanned_lower
-        return n, scanned
+            keys = put(steps_keys)
 
+            def lower(period):
+                part, shared = slots.empty(config, num_seeds, period.slots(n))
+                return chunk(period).lower(world, frames, put(part), shared.index, keys, _LR_SCALE)
+            return {f"world_model_chunk/{name}": lower(period) for name, period in epoch_periods(config).items()}
+        scanned.lower = scanned_lower
+        return (lambda period: period.slots(n)), scanned
+
+    mask = num_seeds > 1
     vqvae = compile_(functools.partial(slots.vqvae_slot, mask=mask), (0, 0, 0, None), "vqvae_step", donate=(0,))
     encode = compile_(slots.encode_slot, (0, 0, 0), "vqvae_step")
     dynamics = compile_(functools.partial(slots.dynamics_slot, mask=mask), (0, 0, 0, 0, 0, None), donate=(0,))
 
-    def per_slot(world, frames, part, shared, steps_keys, lr_scale):
+    def per_slot(world, frames, part, shared, steps_keys, lr_scale, period):
         vq_sums, dyn_sums = [], []
         steps_keys = put(steps_keys)
         for j in np.flatnonzero(shared.vq_on | shared.dyn_on):
@@ -139,16 +131,15 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
         return {"vqvae_slot": vqvae.lower(world, frames, slot, _LR_SCALE), "encode_slot": encode.lower(world, frames, slot),
                 "dynamics_slot": dynamics.lower(world, batch_stats, indices, slot, put(steps_keys), shared.index[0])}
     per_slot.lower = per_slot_lower
-    return HOST_LOOP_CHUNK, per_slot
+    return (lambda period: HOST_LOOP_CHUNK), per_slot
 
 
-def epoch_periods(config: Config, chunk_slots: int) -> dict[str, slots.Period]:
-    """The slots.Periods of the schedule's epochs in chunks of `chunk_slots`: the warm-up's and each VQ-VAE
-    interval's that divides `chunk_slots` (the accelerator's 60 slots: 1-6)."""
+def epoch_periods(config: Config) -> dict[str, slots.Period]:
+    """The slots.Periods of the schedule's epochs, in the order the loop needs them: the warm-up's, then each VQ-VAE
+    interval's (joint_every_k)."""
     periods = {"warmup": slots.Period(1, False)}
     for k in sorted(set(config.schedule.vq_update_intervals)):
-        if chunk_slots % k == 0:
-            periods[f"joint_every_{k}"] = slots.Period(k, True)
+        periods[f"joint_every_{k}"] = slots.Period(k, True)
     return periods
 
 

@@ -5,8 +5,8 @@ a warm-up epoch is slots with VQ-VAE steps only. Batches are gathered on the dev
 host would gather. Each step returns the sums of its metrics over the seed's active steps ("steps": their
 number), so that an epoch's metrics are reduced on the device and fetched once (world_model.metrics_from_sums).
 
-Pure and unjitted: programs.py compiles a chunk of slots as one lax.scan, or each part of a slot as its own
-program (ComputeConfig.epoch_chunk); epochs.py draws the slots and runs an epoch.
+Pure and unjitted: programs.py compiles a chunk of slots of one Period as one lax.scan, or each part of a slot as
+its own program (ComputeConfig.epoch_chunk); epochs.py draws the slots and runs an epoch.
 """
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ class Slots(NamedTuple):
 
 
 class SharedSlots(NamedTuple):
-    """What all seeds share, each field [L]: lets a compiled chunk skip a part no seed takes (a real conditional
-    under vmap, where a per-seed predicate would compute both branches)."""
+    """What all seeds share, each field [L]: the per-slot programs' host loop skips a part no seed takes."""
     index: Any    # int32: the slot's number in its epoch
     vq_on: Any    # bool: some seed takes the VQ-VAE step
     dyn_on: Any   # bool: some seed takes the dynamics step
@@ -62,8 +61,8 @@ def _sums(metrics: dict, active: jax.Array) -> Sums:
 
 
 def _keep(active: jax.Array, new: Any, old: Any, mask: bool) -> Any:
-    """new where active, else old (mask: seeds may be inactive, S > 1; one seed's steps are all taken, and an Adam
-    step on zero gradients is not a no-op)."""
+    """new where active, else old (mask: a step may be inactive (an Adam step on zero gradients is not a no-op):
+    every step of a chunk; a per-slot program's with S > 1, as the host loop runs only the steps some seed takes)."""
     return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old) if mask else new
 
 
@@ -89,15 +88,15 @@ def dynamics_slot(world: wm.WorldModelState, batch_stats: Any, indices: jax.Arra
 
 
 def _steps(world: wm.WorldModelState, frames: jax.Array, first: Slots, first_index: jax.Array, steps_key: jax.Array,
-           lr_scale: jax.Array, mask: bool) -> tuple[Any, Any, Sums, Sums]:
-    """A chunk's (vqvae(w, slot) -> (w, sums), dynamics(w, slot, index) -> (w, sums), zero VQ-VAE sums, zero
-    dynamics sums); `first` and `first_index`, a slot of the chunk, shape the zeros."""
+           lr_scale: jax.Array) -> tuple[Any, Any, Sums, Sums]:
+    """A chunk's (vqvae(w, slot) -> (w, sums), dynamics(w, slot, index) -> (w, sums), each masked by its active
+    flags, zero VQ-VAE sums, zero dynamics sums); `first` and `first_index`, a slot of the chunk, shape the zeros."""
     def vqvae(w, slot):
-        return vqvae_slot(w, frames, slot, lr_scale, mask)
+        return vqvae_slot(w, frames, slot, lr_scale, mask=True)
 
     def dynamics(w, slot, index):
         indices, batch_stats = encode_slot(w, frames, slot)
-        return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask)
+        return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask=True)
     zeros = lambda fn, *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)[1])
     return vqvae, dynamics, zeros(vqvae, world, first), zeros(dynamics, world, first, first_index)
 
@@ -106,59 +105,30 @@ def _add(a: Sums, b: Sums) -> Sums:
     return jax.tree.map(jnp.add, a, b)
 
 
-def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, shared: SharedSlots, steps_key: jax.Array,
-          lr_scale: jax.Array, mask: bool) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
-    """L slots in one lax.scan: returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. A part no seed takes
-    is skipped (lax.cond on the shared flags), so a chunk's padded tail costs next to nothing. The sums ride in
-    the scan's carry (stacked per slot, each metric would be a GPU kernel per slot: benchmarks/kernels.py)."""
-    first = jax.tree.map(lambda x: x[0], (slots, shared))
-    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first[0], first[1].index, steps_key, lr_scale, mask)
-
-    def body(carry, xs):
-        w, vq_sums, dyn_sums = carry
-        slot, on = xs
-        w, vq = jax.lax.cond(on.vq_on, lambda w: vqvae(w, slot), lambda w: (w, no_vq), w)
-        w, dyn = jax.lax.cond(on.dyn_on, lambda w: dynamics(w, slot, on.index), lambda w: (w, no_dyn), w)
-        return (w, _add(vq_sums, vq), _add(dyn_sums, dyn)), None
-
-    (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), (slots, shared))
-    return world, (vq, dyn)
-
-
 class Period(NamedTuple):
-    """The slots of a chunk that repeats (slots.period): a VQ-VAE step in the first of every `interval` slots (0: in
-    none) and a dynamics step in every slot (`dynamics`) or in none. Static: a program per Period."""
+    """The slot pattern of a compiled chunk (slots.chunk): a VQ-VAE step in the first of every `interval` slots (0:
+    in none) and a dynamics step in every slot (`dynamics`) or in none, each taken where its active flag says.
+    Static: a program per Period. An epoch runs one throughout (epochs.py: the warm-up Period(1, False), a joint
+    epoch Period(interval, True)); its flags mask what the pattern holds but the epoch does not take (a seed's
+    shorter epoch, the slots after the dynamics stream, the last chunk's padding)."""
     interval: int
     dynamics: bool
 
-
-def period(shared: SharedSlots, longest: int = 6) -> Period | None:
-    """The Period of a chunk's shared flags, or None: the warm-up's chunks are Period(1, False), a joint epoch's
-    Period(interval, True) until a stream runs out, with the interval (<= `longest`, a program each) dividing the
-    chunk's length so that every chunk starts a period. An epoch's last chunk (its last slot takes no dynamics
-    step, padded slots none) has none."""
-    vq, dyn, length = np.asarray(shared.vq_on, bool), np.asarray(shared.dyn_on, bool), len(shared.index)
-    if not length or not (dyn.all() or not dyn.any()):
-        return None
-    if not vq.any():
-        return Period(0, True) if dyn.all() else None
-    starts = np.flatnonzero(vq)
-    interval = int(starts[1]) if len(starts) > 1 else length
-    slot = np.arange(length)
-    if interval > longest or length % interval or not np.array_equal(vq, slot % interval == 0):
-        return None
-    return Period(interval, bool(dyn[0]))
+    def slots(self, about: int) -> int:
+        """A chunk's length: the smallest multiple of the interval >= `about` (compute.epoch_chunk), so that every
+        chunk of an epoch starts a period."""
+        return -(-about // self.interval) * self.interval if self.interval else about
 
 
-def periodic_chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax.Array,
-                   steps_key: jax.Array, lr_scale: jax.Array, mask: bool,
-                   period: Period) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
-    """`chunk` for L slots whose shared flags repeat `period` (slots.period): a lax.scan over the periods, each a
-    VQ-VAE step and then a scan of the period's dynamics steps, with no conditional. On a GPU a conditional
-    reads its predicate back to the host and its pass-through branch copies the whole state
-    (benchmarks/kernels.py). The same steps in the same order as `chunk`. index: the shared slot numbers [L]."""
+def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax.Array, steps_key: jax.Array,
+          lr_scale: jax.Array, period: Period) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
+    """L slots of `period` (L a multiple of its interval) in one lax.scan over the periods, each a VQ-VAE step and
+    then a scan of the period's dynamics steps; returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. No
+    conditional: a step no seed takes runs and is masked (on a GPU a conditional reads its predicate back to the
+    host, and its pass-through branch copies the whole state: benchmarks/kernels.py). The sums ride in the scan's
+    carry (stacked per slot, each metric would be a GPU kernel per slot). index: the slots' numbers [L]."""
     first = jax.tree.map(lambda x: x[0], slots)
-    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first, index[0], steps_key, lr_scale, mask)
+    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first, index[0], steps_key, lr_scale)
 
     def dynamics_steps(w, dyn_sums, group, numbers):
         def step(carry, xs):
@@ -168,7 +138,7 @@ def periodic_chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, i
         (w, dyn_sums), _ = jax.lax.scan(step, (w, dyn_sums), (group, numbers))
         return w, dyn_sums
 
-    if period.interval == 0:  # dynamics steps only (the VQ-VAE stream ran out)
+    if period.interval == 0:  # dynamics steps only (benchmarks/run.py's dynamics step)
         world, dyn = dynamics_steps(world, no_dyn, slots, index)
         return world, (no_vq, dyn)
 

@@ -180,7 +180,7 @@ def test_tiny_device_check_writes_every_part(tmp_path):
             assert all(key in figures for key in BENCH_KEYS), (part, sorted(figures))
         assert figures["num_seeds"] == seeds and report[part]["num_seeds"] == seeds
         # every step time was also printed as it was measured (kept when a part is stopped at its limit)
-        assert {"vqvae_step (per step of a 60-slot chunk)", "ppo_update"} <= set(report[part]["partial"])
+        assert {"vqvae_step (per step of a 12-slot chunk)", "ppo_update"} <= set(report[part]["partial"])
         assert report[part]["partial"]["ppo_update"]["ms"] == pytest.approx(figures["ppo_update_ms"], abs=0.01)
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["target"] == "accelerator"
         assert {k: figures["compute"][k] for k in plain} == plain
@@ -188,11 +188,11 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         variants = report[part]["variants"]
         assert [v["variant"] for v in variants] == [f.split(":")[0] for f in device_check.FORMULATIONS]
         assert all(v["ms_per_step"] > 0 for v in variants)
-        assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 60), ("vqvae", 60), ("policy", 8)}
+        assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 12), ("vqvae", 12), ("policy", 8)}
         assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
         assert report[part]["schedule_counts"]["dynamics_steps"] > 0  # the smoke preset's, tiny
         assert set(report[part]["projected_training_min"]) == {"preset", "xla", "preset_bf16"}
-    for part, chunk in (("profile_scan", 60), ("profile_per_step", 16)):
+    for part, chunk in (("profile_scan", 12), ("profile_per_step", 16)):
         profile = report[part]["result"]
         assert profile["chunk_slots"] == chunk and profile["ms_per_step"] > 0 and profile["threads"]
         assert all(0 <= t["busy_fraction"] <= 1 for t in profile["threads"])

@@ -81,30 +81,14 @@ def test_empty_slots_have_the_epochs_shapes_and_dtypes_and_are_all_off():
     assert not (empty.vq_active.any() or empty.dyn_active.any() or empty_shared.vq_on.any() or empty_shared.dyn_on.any())
 
 
-def test_period_finds_the_slots_a_joint_epochs_chunks_repeat():
-    """slots.period: a joint epoch's chunks of a multiple of its interval repeat (VQ-VAE + dynamics, dynamics, ...)
-    until a stream runs out; its last chunk, padded, repeats nothing."""
-    from dlwm_jax.slots import Period, SharedSlots, period
-    d, interval, n = CFG.dynamics, 3, 6
-    replay = replays_of([2000])[0]
-    keys = jax.random.split(jax.random.key(4), 2)
-    vq = [replay.observation_plan(keys[0], CFG.vqvae.batch_size)]
-    seq = [replay.sequence_plan(keys[1], d.batch_size, d.sequence_length, d.max_offset)]
-    _, shared = epoch_slots(CFG, vq, seq, interval)
-    pad = -len(shared.index) % n  # as epochs.run_slots pads the last chunk
-    padded = SharedSlots(*(np.concatenate([x, np.zeros(pad, x.dtype)]) for x in shared))
-    chunks = [SharedSlots(*(x[start:start + n] for x in padded)) for start in range(0, len(padded.index), n)]
-    assert len(chunks) >= 3
-    assert [period(chunk) for chunk in chunks[:-1]] == [Period(3, True)] * (len(chunks) - 1)
-    assert period(chunks[-1]) is None  # the epoch's end: its last slot takes no dynamics step
-    warmup = epoch_slots(CFG, vq)[1]
-    assert period(SharedSlots(*(x[:4] for x in warmup))) == Period(1, False)
-    flags = lambda vq_on, dyn_on: SharedSlots(np.arange(len(vq_on)), np.array(vq_on, bool), np.array(dyn_on, bool))
-    assert period(flags([0, 0, 0, 0], [1, 1, 1, 1])) == Period(0, True)  # the VQ-VAE stream ran out
-    assert period(flags([0, 0, 0, 0], [0, 0, 0, 0])) is None  # padding only: nothing to run
-    assert period(flags([1, 0, 0, 1, 0, 0, 0], [1] * 7)) is None  # 7 slots: interval 3 does not divide them
-    assert period(flags([0, 1, 0, 1], [1] * 4)) is None  # a chunk must start a period
-    assert period(flags([1, 0, 1, 1], [1] * 4)) is None
-    assert period(flags([1, 0, 1, 0], [1, 1, 1, 0])) is None  # the dynamics stream ends inside
-    assert period(flags(np.arange(12) % 6 == 0, [1] * 12)) == Period(6, True)  # the short preset's interval
-    assert period(flags(np.arange(14) % 7 == 0, [1] * 14)) is None  # longer than 6: not a program of its own
+def test_a_periods_chunks_start_periods_and_the_schedule_names_its_periods():
+    """slots.Period.slots: a chunk's length is the smallest multiple of the interval >= compute.epoch_chunk, so
+    that an epoch's chunks each start a period; programs.epoch_periods: the warm-up's and one per VQ-VAE interval
+    of the schedule (the programs compiled ahead)."""
+    from dlwm_jax.programs import epoch_periods
+    from dlwm_jax.slots import Period
+    assert [Period(k, True).slots(12) for k in (1, 2, 3, 4, 5, 6, 7)] == [12, 12, 12, 12, 15, 12, 14]
+    assert Period(3, True).slots(4) == 6 and Period(1, False).slots(4) == 4 and Period(0, True).slots(5) == 5
+    paper = config_lib.get_preset("paper")
+    assert epoch_periods(paper) == {"warmup": Period(1, False), "joint_every_2": Period(2, True),
+                                    "joint_every_3": Period(3, True)}

@@ -137,17 +137,6 @@ def test_sources_name_each_operation_by_its_op_name_without_the_frames(tmp_path)
                                         "transpose(jvp())/Encoder/reduce_sum": 64}
 
 
-def test_chunk_slots_count_one_slot_of_each_kind():
-    slots = kernels.chunk_slots(kernels.parse_thunks(DUMP), {75: 64, 721: 10})
-    assert slots["slots_per_call"] == 64
-    assert slots["per_call"]["launches"] == 1 and slots["per_call"]["in_graphs"] == 3
-    # A dynamics slot: condition + slice, the VQ-VAE step skipped (one graph of 3 copies), the dynamics step run.
-    assert slots["dynamics"]["launches"] == 1 + 1 + 1 + (1 + 10 * 3 + 1)
-    assert slots["dynamics"]["in_graphs"] == 3 and slots["dynamics"]["loop_iterations"] == 1 + 10
-    assert slots["vqvae"]["launches"] == 1 + 1 + 3 + 1 and slots["vqvae"]["loop_iterations"] == 1
-    assert slots["both"]["launches"] == 1 + 1 + 3 + 32 and slots["both"]["conditionals"] == 2
-
-
 def test_a_loop_without_a_known_trip_count_is_an_error():
     with pytest.raises(ValueError, match="no known trip count"):
         kernels.count(kernels.parse_thunks(DUMP), {75: 64})

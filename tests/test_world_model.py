@@ -13,6 +13,7 @@ import pytest
 from conftest import breakout_replay
 
 from dlwm_jax import config as config_lib
+from dlwm_jax import slots
 from dlwm_jax import world_model as wm
 from dlwm_jax.epochs import joint_epoch, warmup_epoch
 from dlwm_jax.networks.dynamics import initial_state
@@ -248,10 +249,10 @@ def test_dynamics_step_updates_bn_running_stats_but_no_vqvae_parameter(atari, in
     assert 0.5 * math.log(3) < float(metrics["reward_loss"]) < 2 * math.log(3)
 
 
-def _assert_trees_close(a, b, rtol=1e-4):
+def _assert_trees_close(a, b, rtol=1e-4, atol=0.0):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         if jnp.issubdtype(x.dtype, jnp.floating):
-            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * max(float(jnp.max(jnp.abs(y))), 1e-6))
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=max(atol, rtol * max(float(jnp.max(jnp.abs(y))), 1e-6)))
         elif not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             np.testing.assert_array_equal(x, y)
 
@@ -261,10 +262,9 @@ def _assert_trees_close(a, b, rtol=1e-4):
 def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs, epoch_chunk, interval):
     """A joint epoch as the loop runs it against wm.vqvae_step and wm.dynamics_step (one program each) called step
     by step on batches the host gathers (the loop before slots). epoch_chunk 0: the per-slot programs (the encoder
-    pass and the ConvLSTM update compiled apart, batches gathered on the device); 4 and 6 (slow): scanned chunks,
-    the epoch's bulk with its slot pattern written out (slots.periodic_chunk), its last chunk with conditionals and
-    padded slots skipped (slots.chunk). Same steps, same parameters to float tolerance (other programs round
-    differently in the last bits)."""
+    pass and the ConvLSTM update compiled apart, batches gathered on the device); 4 and 6 (slow): scanned chunks
+    of the epoch's slots.Period (slots.chunk), the steps past the epoch's end masked. Same steps, same parameters
+    to float tolerance (other programs round differently in the last bits)."""
     replay, num_actions = atari
     key = jax.random.key(11)
     vq_key, dyn_key, steps_key = jax.random.split(key, 3)
@@ -281,39 +281,59 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
         programs = compile_programs(config_lib.override(CFG, {"compute.epoch_chunk": epoch_chunk}), num_actions, 1,
                                     None)
         assert len(seq_batches) % epoch_chunk != epoch_chunk - 1  # the last chunk has padded slots
-    assert programs.chunk_slots == (epoch_chunk or HOST_LOOP_CHUNK)
+    assert programs.chunk_slots(slots.Period(interval, True)) == (epoch_chunk or HOST_LOOP_CHUNK)
     state, metrics = one_seed(joint_epoch, programs, initial, replay, key, interval)
     assert int(state.dynamics_steps) == len(seq_batches) == metrics["dynamics"]["steps"]
     assert int(state.vqvae_steps) == int(reference.vqvae_steps) == metrics["vqvae"]["steps"]
     _assert_trees_close(state, reference)
 
 
-def test_a_repeated_slot_pattern_runs_as_the_conditional_chunk_does(atari, initial):
-    """slots.periodic_chunk (no conditional) against slots.chunk (a conditional per step) on the same 4 slots of a
-    joint epoch with interval 2, of a warm-up epoch and of a joint epoch's dynamics steps alone (the VQ-VAE stream
-    run out): the same parameters and metric sums."""
-    from dlwm_jax import slots
+def test_a_chunk_runs_the_steps_its_flags_take_and_masks_the_rest(atari, initial):
+    """slots.chunk (no conditional: every step of its Period runs, and a step whose active flag is off is masked)
+    against the per-slot functions run on the taken steps only, as the CPU's host loop runs them: 6 slots of a
+    joint epoch's end (interval 2) whose last VQ-VAE step and last 2 dynamics steps are off, 4 warm-up slots whose
+    last 2 are padding, and 4 slots of dynamics steps alone (Period 0). The same parameters, step counts and
+    metric sums; a masked step must not touch the state (Adam on zero gradients would)."""
     from dlwm_jax.epochs import epoch_slots
     replay, _ = atari
     d, keys = CFG.dynamics, jax.random.split(jax.random.key(12), 3)
+    vqvae = jax.jit(functools.partial(slots.vqvae_slot, mask=False))
+    encode, dynamics = jax.jit(slots.encode_slot), jax.jit(functools.partial(slots.dynamics_slot, mask=False))
     vq_plan = [replay.observation_plan(keys[0], CFG.vqvae.batch_size)]
     seq_plan = [replay.sequence_plan(keys[1], d.batch_size, d.sequence_length, d.max_offset)]
-    frames = jnp.asarray(replay.frames)
-    joint, warmup = epoch_slots(CFG, vq_plan, seq_plan, 2), epoch_slots(CFG, vq_plan)
-    no_vq = (joint[0]._replace(vq_active=np.zeros_like(joint[0].vq_active)), joint[1]._replace(
-        vq_on=np.zeros_like(joint[1].vq_on)))
-    for (part, shared), expected in ((joint, slots.Period(2, True)), (warmup, slots.Period(1, False)),
-                                     (no_vq, slots.Period(0, True))):
-        part, shared = slots.Slots(*(x[0, :4] for x in part)), slots.SharedSlots(*(x[:4] for x in shared))
-        period = slots.period(shared)
-        assert period == expected
-        with_conds = jax.jit(functools.partial(slots.chunk, mask=False))(initial, frames, part, shared, keys[2],
-                                                                          jnp.float32(1.0))
-        periodic = jax.jit(functools.partial(slots.periodic_chunk, mask=False, period=period))(
-            initial, frames, part, shared.index, keys[2], jnp.float32(1.0))
-        _assert_trees_close(periodic, with_conds, rtol=1e-5)
-        assert int(periodic[0].dynamics_steps) == int(with_conds[0].dynamics_steps) == 4 * period.dynamics
-        assert int(periodic[0].vqvae_steps) == int(with_conds[0].vqvae_steps) == (4 // period.interval if period.interval else 0)
+    frames, one = jnp.asarray(replay.frames), jnp.float32(1.0)
+    (joint, _), (warmup, _) = epoch_slots(CFG, vq_plan, seq_plan, 2), epoch_slots(CFG, vq_plan)
+    first = lambda part, n: slots.Slots(*(x[0, :n] for x in part))
+    joint = first(joint, 6)._replace(vq_active=np.array([1, 0, 1, 0, 0, 0], bool),
+                                     dyn_active=np.array([1, 1, 1, 1, 0, 0], bool))
+    warmup = first(warmup, 4)._replace(vq_active=np.array([1, 1, 0, 0], bool))
+    dynamics_only = slots.Slots(*(x[:4] for x in joint))._replace(vq_active=np.zeros(4, bool))
+    for part, period in ((joint, slots.Period(2, True)), (warmup, slots.Period(1, False)),
+                         (dynamics_only, slots.Period(0, True))):
+        index = np.arange(len(part.vq_active), dtype=np.int32)
+        got = jax.jit(functools.partial(slots.chunk, period=period))(initial, frames, part, index, keys[2], one)
+        world, vq_sums, dyn_sums = initial, [], []
+        for i in index:
+            slot = slots.Slots(*(x[i] for x in part))
+            if part.vq_active[i]:
+                world, sums = vqvae(world, frames, slot, one)
+                vq_sums.append(sums)
+            if part.dyn_active[i] and period.dynamics:
+                indices, batch_stats = encode(world, frames, slot)
+                world, sums = dynamics(world, batch_stats, indices, slot, keys[2], i)
+                dyn_sums.append(sums)
+        total = lambda sums: jax.tree.map(lambda *xs: sum(xs), *sums)
+        assert int(got[0].vqvae_steps) == int(world.vqvae_steps) == int(part.vq_active.sum())
+        assert int(got[0].dynamics_steps) == int(world.dynamics_steps) == len(dyn_sums)
+        # Exact: the step counters and Adam's counts. Close: the floats (other programs round otherwise, and Adam
+        # divides by the root of tiny second moments: ~1e-5 apart after 3 steps; a step masked wrongly moves
+        # parameters by ~lr, 3e-4..1e-3).
+        _assert_trees_close(got[0], world, atol=3e-5)
+        for sums, want in zip(got[1], (vq_sums, dyn_sums)):
+            if want:
+                _assert_trees_close(sums, total(want))
+            else:
+                assert float(sums["steps"]) == 0
 
 
 def test_joint_epoch_schedule_and_key_determinism(atari, initial, programs):
