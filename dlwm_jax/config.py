@@ -117,8 +117,9 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # by 10; the PPO update's scans stay rolled (unrolled, with GEMM convolutions, XLA's compile for the H100 found no
 # Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 7
 # (with an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1; operations in
-# a joint slot's graphs 1,172 -> 1,090 with the fused layer norms (benchmarks/README.md). The device check times
-# them against the XLA convolutions and Flax's layer norms.
+# a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 632 with a cell's two convolutions as one
+# batched matmul (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's layer
+# norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
@@ -162,8 +163,8 @@ class ComputeConfig:
                                         # gradient, as one reduction each: fewer GPU kernels)
     dynamics_unroll: int | None = None  # 10 / 10: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
     lstm_conv: str | None = None        # the dynamics' convs (5x5 cells, 1x1 heads) on the 6x6 grid: "im2col" (one
-                                        # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient); or
-                                        # "rows", or "xla" (lax.conv_general_dilated: cuDNN on a GPU)
+                                        # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient, a
+                                        # cell's two as one batched matmul); or "rows", or "xla" (cuDNN on a GPU)
     dream_lstm_conv: str | None = None  # the same in imagination (forward only): "rows" (skips all-padding kernel
                                         # rows) / "gemm"
     policy_conv: str | None = None      # actor-critic convs: "xla" / "gemm" ("im2col" wins on CPU only with YNNPACK in

@@ -8,7 +8,7 @@ from dlwm_jax import config as config_lib
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.convlstm import ConvLSTMCell
 from dlwm_jax.networks.dynamics import initial_state
-from dlwm_jax.networks.layers import Conv, conv2d, gemm_conv, im2col_conv, rows_conv
+from dlwm_jax.networks.layers import Conv, conv2d, gemm_conv, im2col_conv, paired_gemm_conv, rows_conv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -122,9 +122,34 @@ def _cell_inputs(hidden=16, cin=11, batch=3):
     return inputs, (h, c)
 
 
-def test_convlstm_cell_im2col_equals_xla_outputs_and_gradients():
+@pytest.mark.parametrize("size,kernel,padding,cins,couts", [(6, 5, 2, (7, 16), (12, 12)), (5, 3, 1, (9, 4), (5, 8))])
+def test_paired_gemm_conv_equals_two_gemm_convs_as_one_matmul(size, kernel, padding, cins, couts):
+    """Outputs and gradients equal to two gemm_convs (the same sums plus zeros, float32 to 1e-5), and half the
+    matmuls: one for the forward, one each for the kernels' and the inputs' gradients (two gemm_convs: 2 + 4)."""
+    keys = jax.random.split(jax.random.key(13), 5)
+    x, y = (jax.random.normal(k, (3, size, size, c)) for k, c in zip(keys, cins))
+    wx, wy = (jax.random.normal(k, (kernel, kernel, c, o)) / np.sqrt(kernel * kernel * c)
+              for k, c, o in zip(keys[2:], cins, couts))
+    two = lambda x, y, wx, wy: (gemm_conv(x, wx, padding), gemm_conv(y, wy, padding))
+    one = lambda x, y, wx, wy: paired_gemm_conv(x, y, wx, wy, padding)
+    for a, b in zip(one(x, y, wx, wy), two(x, y, wx, wy)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, **TOL)
+    out = size + 2 * padding - kernel + 1
+    targets = [jax.random.normal(keys[4], (3, out, out, o)) for o in couts]
+    grad = lambda f: jax.grad(lambda *args: sum(jnp.sum(jnp.sin(o) * t) for o, t in zip(f(*args), targets)),
+                              (0, 1, 2, 3))
+    for a, b in zip(grad(one)(x, y, wx, wy), grad(two)(x, y, wx, wy)):
+        np.testing.assert_allclose(a, b, **TOL)
+    dots = lambda fn: jax.jit(fn).lower(x, y, wx, wy).as_text().count("dot_general")
+    assert (dots(one), dots(two), dots(grad(one)), dots(grad(two))) == (1, 2, 3, 6)
+
+
+@pytest.mark.parametrize("fast", ["im2col", "gemm"])
+def test_convlstm_cell_fast_convs_equal_xla_outputs_and_gradients(fast):
+    """"gemm": conv_x and conv_h as one batched matmul (paired_gemm_conv), each kernel under its name."""
     inputs, state = _cell_inputs()
-    fast, plain = ConvLSTMCell(16, conv_impl="im2col"), ConvLSTMCell(16, conv_impl="xla")
+    fast, plain = ConvLSTMCell(16, conv_impl=fast), ConvLSTMCell(16, conv_impl="xla")
     params = fast.init(jax.random.key(4), inputs, state)
     assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(4), inputs, state))
     # Non-trivial layer-norm affine parameters, so every parameter's gradient is exercised.

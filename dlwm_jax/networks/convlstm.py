@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.layers import Conv, LayerNormAffine, paired_layer_norm, spatial_layer_norm, uniform_init
+from dlwm_jax.networks.layers import (Conv, ConvKernel, LayerNormAffine, paired_gemm_conv, paired_layer_norm,
+                                      spatial_layer_norm, uniform_init)
 
 
 class ConvLSTMCell(nn.Module):
@@ -16,7 +17,8 @@ class ConvLSTMCell(nn.Module):
 
     Gates [i | f | g | o] = LN_x(conv_x(inputs)) + LN_h(conv_h(h)) + per-channel biases; input and forget
     gates peep at the old cell state, the output gate at the new one; the forget gate gets +forget_bias.
-    `conv_impl` ("im2col" | "gemm" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are computed.
+    `conv_impl` ("im2col" | "gemm" | "rows" | "xla", ComputeConfig.lstm_conv) only picks how the 5x5 convolutions are
+    computed ("gemm": both as one batched matmul, layers.paired_gemm_conv).
     The gate convolutions run in `dtype` (ComputeConfig.dtype); layer norms, gates and the state (h, c) are float32,
     so a 10- or 50-step recurrence does not accumulate bfloat16 rounding.
 
@@ -36,7 +38,9 @@ class ConvLSTMCell(nn.Module):
 
     def setup(self):
         hc, k = self.hidden_channels, self.kernel_size
-        conv = lambda: Conv(4 * hc, k, k // 2, use_bias=False, impl=self.conv_impl, dtype=self.dtype)
+        # "gemm": both convolutions as one batched matmul (paired_gemm_conv); each keeps its kernel and name
+        conv = lambda: (ConvKernel(4 * hc, k) if self.conv_impl == "gemm"
+                        else Conv(4 * hc, k, k // 2, use_bias=False, impl=self.conv_impl, dtype=self.dtype))
         # "fused": the two layer norms normalise as one (paired_layer_norm); each keeps its parameters and name
         norm = lambda: (LayerNormAffine() if self.layer_norm == "fused"
                         else spatial_layer_norm(self.layer_norm_epsilon, impl=self.layer_norm))
@@ -62,6 +66,10 @@ class ConvLSTMCell(nn.Module):
         return h_new, c_new
 
     def convs(self, inputs: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.conv_impl == "gemm":
+            kernels = self.conv_x(inputs.shape[-1]), self.conv_h(h.shape[-1])
+            return paired_gemm_conv(inputs.astype(self.dtype), h.astype(self.dtype),
+                                    *(w.astype(self.dtype) for w in kernels), self.kernel_size // 2)
         return self.conv_x(inputs), self.conv_h(h)
 
     def preactivations(self, y_x: jax.Array, y_h: jax.Array, c: jax.Array, c_new: jax.Array) -> jax.Array:

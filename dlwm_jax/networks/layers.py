@@ -70,17 +70,20 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return _patch_matmul(x, kernel, padding)[0]
 
 
-def _patch_matmul(x: jax.Array, kernel: jax.Array, padding: int) -> tuple[jax.Array, jax.Array]:
-    """The stride-1 convolution as one matmul: (output [B, H', W', Cout], patches [B*H'*W', k*k*Cin])."""
+def _im2col(x: jax.Array, k: int, padding: int) -> tuple[jax.Array, tuple[int, int, int]]:
+    """Patches [B*H'*W', k*k*Cin] of a stride-1 k x k convolution of x [B, H, W, Cin], and (B, H', W')."""
     b, h, w, cin = x.shape
-    k, cout = kernel.shape[0], kernel.shape[-1]
     out_h, out_w = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     if k == 1 and padding == 0:
-        patches = x.reshape(b * h * w, cin)
-    else:
-        padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        patches = _patches(padded, (k, k), (out_h, out_w)).reshape(b * out_h * out_w, k * k * cin)
-    return (patches @ kernel.reshape(k * k * cin, cout)).reshape(b, out_h, out_w, cout), patches
+        return x.reshape(b * h * w, cin), (b, h, w)
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return _patches(padded, (k, k), (out_h, out_w)).reshape(b * out_h * out_w, k * k * cin), (b, out_h, out_w)
+
+
+def _patch_matmul(x: jax.Array, kernel: jax.Array, padding: int) -> tuple[jax.Array, jax.Array]:
+    """The stride-1 convolution as one matmul: (output [B, H', W', Cout], patches [B*H'*W', k*k*Cin])."""
+    patches, shape = _im2col(x, kernel.shape[0], padding)
+    return (patches @ kernel.reshape(-1, kernel.shape[-1])).reshape(*shape, kernel.shape[-1]), patches
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -93,10 +96,13 @@ def gemm_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return _gemm_forward(x, kernel, padding)[0]
 
 
-def _gemm_forward(x, kernel, padding):
-    k = kernel.shape[0]
+def _check_gemm_padding(k: int, padding: int) -> None:
     if not 0 <= padding <= k - 1:  # the input's gradient pads k - 1 - padding
         raise ValueError(f"gemm_conv needs 0 <= padding <= kernel - 1, got kernel {k} padding {padding}")
+
+
+def _gemm_forward(x, kernel, padding):
+    _check_gemm_padding(kernel.shape[0], padding)
     return _patch_matmul(x, kernel, padding)
 
 
@@ -109,11 +115,66 @@ def _gemm_conv_bwd(padding, residuals, cotangent):
     patches, kernel = residuals
     k, cout = kernel.shape[0], kernel.shape[-1]
     kernel_grad = (patches.T @ cotangent.reshape(-1, cout)).reshape(kernel.shape)
-    input_grad = _gemm_forward(cotangent, kernel[::-1, ::-1].swapaxes(2, 3), k - 1 - padding)[0]
+    input_grad = _gemm_forward(cotangent, _flip(kernel), k - 1 - padding)[0]
     return input_grad, kernel_grad
 
 
 gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+def _flip(kernel: jax.Array) -> jax.Array:
+    """The kernel of a stride-1 convolution's transpose: taps reversed, input and output channels swapped."""
+    return kernel[::-1, ::-1].swapaxes(2, 3)
+
+
+def _paired_matmul(equation: str, a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array],
+                   shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+    """einsum(equation, a[i], b[i]) for i = 0, 1 as ONE batched matmul: each pair zero-padded to its larger shape
+    and stacked, result i cut back to shapes[i]."""
+    stack = lambda pair: jnp.stack([jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, np.maximum(*(y.shape for y in pair)))])
+                                    for x in pair])
+    out = jnp.einsum("z" + equation.replace(",", ",z").replace("->", "->z"), stack(a), stack(b))
+    return [out[i][tuple(slice(0, n) for n in shape)] for i, shape in enumerate(shapes)]
+
+
+def _paired_forward(x, y, kernel_x, kernel_y, padding):
+    k = kernel_x.shape[0]
+    _check_gemm_padding(k, padding)
+    if kernel_y.shape[:2] != (k, k) or x.shape[:3] != y.shape[:3]:
+        raise ValueError(f"paired_gemm_conv needs one kernel size and one grid, got kernels {kernel_x.shape} and "
+                         f"{kernel_y.shape}, inputs {x.shape} and {y.shape}")
+    (px, shape), (py, _) = _im2col(x, k, padding), _im2col(y, k, padding)
+    flat = [kernel.reshape(-1, kernel.shape[-1]) for kernel in (kernel_x, kernel_y)]
+    outs = _paired_matmul("mk,kn->mn", (px, py), flat, [(px.shape[0], w.shape[-1]) for w in flat])
+    return tuple(o.reshape(*shape, -1) for o in outs), (px, py)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def paired_gemm_conv(x: jax.Array, y: jax.Array, kernel_x: jax.Array, kernel_y: jax.Array,
+                     padding: int) -> tuple[jax.Array, jax.Array]:
+    """(gemm_conv(x, kernel_x), gemm_conv(y, kernel_y)): two stride-1 k x k convolutions of inputs on one grid as ONE
+    batched matmul (the patches and the kernels of the two zero-padded to the larger channel counts, then stacked).
+    Its gradient is two batched matmuls too: the kernels' and the inputs' (the transposed convolutions, as in
+    gemm_conv). A ConvLSTM cell's conv_x and conv_h: on a GPU half the matmuls of a step, each with its split-K
+    reduction (benchmarks/kernels.py). The same sums plus exact zeros: equal to two gemm_convs
+    (tests/test_fast_ops.py)."""
+    return _paired_forward(x, y, kernel_x, kernel_y, padding)[0]
+
+
+def _paired_fwd(x, y, kernel_x, kernel_y, padding):
+    outs, patches = _paired_forward(x, y, kernel_x, kernel_y, padding)
+    return outs, (*patches, kernel_x, kernel_y)
+
+
+def _paired_bwd(padding, residuals, cotangents):
+    px, py, kernel_x, kernel_y = residuals
+    flat = [d.reshape(-1, d.shape[-1]) for d in cotangents]
+    kernels = _paired_matmul("mk,mn->kn", (px, py), flat, [(p.shape[1], d.shape[1]) for p, d in zip((px, py), flat)])
+    inputs, _ = _paired_forward(*cotangents, _flip(kernel_x), _flip(kernel_y), kernel_x.shape[0] - 1 - padding)
+    return (*inputs, kernels[0].reshape(kernel_x.shape), kernels[1].reshape(kernel_y.shape))
+
+
+paired_gemm_conv.defvjp(_paired_fwd, _paired_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -187,6 +248,22 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: int, impl: str, stride: int
     return {"im2col": im2col_conv, "gemm": gemm_conv, "rows": rows_conv}[impl](x, kernel, padding)
 
 
+# PyTorch's default conv kernel init: Kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in)).
+CONV_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class ConvKernel(nn.Module):
+    """A Conv's kernel alone ("kernel" [k, k, Cin, Cout], Conv's init, under the module's name), for convolutions
+    computed together (paired_gemm_conv)."""
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        k = self.kernel_size
+        return self.param("kernel", CONV_KERNEL_INIT, (k, k, in_features, self.features))
+
+
 class Conv(nn.Module):
     """A 2-D convolution with PyTorch's default init (kernel U(+-1/sqrt(fan_in)) as Kaiming-uniform with
     a=sqrt(5), optional bias U(+-1/sqrt(fan_in))) and flax.linen.Conv's parameters ("kernel" [k, k, Cin, Cout],
@@ -203,8 +280,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, cin = self.kernel_size, x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                            (k, k, cin, self.features))
+        kernel = self.param("kernel", CONV_KERNEL_INIT, (k, k, cin, self.features))
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.padding, self.impl, self.stride)
         if self.use_bias:
             y = y + self.param("bias", uniform_init(1.0 / math.sqrt(cin * k * k)), (self.features,)).astype(self.dtype)
