@@ -122,23 +122,22 @@ def _cell_inputs(hidden=16, cin=11, batch=3):
     return inputs, (h, c)
 
 
-@pytest.mark.parametrize("size,kernel,padding,cins,couts", [(6, 5, 2, (7, 16), (12, 12)), (5, 3, 1, (9, 4), (5, 8))])
-def test_paired_gemm_conv_equals_two_gemm_convs_as_one_matmul(size, kernel, padding, cins, couts):
-    """Outputs and gradients equal to two gemm_convs (the same sums plus zeros, float32 to 1e-5), and half the
-    matmuls: one for the forward, one each for the kernels' and the inputs' gradients (two gemm_convs: 2 + 4)."""
+@pytest.mark.parametrize("size,kernel,padding,cins,cout", [(6, 5, 2, (7, 16), 12), (5, 3, 1, (9, 4), 5),
+                                                           (4, 3, 0, (3, 3), 4)])
+def test_paired_gemm_conv_equals_two_gemm_convs_as_one_matmul(size, kernel, padding, cins, cout):
+    """Outputs (stacked) and gradients equal to two gemm_convs (the same sums plus zeros, float32 to 1e-5), and
+    half the matmuls: one for the forward, one each for the kernels' and the inputs' gradients (two gemm_convs:
+    2 + 4)."""
     keys = jax.random.split(jax.random.key(13), 5)
     x, y = (jax.random.normal(k, (3, size, size, c)) for k, c in zip(keys, cins))
-    wx, wy = (jax.random.normal(k, (kernel, kernel, c, o)) / np.sqrt(kernel * kernel * c)
-              for k, c, o in zip(keys[2:], cins, couts))
-    two = lambda x, y, wx, wy: (gemm_conv(x, wx, padding), gemm_conv(y, wy, padding))
+    wx, wy = (jax.random.normal(k, (kernel, kernel, c, cout)) / np.sqrt(kernel * kernel * c)
+              for k, c in zip(keys[2:], cins))
+    two = lambda x, y, wx, wy: jnp.stack([gemm_conv(x, wx, padding), gemm_conv(y, wy, padding)])
     one = lambda x, y, wx, wy: paired_gemm_conv(x, y, wx, wy, padding)
-    for a, b in zip(one(x, y, wx, wy), two(x, y, wx, wy)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, **TOL)
-    out = size + 2 * padding - kernel + 1
-    targets = [jax.random.normal(keys[4], (3, out, out, o)) for o in couts]
-    grad = lambda f: jax.grad(lambda *args: sum(jnp.sum(jnp.sin(o) * t) for o, t in zip(f(*args), targets)),
-                              (0, 1, 2, 3))
+    assert one(x, y, wx, wy).shape == two(x, y, wx, wy).shape
+    np.testing.assert_allclose(one(x, y, wx, wy), two(x, y, wx, wy), **TOL)
+    target = jax.random.normal(keys[4], two(x, y, wx, wy).shape)
+    grad = lambda f: jax.grad(lambda *args: jnp.sum(jnp.sin(f(*args)) * target), (0, 1, 2, 3))
     for a, b in zip(grad(one)(x, y, wx, wy), grad(two)(x, y, wx, wy)):
         np.testing.assert_allclose(a, b, **TOL)
     dots = lambda fn: jax.jit(fn).lower(x, y, wx, wy).as_text().count("dot_general")

@@ -54,36 +54,38 @@ class ConvLSTMCell(nn.Module):
     def __call__(self, inputs: jax.Array, state: tuple[jax.Array, jax.Array],
                  tap: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         h, c = state
-        y_x, y_h = self.convs(inputs, h)
-        gates = self._normalized(y_x, y_h)
+        y = self.convs(inputs, h)
+        gates = self._normalized(y)
         if tap is not None:
             gates = gates + tap
         i, f, g = self._input_preactivations(gates, c)
         c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h_new = jax.nn.sigmoid(self._output_preactivation(gates, c_new)) * jnp.tanh(c_new)
-        for name, value in zip(self.RESIDUALS, (inputs, h, c, c_new, y_x, y_h)):
+        for name, value in zip(self.RESIDUALS, (inputs, h, c, c_new, y[0], y[1])):
             self.sow("intermediates", name, value)
         return h_new, c_new
 
-    def convs(self, inputs: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def convs(self, inputs: jax.Array, h: jax.Array) -> jax.Array:
+        """[conv_x(inputs), conv_h(h)] stacked: [2, B, H, W, 4 Hc]."""
         if self.conv_impl == "gemm":
             kernels = self.conv_x(inputs.shape[-1]), self.conv_h(h.shape[-1])
             return paired_gemm_conv(inputs.astype(self.dtype), h.astype(self.dtype),
                                     *(w.astype(self.dtype) for w in kernels), self.kernel_size // 2)
-        return self.conv_x(inputs), self.conv_h(h)
+        return jnp.stack([self.conv_x(inputs), self.conv_h(h)])
 
-    def preactivations(self, y_x: jax.Array, y_h: jax.Array, c: jax.Array, c_new: jax.Array) -> jax.Array:
-        """The four gates' arguments before their nonlinearity, [..., 4 Hc], from the convolutions' outputs and the
-        old and new cell states as given: how every parameter but the kernels enters a step."""
-        gates = self._normalized(y_x, y_h)
+    def preactivations(self, y: jax.Array, c: jax.Array, c_new: jax.Array) -> jax.Array:
+        """The four gates' arguments before their nonlinearity, [..., 4 Hc], from the convolutions' outputs (stacked,
+        as `convs` returns them) and the old and new cell states as given: how every parameter but the kernels
+        enters a step."""
+        gates = self._normalized(y)
         return jnp.concatenate([*self._input_preactivations(gates, c), self._output_preactivation(gates, c_new)], -1)
 
-    def _normalized(self, y_x, y_h):
-        """LN_x(y_x) + LN_h(y_h)."""
+    def _normalized(self, y):
+        """LN_x(y[0]) + LN_h(y[1])."""
         if self.layer_norm == "fused":
-            shape = y_x.shape[-3:]
-            return paired_layer_norm(y_x, y_h, self.ln_x(shape), self.ln_h(shape), self.layer_norm_epsilon)
-        return self.ln_x(y_x) + self.ln_h(y_h)
+            shape = y.shape[-3:]
+            return paired_layer_norm(y, self.ln_x(shape), self.ln_h(shape), self.layer_norm_epsilon)
+        return self.ln_x(y[0]) + self.ln_h(y[1])
 
     def _input_preactivations(self, gates, c):
         i, f, g, _ = jnp.split(gates, 4, axis=-1)
@@ -99,8 +101,8 @@ def parameter_grads(cell: ConvLSTMCell, params: Any, residuals: dict[str, jax.Ar
     every step, stacked on the batch axis, and d_gates the gates' cotangents (the `tap`'s) likewise. Sum over steps
     of each step's gradient, with one batched pass per parameter instead of one per step."""
     r = residuals
-    pre = lambda p, y_x, y_h: cell.apply({"params": p}, y_x, y_h, r["c"], r["c_new"], method="preactivations")
-    grads, dy_x, dy_h = jax.vjp(pre, params, r["y_x"], r["y_h"])[1](d_gates)
+    pre = lambda p, y: cell.apply({"params": p}, y, r["c"], r["c_new"], method="preactivations")
+    grads, dy = jax.vjp(pre, params, jnp.stack([r["y_x"], r["y_h"]]))[1](d_gates)
     convs = lambda p: cell.apply({"params": p}, r["inputs"], r["h"], method="convs")
-    kernel_grads, = jax.vjp(convs, params)[1]((dy_x, dy_h))  # the convolutions' forward is dead code here
+    kernel_grads, = jax.vjp(convs, params)[1](dy)  # the convolutions' forward is dead code here
     return jax.tree.map(jnp.add, grads, kernel_grads)  # each is zero where the other is not

@@ -127,51 +127,52 @@ def _flip(kernel: jax.Array) -> jax.Array:
     return kernel[::-1, ::-1].swapaxes(2, 3)
 
 
-def _paired_matmul(equation: str, a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array],
-                   shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
-    """einsum(equation, a[i], b[i]) for i = 0, 1 as ONE batched matmul: each pair zero-padded to its larger shape
-    and stacked, result i cut back to shapes[i]."""
-    stack = lambda pair: jnp.stack([jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, np.maximum(*(y.shape for y in pair)))])
-                                    for x in pair])
-    out = jnp.einsum("z" + equation.replace(",", ",z").replace("->", "->z"), stack(a), stack(b))
-    return [out[i][tuple(slice(0, n) for n in shape)] for i, shape in enumerate(shapes)]
+def _pair_conv(pair: jax.Array, kernels: jax.Array, padding: int) -> jax.Array:
+    """Two stride-1 convolutions as ONE batched matmul: pair [2, B, H, W, C] * kernels [2, k, k, C, N] ->
+    [2, B, H', W', N], half i with kernel i."""
+    k = kernels.shape[1]
+    patches, (b2, out_h, out_w) = _im2col(pair.reshape(-1, *pair.shape[2:]), k, padding)
+    out = jnp.einsum("zmk,zkn->zmn", patches.reshape(2, -1, patches.shape[-1]), kernels.reshape(2, -1, kernels.shape[-1]))
+    return out.reshape(2, b2 // 2, out_h, out_w, -1), patches
 
 
-def _paired_forward(x, y, kernel_x, kernel_y, padding):
-    k = kernel_x.shape[0]
-    _check_gemm_padding(k, padding)
-    if kernel_y.shape[:2] != (k, k) or x.shape[:3] != y.shape[:3]:
-        raise ValueError(f"paired_gemm_conv needs one kernel size and one grid, got kernels {kernel_x.shape} and "
-                         f"{kernel_y.shape}, inputs {x.shape} and {y.shape}")
-    (px, shape), (py, _) = _im2col(x, k, padding), _im2col(y, k, padding)
-    flat = [kernel.reshape(-1, kernel.shape[-1]) for kernel in (kernel_x, kernel_y)]
-    outs = _paired_matmul("mk,kn->mn", (px, py), flat, [(px.shape[0], w.shape[-1]) for w in flat])
-    return tuple(o.reshape(*shape, -1) for o in outs), (px, py)
+def _pair_inputs(x: jax.Array, y: jax.Array, kernel_x: jax.Array, kernel_y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x, y stacked [2, B, H, W, C] and the kernels [2, k, k, C, N], the fewer input channels zero-padded to C."""
+    if x.shape[:3] != y.shape[:3] or kernel_x.shape[:2] != kernel_y.shape[:2] or kernel_x.shape[3] != kernel_y.shape[3]:
+        raise ValueError(f"paired_gemm_conv needs one grid, one kernel size and one output width, got inputs {x.shape} "
+                         f"and {y.shape}, kernels {kernel_x.shape} and {kernel_y.shape}")
+    c = max(x.shape[-1], y.shape[-1])
+    pad = lambda a, axis: jnp.pad(a, [(0, c - n if i == axis else 0) for i, n in enumerate(a.shape)])
+    return jnp.stack([pad(x, 3), pad(y, 3)]), jnp.stack([pad(kernel_x, 2), pad(kernel_y, 2)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def paired_gemm_conv(x: jax.Array, y: jax.Array, kernel_x: jax.Array, kernel_y: jax.Array,
-                     padding: int) -> tuple[jax.Array, jax.Array]:
-    """(gemm_conv(x, kernel_x), gemm_conv(y, kernel_y)): two stride-1 k x k convolutions of inputs on one grid as ONE
-    batched matmul (the patches and the kernels of the two zero-padded to the larger channel counts, then stacked).
+def paired_gemm_conv(x: jax.Array, y: jax.Array, kernel_x: jax.Array, kernel_y: jax.Array, padding: int) -> jax.Array:
+    """jnp.stack([gemm_conv(x, kernel_x), gemm_conv(y, kernel_y)]): two stride-1 k x k convolutions to one width, of
+    inputs on one grid, as ONE batched matmul (the fewer input channels zero-padded, inputs and kernels stacked).
     Its gradient is two batched matmuls too: the kernels' and the inputs' (the transposed convolutions, as in
     gemm_conv). A ConvLSTM cell's conv_x and conv_h: on a GPU half the matmuls of a step, each with its split-K
-    reduction (benchmarks/kernels.py). The same sums plus exact zeros: equal to two gemm_convs
-    (tests/test_fast_ops.py)."""
-    return _paired_forward(x, y, kernel_x, kernel_y, padding)[0]
+    reduction (benchmarks/kernels.py), and the pair stays stacked for paired_layer_norm. The same sums plus exact
+    zeros: equal to two gemm_convs (tests/test_fast_ops.py)."""
+    _check_gemm_padding(kernel_x.shape[0], padding)
+    return _pair_conv(*_pair_inputs(x, y, kernel_x, kernel_y), padding)[0]
 
 
 def _paired_fwd(x, y, kernel_x, kernel_y, padding):
-    outs, patches = _paired_forward(x, y, kernel_x, kernel_y, padding)
-    return outs, (*patches, kernel_x, kernel_y)
+    _check_gemm_padding(kernel_x.shape[0], padding)
+    pair, kernels = _pair_inputs(x, y, kernel_x, kernel_y)
+    out, patches = _pair_conv(pair, kernels, padding)
+    return out, (patches, kernels, jnp.zeros((0, x.shape[-1])), jnp.zeros((0, y.shape[-1])))
 
 
-def _paired_bwd(padding, residuals, cotangents):
-    px, py, kernel_x, kernel_y = residuals
-    flat = [d.reshape(-1, d.shape[-1]) for d in cotangents]
-    kernels = _paired_matmul("mk,mn->kn", (px, py), flat, [(p.shape[1], d.shape[1]) for p, d in zip((px, py), flat)])
-    inputs, _ = _paired_forward(*cotangents, _flip(kernel_x), _flip(kernel_y), kernel_x.shape[0] - 1 - padding)
-    return (*inputs, kernels[0].reshape(kernel_x.shape), kernels[1].reshape(kernel_y.shape))
+def _paired_bwd(padding, residuals, cotangent):
+    patches, kernels, like_x, like_y = residuals  # the last two: the inputs' channel counts
+    cx, cy = like_x.shape[1], like_y.shape[1]
+    flat = cotangent.reshape(2, -1, cotangent.shape[-1])
+    kernel_grads = jnp.einsum("zmk,zmn->zkn", patches.reshape(2, -1, patches.shape[-1]), flat).reshape(kernels.shape)
+    flipped = kernels[:, ::-1, ::-1].swapaxes(3, 4)
+    input_grads = _pair_conv(cotangent, flipped, kernels.shape[1] - 1 - padding)[0]
+    return input_grads[0, ..., :cx], input_grads[1, ..., :cy], kernel_grads[0, :, :, :cx], kernel_grads[1, :, :, :cy]
 
 
 paired_gemm_conv.defvjp(_paired_fwd, _paired_bwd)
@@ -336,21 +337,25 @@ def _layer_norm_bwd(epsilon, residuals, dy):
     g, flat_xhat = (dy * scale).reshape(-1, n), xhat.reshape(-1, n)
     mean_g, mean_gx = _moments(g, g * flat_xhat)
     dx = inv[:, None] * (g - mean_g[:, None] - flat_xhat * mean_gx[:, None])
-    # scale and bias [..., H, W, C] broadcast over xhat's leading axes: their sums, as one reduction
-    per_feature = jnp.sum(jnp.stack([dy * xhat, dy], 0), tuple(range(1, 1 + xhat.ndim - scale.ndim)))
-    return dx.reshape(xhat.shape).astype(like_x.dtype), per_feature[0], per_feature[1]
+    # scale and bias broadcast over xhat's other axes (its leading ones, and where they have size 1): their sums,
+    # as one reduction
+    lead = xhat.ndim - scale.ndim
+    axes = (*range(lead), *(lead + i for i, n in enumerate(scale.shape) if n == 1 and xhat.shape[lead + i] != 1))
+    per_feature = jnp.sum(jnp.stack([dy * xhat, dy], -1), axes).reshape(*scale.shape, 2)
+    return dx.reshape(xhat.shape).astype(like_x.dtype), per_feature[..., 0], per_feature[..., 1]
 
 
 fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def paired_layer_norm(x: jax.Array, y: jax.Array, x_affine: tuple[jax.Array, jax.Array],
-                      y_affine: tuple[jax.Array, jax.Array], epsilon: float) -> jax.Array:
-    """fused_layer_norm(x) + fused_layer_norm(y) (each with its (scale, bias)), x and y of one shape [..., H, W, C],
-    as ONE layer norm of the stacked pair: one reduction for both tensors' statistics, one for both gradients'."""
-    stack = lambda a, b: jnp.stack([a, b], -4)
-    out = fused_layer_norm(stack(x, y), stack(x_affine[0], y_affine[0]), stack(x_affine[1], y_affine[1]), epsilon)
-    return out[..., 0, :, :, :] + out[..., 1, :, :, :]
+def paired_layer_norm(pair: jax.Array, x_affine: tuple[jax.Array, jax.Array], y_affine: tuple[jax.Array, jax.Array],
+                      epsilon: float) -> jax.Array:
+    """fused_layer_norm(pair[0]) + fused_layer_norm(pair[1]) (each with its (scale, bias)), pair [2, ..., H, W, C]
+    (as paired_gemm_conv leaves it), as ONE layer norm: one reduction for both halves' statistics, one for both
+    gradients'."""
+    stack = lambda a, b: jnp.stack([a, b]).reshape(2, *[1] * (pair.ndim - 4), *a.shape)
+    out = fused_layer_norm(pair, stack(x_affine[0], y_affine[0]), stack(x_affine[1], y_affine[1]), epsilon)
+    return out[0] + out[1]
 
 
 def _affine(module: nn.Module, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
