@@ -115,11 +115,11 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # every convolution as GEMMs (a cuDNN convolution runs outside XLA's command buffers, a GEMM inside; the VQ-VAE's
 # upsampling in its sub-pixel form, a stride-1 convolution), the 10-step dynamics loss and the 50-step dream unrolled
 # by 10; the PPO update's scans stay rolled (unrolled, with GEMM convolutions, XLA's compile for the H100 found no
-# Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 7
-# (with an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1; operations in
-# a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 632 with a cell's two convolutions as one
-# batched matmul (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's layer
-# norms.
+# Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 8
+# (an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1;
+# operations in a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 612 with a cell's two
+# convolutions as one batched matmul and one variadic reduction per norm (benchmarks/README.md). The device check
+# times them against the XLA convolutions and Flax's layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
