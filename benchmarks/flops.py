@@ -3,8 +3,10 @@
 Usage: python benchmarks/flops.py
 
 Prints one JSON object: XLA's own FLOP count (`compiled.cost_analysis()`) of the VQ-VAE step, the dynamics
-step, one dream (its 50 steps unrolled, since XLA counts a loop's body once) and the PPO epochs of one update, the GFLOP of a paper run by its step counts (run.schedule_counts, SPEC 8.4), and the GFLOP/s of a 2048^3 float32 matmul (median
-of 10 after compiling), i.e. the ceiling the projected hours in benchmarks/run.py are compared against.
+step, one dream (its 50 steps unrolled, since XLA counts a loop's body once) and the PPO epochs of one update,
+the GFLOP of a paper run by its step counts (run.schedule_counts, SPEC 8.4), and the GFLOP/s of a 2048^3 float32
+matmul (median of 10 after compiling), i.e. the ceiling the projected hours in benchmarks/run.py are compared
+against.
 """
 from __future__ import annotations
 

@@ -41,9 +41,9 @@ def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_para
                      forced_actions: jax.Array | None = None):
     """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan.
     forced_actions int [N] (optional): taken instead of the policy's sample where >= 0. The record holds the
-    dynamics' y, not the reward: the reward feeds nothing back, so `imagined_rewards` samples every step's at once
-    (with the third of the step's keys)."""
-    action_key, latent_key, _ = jax.random.split(key, 3)
+    dynamics' y and the step's reward key, not the reward: the reward feeds nothing back, so `imagined_rewards`
+    samples every step's at once."""
+    action_key, latent_key, reward_key = jax.random.split(key, 3)
     latents = embeddings[carry.indices]
     logits, value = actor_critic.apply(policy_params, latents)
     actions = jax.random.categorical(action_key, logits / temperature).astype(jnp.int32)
@@ -53,16 +53,16 @@ def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_para
     y, state = dynamics.apply(dynamics_params, latents, actions, carry.state, method="recur")
     next_logits = dynamics.apply(dynamics_params, y, method="latent_head")
     next_indices = jax.random.categorical(latent_key, next_logits).astype(jnp.int32)
-    record = (latents, actions, log_probs, value, y, carry.indices)
+    record = (latents, actions, log_probs, value, y, reward_key, carry.indices)
     return Carry(next_indices, state), record
 
 
-def imagined_rewards(dynamics: nn.Module, dynamics_params: Any, ys: jax.Array, keys: jax.Array) -> jax.Array:
-    """Rewards in {-1, 0, 1} [T, N] of the steps whose y [T, N, ...] and keys [T] imagination_step had: the reward
-    head on all steps in one pass (not one per step in the scan), each step's class sampled with its key."""
+def imagined_rewards(dynamics: nn.Module, dynamics_params: Any, ys: jax.Array, reward_keys: jax.Array) -> jax.Array:
+    """Rewards in {-1, 0, 1} [T, N] of the steps whose y [T, N, ...] and reward keys [T] imagination_step recorded:
+    the reward head on all steps in one pass (not one per step in the scan), each step's class sampled with its
+    key."""
     logits = dynamics.apply(dynamics_params, ys.reshape(-1, *ys.shape[2:]), method="reward_head")
     logits = logits.reshape(*ys.shape[:2], -1)
-    reward_keys = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
     return jax.vmap(jax.random.categorical)(reward_keys, logits).astype(jnp.float32) - 1.0
 
 
@@ -85,10 +85,9 @@ def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, 
         chex.assert_shape(actions, (horizon, start_indices.shape[0]))
     step = lambda c, x: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, x[0],
                                          temperature, x[1])
-    keys = jax.random.split(key, horizon)
-    carry, (latents, actions, log_probs, values, ys, indices) = jax.lax.scan(step, carry, (keys, actions),
-                                                                             unroll=unroll)
-    rewards = imagined_rewards(dynamics, dynamics_params, ys, keys)
+    carry, (latents, actions, log_probs, values, ys, reward_keys, indices) = jax.lax.scan(
+        step, carry, (jax.random.split(key, horizon), actions), unroll=unroll)
+    rewards = imagined_rewards(dynamics, dynamics_params, ys, reward_keys)
     _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
     last = jnp.arange(horizon) == horizon - 1
     terminals = jnp.broadcast_to((last & (not bootstrap_at_horizon))[:, None], actions.shape)

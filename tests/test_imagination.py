@@ -36,8 +36,8 @@ def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
                                                  embeddings, c, k))
     carry = Carry(start, initial_state(4, CONFIG.dynamics.hidden_channels))
     for t, k in enumerate(jax.random.split(key, horizon)):
-        carry, (latents, actions, log_probs, value, y, indices) = step(carry, k)
-        rewards = imagined_rewards(dynamics, v["dynamics"], y[None], k[None])[0]
+        carry, (latents, actions, log_probs, value, y, reward_key, indices) = step(carry, k)
+        rewards = imagined_rewards(dynamics, v["dynamics"], y[None], reward_key[None])[0]
         np.testing.assert_array_equal(dream.actions[t], actions)
         np.testing.assert_array_equal(dream.indices[t], indices)
         np.testing.assert_array_equal(dream.rewards[t], rewards)

@@ -123,8 +123,9 @@ gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
 
 
 def _flip(kernel: jax.Array) -> jax.Array:
-    """The kernel of a stride-1 convolution's transpose: taps reversed, input and output channels swapped."""
-    return kernel[::-1, ::-1].swapaxes(2, 3)
+    """The kernel [..., k, k, Cin, Cout] of a stride-1 convolution's transpose: taps reversed, input and output
+    channels swapped (leading axes, such as paired_gemm_conv's pair, kept)."""
+    return kernel[..., ::-1, ::-1, :, :].swapaxes(-2, -1)
 
 
 def _pair_conv(pair: jax.Array, kernels: jax.Array, padding: int) -> jax.Array:
@@ -154,8 +155,7 @@ def paired_gemm_conv(x: jax.Array, y: jax.Array, kernel_x: jax.Array, kernel_y: 
     gemm_conv). A ConvLSTM cell's conv_x and conv_h: on a GPU half the matmuls of a step, each with its split-K
     reduction (benchmarks/kernels.py), and the pair stays stacked for paired_layer_norm. The same sums plus exact
     zeros: equal to two gemm_convs (tests/test_fast_ops.py)."""
-    _check_gemm_padding(kernel_x.shape[0], padding)
-    return _pair_conv(*_pair_inputs(x, y, kernel_x, kernel_y), padding)[0]
+    return _paired_fwd(x, y, kernel_x, kernel_y, padding)[0]
 
 
 def _paired_fwd(x, y, kernel_x, kernel_y, padding):
@@ -170,8 +170,7 @@ def _paired_bwd(padding, residuals, cotangent):
     cx, cy = like_x.shape[1], like_y.shape[1]
     flat = cotangent.reshape(2, -1, cotangent.shape[-1])
     kernel_grads = jnp.einsum("zmk,zmn->zkn", patches.reshape(2, -1, patches.shape[-1]), flat).reshape(kernels.shape)
-    flipped = kernels[:, ::-1, ::-1].swapaxes(3, 4)
-    input_grads = _pair_conv(cotangent, flipped, kernels.shape[1] - 1 - padding)[0]
+    input_grads = _pair_conv(cotangent, _flip(kernels), kernels.shape[1] - 1 - padding)[0]
     return input_grads[0, ..., :cx], input_grads[1, ..., :cy], kernel_grads[0, :, :, :cx], kernel_grads[1, :, :, :cy]
 
 
