@@ -78,7 +78,7 @@ DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan
 # benchmarks/kernels.py) against XLA's convolutions in rolled scans (the preset before 2026-12-06; kernels.py's
 # XLA_CONVOLUTIONS); which the preset should take is what the figures decide.
 # The former preset's VQ-VAE convolutions (the encoder's wherever it runs) and layer norms, in every "xla" variant.
-XLA_VQVAE = "compute.vqvae_conv=xla,compute.upsample=transpose,compute.layer_norm=flax"
+XLA_VQVAE = "compute.vqvae_conv=xla,compute.upsample=transpose,compute.layer_norm=flax,compute.batch_norm=two_pass"
 FORMULATIONS = ("preset:", f"xla:compute.dynamics_unroll=1,compute.lstm_conv=xla,{XLA_VQVAE}",
                 # 6.7 ms a VQ-VAE step on the H100 of 2026-11-27 (cuDNN convolutions): 11.8 min of a paper run
                 "vqvae/preset:", f"vqvae/xla:{XLA_VQVAE}",

@@ -56,7 +56,7 @@ GRAPHS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"  # device_
 # "xla" formulations).
 XLA_CONVOLUTIONS = ("compute.dynamics_unroll=1,compute.lstm_conv=xla,compute.imagination_unroll=1,"
                     "compute.dream_lstm_conv=xla,compute.policy_conv=xla,compute.vqvae_conv=xla,"
-                    "compute.upsample=transpose,compute.layer_norm=flax")
+                    "compute.upsample=transpose,compute.layer_norm=flax,compute.batch_norm=two_pass")
 VARIANTS = ("preset:", f"xla:{XLA_CONVOLUTIONS}")
 
 

@@ -118,20 +118,21 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 8
 # (an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1;
 # operations in a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 612 with a cell's two
-# convolutions as one batched matmul and one variadic reduction per norm (benchmarks/README.md). The device check
-# times them against the XLA convolutions and Flax's layer norms.
+# convolutions as one batched matmul and one variadic reduction per norm, 612 -> 570 with the encoder's batch
+# variances in one pass and a chunk's metric sums as one vector (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's
+# layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
 # rounding (TF32, other kernels) would make the runs diverge anyway.
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", dynamics_unroll=10, lstm_conv="im2col",
-                dream_lstm_conv="rows", policy_conv="xla", imagination_unroll=5, ppo_unroll=True,
+    "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", batch_norm="two_pass", dynamics_unroll=10,
+                lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla", imagination_unroll=5, ppo_unroll=True,
                 vqvae_ynnpack="reduce", ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
-    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", dynamics_unroll=10,
-                        lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=10,
-                        ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True,
-                        epoch_chunk=12),
+    "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass",
+                        dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
+                        imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
+                        threefry_partitionable=True, epoch_chunk=12),
 }
 
 
@@ -161,6 +162,8 @@ class ComputeConfig:
     layer_norm: str | None = None       # the dynamics' and the policy's layer norms: "flax" (Flax's LayerNorm) /
                                         # "fused" (layers.fused_layer_norm: both statistics, and both sums of its
                                         # gradient, as one reduction each: fewer GPU kernels)
+    batch_norm: str | None = None       # the encoder's train-mode batch variance: "two_pass" (mean of (x - mean)^2,
+                                        # PyTorch's) / "one_pass" (E[x^2] - E[x]^2: no reduction waits for another)
     dynamics_unroll: int | None = None  # 10 / 10: scan unroll of the 10-step dynamics loss (rolled grads slow on CPU)
     lstm_conv: str | None = None        # the dynamics' convs (5x5 cells, 1x1 heads) on the 6x6 grid: "im2col" (one
                                         # matmul) / "gemm" (im2col with a scatter-free, deterministic gradient, a
@@ -269,6 +272,8 @@ def validate(config: Config) -> Config:
         raise ValueError(f"compute.upsample must be 'subpixel' or 'transpose', got {c.upsample!r}")
     if c.layer_norm not in (None, "flax", "fused"):
         raise ValueError(f"compute.layer_norm must be 'flax' or 'fused', got {c.layer_norm!r}")
+    if c.batch_norm not in (None, "two_pass", "one_pass"):
+        raise ValueError(f"compute.batch_norm must be 'two_pass' or 'one_pass', got {c.batch_norm!r}")
     if c.vqvae_conv not in (None, "im2col", "gemm", "xla"):
         raise ValueError(f"compute.vqvae_conv must be 'im2col', 'gemm' or 'xla', got {c.vqvae_conv!r}")
     if c.vqvae_conv not in (None, "xla") and c.upsample == "transpose":
@@ -439,7 +444,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 # What every run computed before these compute formulation fields existed: a resolved config saved before one
 # existed keeps running that way on any backend, whatever the target's choice is now.
-_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax"}
+_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax", "batch_norm": "two_pass"}
 
 
 def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:

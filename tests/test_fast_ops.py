@@ -1,5 +1,6 @@
 """Fast formulations (ComputeConfig switches) equal the plain ones: outputs and gradients, float32 to 1e-5."""
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -255,7 +256,53 @@ def test_fused_layer_norm_networks_equal_flax_ones():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv", "vqvae_conv", "layer_norm"])
+def _reductions_after_reductions(fn, *args) -> int:
+    """How many reduce_sums of fn's jaxpr read a value computed from another reduce_sum's output."""
+    jaxpr, after, count = jax.make_jaxpr(fn)(*args).jaxpr, set(), 0
+    for eqn in jaxpr.eqns:
+        depends = any(not isinstance(v, jax.extend.core.Literal) and v in after for v in eqn.invars)
+        count += depends and eqn.primitive.name == "reduce_sum"
+        if depends or eqn.primitive.name == "reduce_sum":
+            after.update(eqn.outvars)
+    return count
+
+
+def test_one_pass_batch_norm_equals_two_pass_with_gradients():
+    """compute.batch_norm=one_pass: the smoke encoder in train mode (z_e, running statistics, gradients of a loss
+    of z_e) equals the two-pass one, on frames and on activations offset far from zero (the clip keeps the
+    variance >= 0); and its batch norm's two reductions read x only (the two-pass variance reads the mean)."""
+    from dlwm_jax.networks.layers import BatchNorm
+    configs = {v: config_lib.override(config_lib.smoke(), {"compute.batch_norm": v}) for v in ("one_pass", "two_pass")}
+    nets = {v: make_networks(cfg, num_actions=4) for v, cfg in configs.items()}
+    variables = init_variables(nets["two_pass"], configs["two_pass"], jax.random.key(26))["encoder"]
+    obs = jax.random.randint(jax.random.key(27), (6, 96, 96, 4), 0, 256).astype(jnp.uint8)
+    target = jax.random.normal(jax.random.key(28), (6, 6, 6, configs["two_pass"].vqvae.code_dim))
+
+    def loss(n, params):
+        z_e, stats = n.encoder.apply({**variables, "params": params}, obs, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(z_e) * target), (z_e, stats)
+    out = {v: jax.jit(jax.value_and_grad(lambda p, n=n: loss(n, p), has_aux=True))(variables["params"])
+           for v, n in nets.items()}
+    (value, aux), grads = out["one_pass"]
+    (value_ref, aux_ref), grads_ref = out["two_pass"]
+    np.testing.assert_allclose(value, value_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves((aux, grads)), jax.tree.leaves((aux_ref, grads_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+    x = jax.random.normal(jax.random.key(29), (5, 4, 4, 7)) * 0.5 + 20.0  # |mean| = 40 std
+    bns = {v: BatchNorm(variance=v) for v in ("one_pass", "two_pass")}
+    bn_vars = bns["two_pass"].init(jax.random.key(30), x, True)
+    apply = {v: (lambda x, bn=bn: bn.apply(bn_vars, x, True, mutable=["batch_stats"])) for v, bn in bns.items()}
+    for a, b in zip(jax.tree.leaves(apply["one_pass"](x)), jax.tree.leaves(apply["two_pass"](x))):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    assert _reductions_after_reductions(apply["one_pass"], x) == 0
+    assert _reductions_after_reductions(apply["two_pass"], x) == 1
+    with pytest.raises(ValueError, match="unknown batch norm variance 'welford'"):
+        BatchNorm(variance="welford").init(jax.random.key(30), x, True)
+
+
+@pytest.mark.parametrize("field", ["lstm_conv", "dream_lstm_conv", "policy_conv", "vqvae_conv", "layer_norm",
+                                   "batch_norm"])
 def test_config_rejects_unknown_conv_impl(field):
     with pytest.raises(ValueError, match=field):
         config_lib.override(config_lib.smoke(), {f"compute.{field}": "winograd"})

@@ -34,7 +34,7 @@ def make_networks(config: Config, num_actions: int) -> Networks:
                         config.env.image_size // 16)
     return Networks(
         encoder=Encoder(v.code_dim, v.channels, v.batch_norm_momentum, v.batch_norm_epsilon, dtype,
-                        config.compute.vqvae_conv),
+                        config.compute.vqvae_conv, config.compute.batch_norm),
         decoder=Decoder(config.env.frame_stack, v.channels, config.compute.upsample, dtype, config.compute.vqvae_conv),
         dynamics=dynamics,
         actor_critic=ActorCritic(num_actions, p.conv_channels, p.hidden, p.layer_norm_epsilon, config.compute.policy_conv,

@@ -389,10 +389,14 @@ class BatchNorm(nn.Module):
     """PyTorch BatchNorm2d semantics: normalise with the biased batch variance, but track the running
     variance with the unbiased one (SPEC 12.1). Running stats live in the `batch_stats` collection.
 
-    Statistics, running averages and the normalisation are float32; the output is cast to `dtype`."""
+    Statistics, running averages and the normalisation are float32; the output is cast to `dtype`. `variance`
+    (ComputeConfig.batch_norm) says how train mode computes the batch variance: "two_pass" (the mean of (x -
+    mean)^2: a reduction after the mean's) or "one_pass" (E[x^2] - E[x]^2, clipped at 0: two sibling reductions
+    that XLA:GPU runs as one kernel; Flax's fast variance). The same parameters and statistics either way."""
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    variance: str = "two_pass"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -405,7 +409,12 @@ class BatchNorm(nn.Module):
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
+            if self.variance == "two_pass":
+                var = jnp.mean(jnp.square(x - mean), axes)
+            elif self.variance == "one_pass":  # not one variadic lax.reduce: XLA:GPU's compile of that never ended
+                var = jnp.maximum(jnp.mean(x * x, axes) - mean * mean, 0.0)
+            else:
+                raise ValueError(f"unknown batch norm variance {self.variance!r} (two_pass or one_pass)")
             if not self.is_initializing():
                 n = x.size // features
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

@@ -18,6 +18,7 @@ class ResidualBlock(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
     conv_impl: str = "xla"
+    bn_variance: str = "two_pass"  # ComputeConfig.batch_norm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -25,36 +26,39 @@ class ResidualBlock(nn.Module):
         conv = lambda k, pad: Conv(c, k, pad, use_bias=not self.use_batch_norm, impl=self.conv_impl, dtype=self.dtype)
         y = conv(3, 1)(x)
         if self.use_batch_norm:
-            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
+            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, self.bn_variance)(y, train)
         y = jax.nn.relu(y)
         y = conv(1, 0)(y)
         if self.use_batch_norm:
-            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(y, train)
+            y = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, self.bn_variance)(y, train)
         return y + x
 
 
 class Encoder(nn.Module):
     """Observations uint8 [B, 96, 96, C] (or float in [0, 1]) -> z_e float32 [B, 6, 6, D] (SPEC 3.1).
 
-    Convolutions in `dtype` (ComputeConfig.dtype), computed by `conv_impl` (ComputeConfig.vqvae_conv); the last
-    batch norm outputs float32, so z_e, the codebook distances and the commitment loss are float32."""
+    Convolutions in `dtype` (ComputeConfig.dtype), computed by `conv_impl` (ComputeConfig.vqvae_conv), train-mode
+    batch variances by `bn_variance` (ComputeConfig.batch_norm); the last batch norm outputs float32, so z_e, the
+    codebook distances and the commitment loss are float32."""
     code_dim: int = 32
     channels: Sequence[int] = (32, 64, 128, 256)
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
     conv_impl: str = "xla"
+    bn_variance: str = "two_pass"
 
     @nn.compact
     def __call__(self, observations: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(observations, 4)
         x = observations.astype(jnp.float32) / 255.0 if observations.dtype == jnp.uint8 else observations
-        bn = lambda dtype=self.dtype: BatchNorm(self.bn_momentum, self.bn_epsilon, dtype)
+        bn = lambda dtype=self.dtype: BatchNorm(self.bn_momentum, self.bn_epsilon, dtype, self.bn_variance)
         for features in self.channels:
             x = Conv(features, 4, 1, stride=2, impl=self.conv_impl, dtype=self.dtype)(x)
             x = leaky_relu(bn()(x, train))
         for _ in range(2):
-            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon, self.dtype, self.conv_impl)(x, train)
+            x = ResidualBlock(True, self.bn_momentum, self.bn_epsilon, self.dtype, self.conv_impl,
+                              self.bn_variance)(x, train)
             x = leaky_relu(x)
         x = Conv(self.code_dim, 1, 0, impl=self.conv_impl, dtype=self.dtype)(x)
         return bn(jnp.float32)(x, train)  # no activation: this is z_e
