@@ -88,21 +88,23 @@ def dynamics_slot(world: wm.WorldModelState, batch_stats: Any, indices: jax.Arra
 
 
 def _steps(world: wm.WorldModelState, frames: jax.Array, first: Slots, first_index: jax.Array, steps_key: jax.Array,
-           lr_scale: jax.Array) -> tuple[Any, Any, Sums, Sums]:
+           lr_scale: jax.Array) -> tuple[Any, Any, list[str], list[str]]:
     """A chunk's (vqvae(w, slot) -> (w, sums), dynamics(w, slot, index) -> (w, sums), each masked by its active
-    flags, zero VQ-VAE sums, zero dynamics sums); `first` and `first_index`, a slot of the chunk, shape the zeros."""
+    flags and its sums stacked into one float32 vector, the VQ-VAE sums' names, the dynamics sums' names in that
+    order); `first` and `first_index`, a slot of the chunk, give the names. One vector: the scan's carry adds a
+    step's sums in one operation, not one GPU kernel per metric."""
     def vqvae(w, slot):
         return vqvae_slot(w, frames, slot, lr_scale, mask=True)
 
     def dynamics(w, slot, index):
         indices, batch_stats = encode_slot(w, frames, slot)
         return dynamics_slot(w, batch_stats, indices, slot, steps_key, index, mask=True)
-    zeros = lambda fn, *args: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)[1])
-    return vqvae, dynamics, zeros(vqvae, world, first), zeros(dynamics, world, first, first_index)
 
-
-def _add(a: Sums, b: Sums) -> Sums:
-    return jax.tree.map(jnp.add, a, b)
+    def stacked(fn, *example):
+        names = list(jax.eval_shape(fn, world, *example)[1])
+        return (lambda *args: (lambda w, sums: (w, jnp.stack([sums[k] for k in names])))(*fn(*args))), names
+    (vqvae, vq_names), (dynamics, dyn_names) = stacked(vqvae, first), stacked(dynamics, first, first_index)
+    return vqvae, dynamics, vq_names, dyn_names
 
 
 class Period(NamedTuple):
@@ -126,31 +128,34 @@ def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax
     then a scan of the period's dynamics steps; returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. No
     conditional: a step no seed takes runs and is masked (on a GPU a conditional reads its predicate back to the
     host, and its pass-through branch copies the whole state: benchmarks/kernels.py). The sums ride in the scan's
-    carry (stacked per slot, each metric would be a GPU kernel per slot). index: the slots' numbers [L]."""
+    carry, a vector per kind (stacked per slot, or a scalar per metric, each would be a GPU kernel per slot).
+    index: the slots' numbers [L]."""
     first = jax.tree.map(lambda x: x[0], slots)
-    vqvae, dynamics, no_vq, no_dyn = _steps(world, frames, first, index[0], steps_key, lr_scale)
+    vqvae, dynamics, vq_names, dyn_names = _steps(world, frames, first, index[0], steps_key, lr_scale)
+    no_vq, no_dyn = jnp.zeros(len(vq_names), jnp.float32), jnp.zeros(len(dyn_names), jnp.float32)
+    named = lambda names, sums: {k: sums[i] for i, k in enumerate(names)}
 
     def dynamics_steps(w, dyn_sums, group, numbers):
         def step(carry, xs):
             w, sums = carry
             w, more = dynamics(w, *xs)
-            return (w, _add(sums, more)), None
+            return (w, sums + more), None
         (w, dyn_sums), _ = jax.lax.scan(step, (w, dyn_sums), (group, numbers))
         return w, dyn_sums
 
     if period.interval == 0:  # dynamics steps only (benchmarks/run.py's dynamics step)
         world, dyn = dynamics_steps(world, no_dyn, slots, index)
-        return world, (no_vq, dyn)
+        return world, (named(vq_names, no_vq), named(dyn_names, dyn))
 
     def body(carry, xs):
         w, vq_sums, dyn_sums = carry
         group, numbers = xs
         w, more = vqvae(w, jax.tree.map(lambda x: x[0], group))
-        vq_sums = _add(vq_sums, more)
+        vq_sums = vq_sums + more
         if period.dynamics:
             w, dyn_sums = dynamics_steps(w, dyn_sums, group, numbers)
         return (w, vq_sums, dyn_sums), None
 
     periods = jax.tree.map(lambda x: x.reshape(-1, period.interval, *x.shape[1:]), (slots, index))
     (world, vq, dyn), _ = jax.lax.scan(body, (world, no_vq, no_dyn), periods)
-    return world, (vq, dyn)
+    return world, (named(vq_names, vq), named(dyn_names, dyn))
