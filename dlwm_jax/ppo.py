@@ -182,6 +182,7 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
     padding = num_batches * batch_size - num_samples
     masks = (jnp.arange(num_batches * batch_size) < num_samples).reshape(num_batches, batch_size)
     grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+    names = []  # the metrics' names, in the order a step stacks them
 
     def minibatch_step(carry, batch_and_mask):
         params, opt_state = carry
@@ -189,7 +190,10 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
         (_, metrics), grads = grad_fn(params, apply_fn, batch, mask, policy)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+        names[:] = list(metrics)
+        # One vector per step: a rolled scan writes each of its outputs per step (a GPU kernel each)
+        return (params, opt_state), jnp.stack([metrics[k] for k in names])
 
     def epoch(carry, epoch_key):
         order = jax.random.permutation(epoch_key, num_samples)
@@ -199,7 +203,8 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
 
     epoch_keys = jax.random.split(key, policy.epochs)
     (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), epoch_keys, unroll=unroll)
-    return params, opt_state, jax.tree.map(jnp.mean, metrics)
+    means = jnp.mean(metrics, (0, 1))
+    return params, opt_state, {k: means[i] for i, k in enumerate(names)}
 
 
 def make_ppo_update(config: Config | PolicyConfig, apply_fn: ApplyFn, optimizer: optax.GradientTransformation,

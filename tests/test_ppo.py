@@ -185,7 +185,12 @@ def test_update_reduces_loss_on_fixed_rollout():
     assert weighted_log_prob_change > 0.0
     assert value_error < float(changes(params)[1]) - 0.01
     assert int(new_opt_state[1][0].count) == 3 * 16  # Adam steps: 4 epochs x 4 minibatches per update
-    assert set(metrics) >= {"policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm"}
+    assert set(metrics) == {"loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm"}
+    # each name holds its own mean: the loss is linear in the other three, per step and so in the means
+    p = config.policy
+    np.testing.assert_allclose(metrics["loss"], metrics["policy_loss"] - p.entropy_coef * metrics["entropy"]
+                               + p.value_coef * metrics["value_loss"], rtol=1e-5, atol=1e-6)
+    assert float(metrics["grad_norm"]) > 0 and 0 <= float(metrics["clip_fraction"]) <= 1
     again = update(params, opt_state, rollout, bootstrap, update_key)
     once = update(params, opt_state, rollout, bootstrap, update_key)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), again, once)
