@@ -118,8 +118,9 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # Triton tiling); layer norms with one reduction for both statistics. Host launches per joint-epoch slot 1,140 -> 8
 # (an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1;
 # operations in a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 612 with a cell's two
-# convolutions as one batched matmul and one variadic reduction per norm, 612 -> 570 with the encoder's batch
-# variances in one pass and a chunk's metric sums as one vector (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's
+# convolutions as one batched matmul and one variadic reduction per norm, 612 -> 561 with the encoder's batch
+# variances in one pass, a chunk's metric sums as one vector and the steps' random draws made before the scans
+# (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's
 # layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dlwm_jax.networks.distributions import gumbel_noise, sample_categorical
 from dlwm_jax.networks.dynamics import DynamicsState, initial_state
 
 
@@ -36,24 +37,39 @@ class Carry(NamedTuple):
     state: DynamicsState
 
 
+class StepNoise(NamedTuple):
+    """A step's randomness, drawn for all steps before the scan (step_noise): the Gumbel noise of its action [N, A]
+    and next-latent [N, 6, 6, K] samples (distributions.gumbel_noise) and its reward key."""
+    actions: jax.Array
+    latents: jax.Array
+    reward_key: jax.Array
+
+
+def step_noise(keys: jax.Array, num_envs: int, num_actions: int, grid: int, num_codes: int) -> StepNoise:
+    """StepNoise [T, ...] of the steps' keys [T]: key -> split(key, 3) = (action, latent, reward) keys, the
+    samples as jax.random.categorical draws them with those keys, in one batched draw per kind."""
+    action_keys, latent_keys, reward_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0)
+    return StepNoise(gumbel_noise(action_keys, (num_envs, num_actions)),
+                     gumbel_noise(latent_keys, (num_envs, grid, grid, num_codes)), reward_keys)
+
+
 def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, policy_params: Any,
-                     embeddings: jax.Array, carry: Carry, key: jax.Array, temperature: float = 1.0,
+                     embeddings: jax.Array, carry: Carry, noise: StepNoise, temperature: float = 1.0,
                      forced_actions: jax.Array | None = None):
-    """One simulated step for N envs: (carry, key) -> (carry, per-step record). Used by `imagine`'s scan.
-    forced_actions int [N] (optional): taken instead of the policy's sample where >= 0. The record holds the
-    dynamics' y and the step's reward key, not the reward: the reward feeds nothing back, so `imagined_rewards`
-    samples every step's at once."""
-    action_key, latent_key, reward_key = jax.random.split(key, 3)
+    """One simulated step for N envs: (carry, noise) -> (carry, per-step record). Used by `imagine`'s scan;
+    noise: one step of step_noise. forced_actions int [N] (optional): taken instead of the policy's sample where
+    >= 0. The record holds the dynamics' y and the step's reward key, not the reward: the reward feeds nothing
+    back, so `imagined_rewards` samples every step's at once."""
     latents = embeddings[carry.indices]
     logits, value = actor_critic.apply(policy_params, latents)
-    actions = jax.random.categorical(action_key, logits / temperature).astype(jnp.int32)
+    actions = sample_categorical(noise.actions, logits / temperature)
     if forced_actions is not None:
         actions = jnp.where(forced_actions >= 0, forced_actions.astype(jnp.int32), actions)
     log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), actions[:, None], -1)[:, 0]
     y, state = dynamics.apply(dynamics_params, latents, actions, carry.state, method="recur")
     next_logits = dynamics.apply(dynamics_params, y, method="latent_head")
-    next_indices = jax.random.categorical(latent_key, next_logits).astype(jnp.int32)
-    record = (latents, actions, log_probs, value, y, reward_key, carry.indices)
+    next_indices = sample_categorical(noise.latents, next_logits)
+    record = (latents, actions, log_probs, value, y, noise.reward_key, carry.indices)
     return Carry(next_indices, state), record
 
 
@@ -85,8 +101,10 @@ def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, 
         chex.assert_shape(actions, (horizon, start_indices.shape[0]))
     step = lambda c, x: imagination_step(dynamics, actor_critic, dynamics_params, policy_params, embeddings, c, x[0],
                                          temperature, x[1])
+    n, grid = start_indices.shape[:2]
+    noise = step_noise(jax.random.split(key, horizon), n, actor_critic.num_actions, grid, embeddings.shape[0])
     carry, (latents, actions, log_probs, values, ys, reward_keys, indices) = jax.lax.scan(
-        step, carry, (jax.random.split(key, horizon), actions), unroll=unroll)
+        step, carry, (noise, actions), unroll=unroll)
     rewards = imagined_rewards(dynamics, dynamics_params, ys, reward_keys)
     _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
     last = jnp.arange(horizon) == horizon - 1

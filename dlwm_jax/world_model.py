@@ -25,7 +25,8 @@ import optax
 
 from dlwm_jax.config import Config, resolve_compute
 from dlwm_jax.networks import Networks, init_variables, make_networks
-from dlwm_jax.networks.distributions import categorical_log_prob, continuous_bernoulli_log_prob
+from dlwm_jax.networks.distributions import (categorical_log_prob, continuous_bernoulli_log_prob, gumbel_noise,
+                                             sample_categorical)
 from dlwm_jax.networks.convlstm import parameter_grads
 from dlwm_jax.networks.dynamics import CELLS, dynamics_cell, initial_state, is_reward_head
 from dlwm_jax.networks.vqvae import Codebook, ema_update, init_codebook, quantize, straight_through
@@ -235,11 +236,13 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
     num_steps, batch_size = indices.shape[0] - 1, indices.shape[1]
     embeddings = state.codebook.embeddings
     dynamics = state.networks.dynamics
-    step_keys = jax.random.split(key, num_steps)
+    # Each step's sample as jax.random.categorical(key_t, logits) with key_t = split(key, num_steps)[t], its noise
+    # drawn for all steps at once (one batched draw, not one per step)
+    noise = gumbel_noise(jax.random.split(key, num_steps), (*indices.shape[1:], embeddings.shape[0]))
 
     def step(carry, x):
         recurrent, sampled = carry
-        t, true_index, action, terminal, step_key, tap = x
+        t, true_index, action, terminal, step_noise, tap = x
         inputs = jnp.where(t < context_length, embeddings[true_index], embeddings[sampled])
         if tap is None:
             (y, recurrent), residuals = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent,
@@ -253,13 +256,13 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
         # The next input's sample only: the loss reads the heads run once on every step's y, after the scan.
         logits = dynamics.apply({"params": jax.lax.stop_gradient(dynamics_params)}, jax.lax.stop_gradient(y),
                                 method="latent_head")
-        sampled = jax.random.categorical(step_key, logits).astype(jnp.int32)
+        sampled = sample_categorical(step_noise, logits)
         keep = 1.0 - terminal.astype(jnp.float32)
         recurrent = jax.tree.map(lambda s: s * keep[:, None, None, None], recurrent)
         return (recurrent, sampled), (y, sampled, residuals)
 
     classes = reward_class(rewards)
-    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], step_keys, taps)
+    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], noise, taps)
     carry = (initial_state(batch_size, d.hidden_channels, indices.shape[2]), jnp.zeros_like(indices[0]))
     _, (ys, sampled, residuals) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
     # The heads feed nothing back into the recurrence: one batched pass over all steps (and one backward pass).

@@ -7,7 +7,8 @@ import pytest
 
 from dlwm_jax import config as config_lib
 from dlwm_jax import ppo
-from dlwm_jax.imagination import Carry, imagination_step, imagine, imagined_rewards
+from dlwm_jax.imagination import Carry, imagination_step, imagine, imagined_rewards, step_noise
+from dlwm_jax.networks.distributions import gumbel_noise, sample_categorical
 from dlwm_jax.networks import init_variables, make_networks
 from dlwm_jax.networks.actor_critic import ActorCritic
 from dlwm_jax.networks.dynamics import initial_state
@@ -36,7 +37,8 @@ def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
                                                  embeddings, c, k))
     carry = Carry(start, initial_state(4, CONFIG.dynamics.hidden_channels))
     for t, k in enumerate(jax.random.split(key, horizon)):
-        carry, (latents, actions, log_probs, value, y, reward_key, indices) = step(carry, k)
+        noise = jax.tree.map(lambda x: x[0], step_noise(k[None], 4, NUM_ACTIONS, 6, embeddings.shape[0]))
+        carry, (latents, actions, log_probs, value, y, reward_key, indices) = step(carry, noise)
         rewards = imagined_rewards(dynamics, v["dynamics"], y[None], reward_key[None])[0]
         np.testing.assert_array_equal(dream.actions[t], actions)
         np.testing.assert_array_equal(dream.indices[t], indices)
@@ -47,6 +49,18 @@ def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
     assert set(np.unique(dream.rewards)).issubset({-1.0, 0.0, 1.0})
     np.testing.assert_array_equal(dream.terminals, np.arange(horizon)[:, None].repeat(4, 1) == horizon - 1)
     assert len(np.unique(np.asarray(dream.indices[1:]))) > 1  # the next latents are sampled, not copied
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 6, 16), (7,)])
+def test_noise_drawn_for_all_steps_samples_as_jax_random_categorical(shape):
+    """The dream's and the dynamics loss's samples: gumbel_noise of all steps' keys at once, then
+    sample_categorical per step, is jax.random.categorical with each step's key, bitwise (float32 logits)."""
+    keys = jax.random.split(jax.random.key(9), 6)
+    logits = 3.0 * jax.random.normal(jax.random.key(10), (6, *shape))
+    noise = jax.jit(gumbel_noise, static_argnums=1)(keys, shape)
+    for k, n, l in zip(keys, noise, logits):
+        np.testing.assert_array_equal(sample_categorical(n, l), jax.random.categorical(k, l).astype(jnp.int32))
+    assert sample_categorical(noise[0], logits[0]).dtype == jnp.int32
 
 
 def test_bootstrap_switch_clears_terminals():

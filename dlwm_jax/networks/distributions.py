@@ -66,3 +66,17 @@ def categorical_log_prob(logits: jax.Array, index: jax.Array) -> jax.Array:
     """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(log_probs, index[..., None], axis=-1)[..., 0]
+
+
+def gumbel_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Float32 Gumbel noise [len(keys), *shape], one draw of `shape` per key: what jax.random.categorical(key,
+    logits of `shape`) adds to float32 logits, drawn for every step of a scan at once (one batched draw, not one
+    per step: a GPU kernel each)."""
+    return jax.vmap(lambda key: jax.random.gumbel(key, shape, jnp.float32))(keys)
+
+
+def sample_categorical(noise: jax.Array, logits: jax.Array) -> jax.Array:
+    """argmax(noise + logits) along the last axis, int32: jax.random.categorical(key, logits) for float32 logits
+    when noise is gumbel_noise of that key (bitwise: tests/test_imagination.py); lower-precision logits are
+    sampled in float32."""
+    return jnp.argmax(noise + logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
