@@ -120,8 +120,7 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # operations in a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 612 with a cell's two
 # convolutions as one batched matmul and one variadic reduction per norm, 612 -> 561 with the encoder's batch
 # variances in one pass, a chunk's metric sums as one vector and the steps' random draws made before the scans
-# (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's
-# layer norms.
+# (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32

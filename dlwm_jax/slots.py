@@ -102,7 +102,11 @@ def _steps(world: wm.WorldModelState, frames: jax.Array, first: Slots, first_ind
 
     def stacked(fn, *example):
         names = list(jax.eval_shape(fn, world, *example)[1])
-        return (lambda *args: (lambda w, sums: (w, jnp.stack([sums[k] for k in names])))(*fn(*args))), names
+
+        def step(*args):
+            w, sums = fn(*args)
+            return w, jnp.stack([sums[k] for k in names])
+        return step, names
     (vqvae, vq_names), (dynamics, dyn_names) = stacked(vqvae, first), stacked(dynamics, first, first_index)
     return vqvae, dynamics, vq_names, dyn_names
 

@@ -392,7 +392,8 @@ class BatchNorm(nn.Module):
     Statistics, running averages and the normalisation are float32; the output is cast to `dtype`. `variance`
     (ComputeConfig.batch_norm) says how train mode computes the batch variance: "two_pass" (the mean of (x -
     mean)^2: a reduction after the mean's) or "one_pass" (E[x^2] - E[x]^2, clipped at 0: two reductions of x,
-    neither waiting for the other: fewer GPU kernels; Flax's fast variance). The same parameters and statistics either way."""
+    neither waiting for the other: fewer GPU kernels; Flax's fast variance). The same parameters and statistics
+    either way."""
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
