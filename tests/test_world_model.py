@@ -272,9 +272,13 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
     seq_batches = list(replay.sequence_batches(dyn_key, CFG.dynamics.batch_size, CFG.dynamics.sequence_length,
                                                CFG.dynamics.max_offset))
     reference, num_vq = initial, replay.num_observation_batches(CFG.vqvae.batch_size)
+    # with the XLA:CPU kernels of the loop's VQ-VAE program (its own options per slot, the chunk's in a chunk):
+    # Eigen's and YNNPACK's convolutions round differently, which Adam grew past the tolerance on an AVX-512 CPU
+    options = {} if epoch_chunk else CFG.compute.compiler_options("vqvae_step")
+    loop_vqvae_step = jax.jit(wm.vqvae_step, compiler_options=options)
     for i in range(len(seq_batches) + 1):
         if i % interval == 0 and i // interval < num_vq:
-            reference, _ = vqvae_step(reference, next(vq_batches), 1.0)
+            reference, _ = loop_vqvae_step(reference, next(vq_batches), 1.0)
         if i < len(seq_batches):
             reference, _ = dynamics_step(reference, seq_batches[i], jax.random.fold_in(steps_key, i))
     if epoch_chunk:
@@ -285,7 +289,9 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
     state, metrics = one_seed(joint_epoch, programs, initial, replay, key, interval)
     assert int(state.dynamics_steps) == len(seq_batches) == metrics["dynamics"]["steps"]
     assert int(state.vqvae_steps) == int(reference.vqvae_steps) == metrics["vqvae"]["steps"]
-    _assert_trees_close(state, reference)
+    # a scanned chunk fuses the steps otherwise: on an AVX-512 CPU a bias near 0 differed by 1.7e-4 of its leaf's
+    # largest value (2026-12-06); one of the reference's dynamics batches swapped for another fails 1e-3 as well
+    _assert_trees_close(state, reference, rtol=1e-3 if epoch_chunk else 1e-4)
 
 
 def test_a_chunk_runs_the_steps_its_flags_take_and_masks_the_rest(atari, initial):
