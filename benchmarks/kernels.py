@@ -3,7 +3,7 @@
     make kernels                       # installs jax's CUDA plugin into .cuda-aot/ (~180 MB download), runs this
     python benchmarks/kernels.py [--preset paper] [--target benchmarks/device/h100.pbtxt] [--graphs]
                                  [--variant NAME:section.field=value,... ...] [--programs world_model_chunk,...]
-                                 [--by-op] [--by-source]
+                                 [--by-op] [--by-source] [--ahead WORKERS]
 
 XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed, compute.target=accelerator) ahead
 of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
@@ -17,6 +17,7 @@ thunk passes (command buffers formed), and this counts what one call executes:
 * `loop_iterations`: iterations of while loops outside command buffers (the host runs each: its condition kernel,
   then the body; XLA's trip counts from the optimized HLO), `conditionals`: conditionals run by the host (their
   predicate is read back to the host first).
+* `--ahead N`: no counts; when each program is ready if compiled as the loop compiles them ahead, N at a time.
 * `--by-op`: by XLA's fusion name too (`input_reduce_fusion`, `gemm_fusion_dot`, ...); `--by-source`: and by the
   JAX operation and Flax module each comes from (`transpose(jvp())/Dynamics.recur/cell2/...`: a backward operation
   of the dynamics' second cell), XLA's op_name metadata (a fusion carries one of its parts' names).
@@ -318,6 +319,9 @@ def main() -> None:
     parser.add_argument("--by-source", action="store_true",
                         help="and by where in the program each operation comes from (launches_by_source, "
                              "in_graphs_by_source: jvp()/Dynamics.recur/cell1/..., from XLA's op_name metadata)")
+    parser.add_argument("--ahead", type=int, default=0, metavar="WORKERS",
+                        help="count nothing: compile the programs as the loop compiles them ahead (programs.compile_"
+                             "lowered, WORKERS at a time, lower_ahead's order) and give the seconds until each was ready")
     args = parser.parse_args()
     args.by_op = args.by_op or args.by_source
     args.programs = [p for p in args.programs.split(",") if p]
@@ -329,7 +333,16 @@ def main() -> None:
     variants = []
     for item in args.variant or VARIANTS:
         name, _, extra = item.partition(":")
-        variants.append(variant_counts(args, name, [o for o in extra.split(",") if o], placement))
+        overrides = [o for o in extra.split(",") if o]
+        if args.ahead:
+            from dlwm_jax.programs import compile_lowered
+            start = time.perf_counter()
+            _, lowered = lowered_programs(args.preset, overrides, placement, args.game)
+            lower_s = round(time.perf_counter() - start, 1)
+            variants.append({"variant": name, "overrides": overrides, "workers": args.ahead, "lower_s": lower_s,
+                             "ready_s": compile_lowered(lowered, args.ahead)})
+            continue
+        variants.append(variant_counts(args, name, overrides, placement))
     print(json.dumps({"target": placement.mesh.devices.flat[0].device_kind, "deviceless": True,
                       "jax": jax.__version__, "commit": git_commit(), "graphs": args.graphs, "preset": args.preset,
                       "variants": variants}))

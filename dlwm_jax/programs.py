@@ -2,7 +2,10 @@
 by seed_axis.over_seeds with each program's XLA options (ComputeConfig), and the initial state of one seed."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -212,11 +215,15 @@ def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, a
                 keys: jax.Array, put: Callable) -> dict[str, jax.stages.Lowered]:
     """The loop's later programs lowered for arguments shaped as the loop will pass them (world, agent, frames
     (Run.frames) and keys [S] as the run holds them, `put` its seed placement), by name, in the order the loop needs
-    them: the world-model chunk's, the PPO update's (the dream and the update), the evaluation's, the actors'.
-    compile_ahead compiles them; benchmarks/kernels.py compiles them for a GPU it does not have."""
+    them: iteration 1's world-model programs (warm-up, joint epochs), the PPO update's (the dream and the update),
+    the evaluation's, the actors', then the chunks of later iterations' VQ-VAE intervals. compile_ahead compiles
+    them; benchmarks/kernels.py compiles them for a GPU it does not have."""
     S, p, e = len(keys), config.policy, config.env
     image = (e.image_size, e.image_size)
-    lowered = dict(programs.world_model_chunk.lower(world, frames, keys))  # puts its keys itself, as the loop's chunk
+    chunks = programs.world_model_chunk.lower(world, frames, keys)  # puts its keys itself, as the loop's chunk
+    later = {name: chunks.pop(name) for name in list(chunks) if name.startswith("world_model_chunk/joint_every_")
+             and name != f"world_model_chunk/joint_every_{config.schedule.vq_update_intervals[0]}"}
+    lowered = dict(chunks)
     keys = put(keys)
     lowered.update(programs.policy_update.lower(world, agent, frames,
                                                 put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)), keys))
@@ -227,17 +234,37 @@ def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, a
         lowered[name] = act.lower(world, agent.params, np.zeros((S, envs_per_seed, *image, e.frame_stack), np.uint8),
                                   put(np.zeros((S, envs_per_seed, *image), np.uint8)),
                                   put(np.zeros((S, envs_per_seed), bool)), keys)
-    return lowered
+    return {**lowered, **later}
 
 
 def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState, agent: AgentState, frames: jax.Array,
-                  keys: jax.Array, put: Callable) -> None:
-    """Compiles the loop's later programs (lower_ahead) before their first call. Meant for a thread beside
-    iteration 1's random collection (train.py): a program the loop calls while it compiles here waits for that
-    compilation (JAX's caches), so nothing is compiled twice and nothing changes but when. A shape that differs
-    from the loop's only costs the loop its own compilation later."""
-    for lowered in lower_ahead(programs, config, world, agent, frames, keys, put).values():
-        lowered.compile()
+                  keys: jax.Array, put: Callable, workers: int = 1) -> None:
+    """Compiles the loop's later programs (lower_ahead) before their first call, `workers` at a time in lower_ahead's
+    order (threads: XLA compiles without holding Python's lock). Meant for a thread beside iteration 1's random
+    collection (train.py): a program the loop calls while it compiles here waits for that compilation (JAX's
+    caches), so nothing is compiled twice and nothing changes but when. A shape that differs from the loop's only
+    costs the loop its own compilation later."""
+    compile_lowered(lower_ahead(programs, config, world, agent, frames, keys, put), workers)
+
+
+def compile_lowered(stages: dict[str, jax.stages.Lowered], workers: int = 1) -> dict[str, float]:
+    """Compiles lowered programs, `workers` at a time in their order; returns the seconds from the start until each
+    was compiled, by name. Raises the first compilation's error, after the others ended."""
+    start = time.perf_counter()
+
+    def compile_(stage: jax.stages.Lowered) -> float:
+        stage.compile()
+        return round(time.perf_counter() - start, 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dlwm-compile") as pool:
+        done = {name: pool.submit(compile_, stage) for name, stage in stages.items()}
+        return {name: future.result() for name, future in done.items()}
+
+
+def compile_workers(cores: int | None = None) -> int:
+    """How many programs compile_ahead compiles at a time on a host of `cores` (default: this one's): a quarter of
+    them, at most 4. One on a 2-core laptop, whose cores the loop needs; 4 on a 16-core GPU host, where each XLA
+    compilation runs mostly on one core while the loop waits for iteration 1's programs."""
+    return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
 
 
 def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,

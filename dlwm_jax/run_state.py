@@ -33,7 +33,7 @@ from dlwm_jax.config import Config, from_dict, resolve_compute, to_dict
 from dlwm_jax.device_replay import empty_frames, seed_chunks, write_frames
 from dlwm_jax.networks import make_networks
 from dlwm_jax.outputs import Logger
-from dlwm_jax.programs import AgentState, Programs, compile_ahead, compile_programs, initial_state
+from dlwm_jax.programs import AgentState, Programs, compile_ahead, compile_programs, compile_workers, initial_state
 from dlwm_jax.replay import Replay
 from dlwm_jax.results import git_commit
 from dlwm_jax.seed_axis import put_on_seeds, seed_sharding, stack
@@ -123,7 +123,8 @@ class Run:
         def work() -> None:
             with jax.threefry_partitionable(flag):
                 try:
-                    compile_ahead(self.programs, self.config, world, agent, frames, keys, self.put)
+                    compile_ahead(self.programs, self.config, world, agent, frames, keys, self.put,
+                                  compile_workers())
                 except Exception:  # noqa: BLE001 (the loop compiles that program itself, and raises there)
                     pass
         threading.Thread(target=work, name="dlwm-compile-ahead").start()

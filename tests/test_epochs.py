@@ -1,8 +1,9 @@
 """Tests of dlwm_jax/epochs.py's slot layout (SPEC 8.3): which slot holds which VQ-VAE and dynamics batch of each
-seed, the masking of seeds whose epochs are shorter, and the fields' dtypes (no program is compiled here; the
-epochs themselves run in test_world_model.py and test_train_seeds.py)."""
+seed, the masking of seeds whose epochs are shorter, and the fields' dtypes (the epochs themselves run in
+test_world_model.py and test_train_seeds.py); which programs the loop compiles ahead, and in which order."""
 import jax
 import numpy as np
+import pytest
 
 from dlwm_jax import config as config_lib
 from dlwm_jax.epochs import epoch_slots
@@ -92,3 +93,50 @@ def test_a_periods_chunks_start_periods_and_the_schedule_names_its_periods():
     paper = config_lib.get_preset("paper")
     assert epoch_periods(paper) == {"warmup": Period(1, False), "joint_every_2": Period(2, True),
                                     "joint_every_3": Period(3, True)}
+
+
+
+def _ahead(chunk: int = 4):
+    """The smoke preset's programs (a scanned chunk of `chunk` slots) and one seed's state, as compile_ahead gets them."""
+    from dlwm_jax import envs
+    from dlwm_jax.programs import compile_programs, initial_state
+    from dlwm_jax.seed_axis import stack
+    config = config_lib.resolve_compute(config_lib.override(CFG, {"compute.epoch_chunk": chunk}))
+    num_actions = envs.num_actions(config.env.game)
+    world, agent = (stack([x]) for x in initial_state(config, num_actions, 0))
+    frames, keys = jax.numpy.zeros((1, 64, 96, 96), np.uint8), jax.random.split(jax.random.key(0), 1)
+    return config, compile_programs(config, num_actions, 1, None), world, agent, frames, keys
+
+
+def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them():
+    """programs.lower_ahead: iteration 1's programs first, the chunks of later VQ-VAE intervals (the smoke preset's
+    joint_every_3, iteration 2) last; compile_workers: a quarter of the cores, 1 to 4."""
+    from dlwm_jax.programs import compile_workers, lower_ahead
+    config, programs, *state = _ahead()
+    assert list(lower_ahead(programs, config, *state, lambda x: x)) == [
+        "world_model_chunk/warmup", "world_model_chunk/joint_every_2", "dream", "ppo_update", "imagined_returns",
+        "act_eval", "act_collect", "world_model_chunk/joint_every_3"]
+    assert [compile_workers(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
+
+
+@pytest.mark.slow
+def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
+    """compile_ahead, 2 compilations at a time in threads, compiles each program once, and the loop's own calls of
+    them (here the collection's actor and the PPO update) compile nothing more."""
+    from jax import monitoring
+
+    from dlwm_jax.programs import compile_ahead
+    config, programs, world, agent, frames, keys = _ahead()
+    compiles = []
+    listener = lambda name, *_, **__: compiles.append(name) if name.endswith("/backend_compile_duration") else None
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        compile_ahead(programs, config, world, agent, frames, keys, lambda x: x, workers=2)
+        assert len(compiles) == 8
+        c = config.env.frame_stack
+        programs.act_collect(world, agent.params, np.zeros((1, 1, 96, 96, c), np.uint8), np.zeros((1, 1, 96, 96), np.uint8),
+                             np.ones((1, 1), bool), keys)
+        programs.policy_update(world, agent, frames, np.zeros((1, config.policy.num_envs, c), np.int32), keys)
+        assert len(compiles) == 8, compiles
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
