@@ -205,7 +205,7 @@ def stub_run(config, replays: list, work=jax.device_put):
         return world, [sums], [sums]
     programs = Programs(chunk_slots=lambda period: 2, world_model_chunk=world_model_chunk,
                         policy_update=lambda world, agent, frames, starts, keys: step(agent, starts, keys),
-                        act_collect=None, act_eval=None, random_act=None, diagnostics=None, imagined_returns=None)
+                        act_collect=None, act_eval=None, random_act=None, diagnostics=None)
 
     class Quiet:  # loggers
         def __getattr__(self, name):

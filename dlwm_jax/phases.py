@@ -104,9 +104,9 @@ def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
     is drawn here: the replay and the state change meanwhile."""
     config, p = run.config, run.config.policy
     dream_keys = [jax.random.split(k) for k in run.keys(it, DIAGNOSTICS, 2)]  # (start key, dream key) per seed
-    starts = np.stack([r.sample_observations(k[0], p.num_envs) for r, k in zip(run.replays, dream_keys)])
-    imagined = run.programs.imagined_returns(run.world, run.agent.params, run.put(starts),
-                                             run.put(jnp.stack([k[1] for k in dream_keys])))
+    starts = np.stack([r.sample_stacks(k[0], p.num_envs) for r, k in zip(run.replays, dream_keys)])
+    dream, *_ = run.programs.policy_update.dream(run.world, run.agent, run.frames, run.put(starts),
+                                                 run.put(jnp.stack([k[1] for k in dream_keys])))
     host_world, host_agent = jax.device_get((run.world, run.agent))
     world, agent_params = run.put((host_world, host_agent.params))  # frozen: the next epochs donate run.world's buffers
     samples = [image_samples(r, unit_key(root, it, EVALUATE, 1)) for r, root in zip(run.replays, run.roots)]
@@ -123,7 +123,8 @@ def evaluate_agent(run: Run, it: int, _first_unit: int = 0) -> None:
 
     def finish(outcome: tuple[list[dict], float]) -> None:
         results, seconds = outcome
-        records = [evaluation_record(result, returns, p.horizon) for result, returns in zip(results, np.asarray(imagined))]
+        imagined = np.asarray(dream.rewards).sum(axis=1)  # [S, T, N] -> each dream's return [S, N]
+        records = [evaluation_record(result, returns, p.horizon) for result, returns in zip(results, imagined)]
         for s, (result, record) in enumerate(zip(results, records)):
             run.record(s, it, "evaluate", record, real_steps=real_steps[s], wall_time_s=wall_time)
             run.meta["eval_histories"][s].append([real_steps[s], result["return_mean"], result["return_std"]])

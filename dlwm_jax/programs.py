@@ -50,7 +50,6 @@ class Programs(NamedTuple):
     random_act: Callable        # (stacks, frames, is_first, key) -> (stacks, uniform actions [S, E])
     policy_update: Callable     # (world, agent, frames, start stacks [S, n, C], key) -> (agent, metrics)
     diagnostics: Callable       # (world, observations, actions, rewards, key) -> metrics
-    imagined_returns: Callable  # (world, agent_params, start observations, key) -> returns [S, N]
 
 
 def compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
@@ -72,8 +71,7 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
                             (0,) * 4),
         policy_update=make_policy_update(config, networks, ppo.make_optimizer(config.policy),
                                          lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
-        diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5),
-        imagined_returns=compile_(functools.partial(imagined_returns, networks, config), (0,) * 4))
+        diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5))
 
 
 HOST_LOOP_CHUNK = 16  # slots per world_model_chunk call when each step is its own program (progress lines only)
@@ -173,7 +171,8 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
 
     Two compiled programs, so each gets its own XLA options (ComputeConfig.compiler_options): the dream and
     the PPO update. compile_fn(fn, num_args, compiler_options) compiles each (default: jax.jit; the loop
-    passes its seed-axis one).
+    passes its seed-axis one). `update.dream(world, agent, frames, start_stacks, key)` is the first alone ->
+    (Rollout, bootstrap value, the update's key, mean imagined reward); its dream key is split(key)[0].
     """
     config = resolve_compute(config)
     p = config.policy
@@ -207,7 +206,7 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         rollout, bootstrap_value, ppo_key, _ = jax.eval_shape(dream_program, world, agent, frames, start_stacks, key)
         return {"dream": dream_program.lower(world, agent, frames, start_stacks, key),
                 "ppo_update": improve_program.lower(agent, rollout, bootstrap_value, ppo_key)}
-    update.lower = lower
+    update.lower, update.dream = lower, dream_program
     return update
 
 
@@ -215,9 +214,9 @@ def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, a
                 keys: jax.Array, put: Callable) -> dict[str, jax.stages.Lowered]:
     """The loop's later programs lowered for arguments shaped as the loop will pass them (world, agent, frames
     (Run.frames) and keys [S] as the run holds them, `put` its seed placement), by name, in the order the loop needs
-    them: iteration 1's world-model programs (warm-up, joint epochs), the PPO update's (the dream and the update),
-    the evaluation's, the actors', then the chunks of later iterations' VQ-VAE intervals. compile_ahead compiles
-    them; benchmarks/kernels.py compiles them for a GPU it does not have."""
+    them: iteration 1's world-model programs (warm-up, joint epochs), the PPO update's (the dream, which the
+    evaluation's imagined returns run too, and the update), the actors', then the chunks of later iterations'
+    VQ-VAE intervals. compile_ahead compiles them; benchmarks/kernels.py compiles them for a GPU it does not have."""
     S, p, e = len(keys), config.policy, config.env
     image = (e.image_size, e.image_size)
     chunks = programs.world_model_chunk.lower(world, frames, keys)  # puts its keys itself, as the loop's chunk
@@ -227,8 +226,6 @@ def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, a
     keys = put(keys)
     lowered.update(programs.policy_update.lower(world, agent, frames,
                                                 put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)), keys))
-    lowered["imagined_returns"] = programs.imagined_returns.lower(
-        world, agent.params, put(np.zeros((S, p.num_envs, *image, e.frame_stack), np.uint8)), keys)
     for name, act, envs_per_seed in (("act_eval", programs.act_eval, e.num_eval_envs),
                                      ("act_collect", programs.act_collect, 1)):
         lowered[name] = act.lower(world, agent.params, np.zeros((S, envs_per_seed, *image, e.frame_stack), np.uint8),
@@ -266,14 +263,4 @@ def compile_workers(cores: int | None = None) -> int:
     compilation runs mostly on one core while the loop waits for iteration 1's programs."""
     return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
 
-
-def imagined_returns(networks, config: Config, world: wm.WorldModelState, agent_params, start_observations,
-                     key: jax.Array) -> jax.Array:
-    """The policy's return in its own dreams: start observations uint8 [N, 96, 96, C] -> summed imagined rewards
-    [N] over one horizon (SPEC 6), to set beside the real evaluation's clipped return per horizon."""
-    start_indices, _ = wm.encode(world, start_observations)
-    dream = imagine(networks.dream_dynamics, networks.actor_critic, {"params": world.dynamics_params}, agent_params,
-                    world.codebook.embeddings, start_indices, key, config.policy.horizon,
-                    config.policy.bootstrap_at_horizon, unroll=config.compute.imagination_unroll)
-    return jnp.sum(dream.rewards, axis=0)
 
