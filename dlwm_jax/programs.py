@@ -214,16 +214,22 @@ def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, a
                 keys: jax.Array, put: Callable) -> dict[str, jax.stages.Lowered]:
     """The loop's later programs lowered for arguments shaped as the loop will pass them (world, agent, frames
     (Run.frames) and keys [S] as the run holds them, `put` its seed placement), by name, in the order the loop needs
-    them: iteration 1's world-model programs (warm-up, joint epochs), the PPO update's (the dream, which the
-    evaluation's imagined returns run too, and the update), the actors', then the chunks of later iterations'
-    VQ-VAE intervals. compile_ahead compiles them; benchmarks/kernels.py compiles them for a GPU it does not have."""
-    S, p, e = len(keys), config.policy, config.env
+    them: iteration 1's world-model programs (warm-up, joint epochs, the diagnostics on schedule.diagnostic_windows
+    windows), the PPO update's (the dream, which the evaluation's imagined returns run too, and the update), the
+    actors', then the chunks of later iterations' VQ-VAE intervals. compile_ahead compiles them;
+    benchmarks/kernels.py compiles them for a GPU it does not have."""
+    S, p, e, windows = len(keys), config.policy, config.env, config.schedule.diagnostic_windows
     image = (e.image_size, e.image_size)
     chunks = programs.world_model_chunk.lower(world, frames, keys)  # puts its keys itself, as the loop's chunk
     later = {name: chunks.pop(name) for name in list(chunks) if name.startswith("world_model_chunk/joint_every_")
              and name != f"world_model_chunk/joint_every_{config.schedule.vq_update_intervals[0]}"}
     lowered = dict(chunks)
     keys = put(keys)
+    if windows:  # zeros as a view of one element: one device puts nothing (a paper run's windows are 66 MB)
+        shape = (S, wm.diagnostic_window_length(config), windows)
+        zeros = lambda *tail, dtype: put(np.broadcast_to(np.zeros((), dtype), (*shape, *tail)))
+        lowered["diagnostics"] = programs.diagnostics.lower(world, zeros(*image, e.frame_stack, dtype=np.uint8),
+                                                            zeros(dtype=np.int32), zeros(dtype=np.float32), keys)
     lowered.update(programs.policy_update.lower(world, agent, frames,
                                                 put(np.zeros((S, p.num_envs, e.frame_stack), np.int32)), keys))
     for name, act, envs_per_seed in (("act_eval", programs.act_eval, e.num_eval_envs),

@@ -114,17 +114,18 @@ def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them():
     from dlwm_jax.programs import compile_workers, lower_ahead
     config, programs, *state = _ahead()
     assert list(lower_ahead(programs, config, *state, lambda x: x)) == [
-        "world_model_chunk/warmup", "world_model_chunk/joint_every_2", "dream", "ppo_update", "act_eval",
-        "act_collect", "world_model_chunk/joint_every_3"]
+        "world_model_chunk/warmup", "world_model_chunk/joint_every_2", "diagnostics", "dream", "ppo_update",
+        "act_eval", "act_collect", "world_model_chunk/joint_every_3"]
     assert [compile_workers(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
 
 
 @pytest.mark.slow
 def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
     """compile_ahead, 2 compilations at a time in threads, compiles each program once, and the loop's own calls of
-    them (here the collection's actor and the PPO update) compile nothing more."""
+    them (here the collection's actor, the PPO update and the diagnostics) compile nothing more."""
     from jax import monitoring
 
+    from dlwm_jax import world_model as wm
     from dlwm_jax.programs import compile_ahead
     config, programs, world, agent, frames, keys = _ahead()
     compiles = []
@@ -132,11 +133,14 @@ def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
     monitoring.register_event_duration_secs_listener(listener)
     try:
         compile_ahead(programs, config, world, agent, frames, keys, lambda x: x, workers=2)
-        assert len(compiles) == 7
+        assert len(compiles) == 8
         c = config.env.frame_stack
         programs.act_collect(world, agent.params, np.zeros((1, 1, 96, 96, c), np.uint8), np.zeros((1, 1, 96, 96), np.uint8),
                              np.ones((1, 1), bool), keys)
         programs.policy_update(world, agent, frames, np.zeros((1, config.policy.num_envs, c), np.int32), keys)
-        assert len(compiles) == 7, compiles
+        windows = (1, wm.diagnostic_window_length(config), config.schedule.diagnostic_windows)
+        programs.diagnostics(world, np.zeros((*windows, 96, 96, c), np.uint8), np.zeros(windows, np.int32),
+                             np.zeros(windows, np.float32), keys)
+        assert len(compiles) == 8, compiles
     finally:
         monitoring.unregister_event_duration_listener(listener)
