@@ -288,7 +288,7 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             continue
         with tempfile.TemporaryDirectory(prefix="dlwm_kernels_") as directory:
             start = time.perf_counter()
-            stage.compile(compiler_options={**options, "xla_dump_to": directory})
+            stage.lowered.compile(compiler_options={**options, "xla_dump_to": directory})
             compile_s = time.perf_counter() - start
             thunks, trips = read_dump(directory, args.by_source)
         if program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -39,6 +40,28 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
     return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
 
 
+class Program:
+    """A compiled program (a jax.jit of the loop's) whose calls wait while compile_ahead compiles it: JAX compiles a
+    program again when one thread calls it while another compiles it (a smoke run compiled its chunks twice so)."""
+
+    def __init__(self, jitted: Callable):
+        self.jitted, self.ready = jitted, threading.Event()
+        self.ready.set()  # cleared by compile_lowered from the start of a compilation ahead until its end
+
+    def __call__(self, *args):
+        self.ready.wait()
+        return self.jitted(*args)
+
+    def lower(self, *args) -> Ahead:
+        return Ahead(self, self.jitted.lower(*args))
+
+
+class Ahead(NamedTuple):
+    """A program lowered for the arguments the loop will pass (lower_ahead), to compile before its first call."""
+    program: Program
+    lowered: jax.stages.Lowered
+
+
 class Programs(NamedTuple):
     """Every compiled program of the loop; arguments and outputs [S, ...] unless said otherwise."""
     chunk_slots: Callable       # slots.Period -> slots per world_model_chunk call of that Period (L)
@@ -61,8 +84,8 @@ def compile_programs(config: Config, num_actions: int, num_seeds: int, sharding:
 @functools.cache
 def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding: NamedSharding | None) -> Programs:
     S, networks = num_seeds, make_networks(config, num_actions)
-    compile_ = lambda fn, in_axes, program=None, donate=(): over_seeds(
-        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate)
+    compile_ = lambda fn, in_axes, program=None, donate=(): Program(over_seeds(
+        fn, S, sharding, in_axes, config.compute.compiler_options(program) if program else None, donate))
     return Programs(
         *make_world_model_chunk(config, S, sharding, compile_),
         act_collect=compile_(env_step(make_act(networks, config.env.collect_temperature)), (0,) * 6),
@@ -194,8 +217,8 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         return AgentState(params, opt_state), metrics
 
     compile_fn = compile_fn or (lambda fn, num_args, options: jax.jit(fn, compiler_options=options))
-    dream_program = compile_fn(dream, 5, {})
-    improve_program = compile_fn(improve, 4, config.compute.compiler_options("ppo_update"))
+    dream_program = Program(compile_fn(dream, 5, {}))
+    improve_program = Program(compile_fn(improve, 4, config.compute.compiler_options("ppo_update")))
 
     def update(world: wm.WorldModelState, agent: AgentState, frames, start_stacks, key):
         rollout, bootstrap_value, ppo_key, imagined_reward_mean = dream_program(world, agent, frames, start_stacks, key)
@@ -211,7 +234,7 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
 
 
 def lower_ahead(programs: Programs, config: Config, world: wm.WorldModelState, agent: AgentState, frames: jax.Array,
-                keys: jax.Array, put: Callable) -> dict[str, jax.stages.Lowered]:
+                keys: jax.Array, put: Callable) -> dict[str, Ahead]:
     """The loop's later programs lowered for arguments shaped as the loop will pass them (world, agent, frames
     (Run.frames) and keys [S] as the run holds them, `put` its seed placement), by name, in the order the loop needs
     them: iteration 1's world-model programs (warm-up, joint epochs, the diagnostics on schedule.diagnostic_windows
@@ -244,19 +267,25 @@ def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState,
                   keys: jax.Array, put: Callable, workers: int = 1) -> None:
     """Compiles the loop's later programs (lower_ahead) before their first call, `workers` at a time in lower_ahead's
     order (threads: XLA compiles without holding Python's lock). Meant for a thread beside iteration 1's random
-    collection (train.py): a program the loop calls while it compiles here waits for that compilation (JAX's
-    caches), so nothing is compiled twice and nothing changes but when. A shape that differs from the loop's only
-    costs the loop its own compilation later."""
+    collection (train.py): a program the loop calls while it is lowered or compiled here waits for its compilation
+    (Program), and then finds it in JAX's caches, so nothing is compiled twice and nothing changes but when. A shape
+    that differs from the loop's only costs the loop its own compilation later."""
     compile_lowered(lower_ahead(programs, config, world, agent, frames, keys, put), workers)
 
 
-def compile_lowered(stages: dict[str, jax.stages.Lowered], workers: int = 1) -> dict[str, float]:
-    """Compiles lowered programs, `workers` at a time in their order; returns the seconds from the start until each
-    was compiled, by name. Raises the first compilation's error, after the others ended."""
+def compile_lowered(stages: dict[str, Ahead], workers: int = 1) -> dict[str, float]:
+    """Compiles lowered programs, `workers` at a time in their order; a call of one of them waits from now until it
+    is compiled (or failed). Returns the seconds from the start until each was compiled, by name; raises the first
+    compilation's error, after the others ended."""
     start = time.perf_counter()
+    for stage in stages.values():
+        stage.program.ready.clear()
 
-    def compile_(stage: jax.stages.Lowered) -> float:
-        stage.compile()
+    def compile_(stage: Ahead) -> float:
+        try:
+            stage.lowered.compile()
+        finally:
+            stage.program.ready.set()
         return round(time.perf_counter() - start, 1)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dlwm-compile") as pool:
         done = {name: pool.submit(compile_, stage) for name, stage in stages.items()}

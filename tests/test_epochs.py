@@ -121,26 +121,33 @@ def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them():
 
 @pytest.mark.slow
 def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
-    """compile_ahead, 2 compilations at a time in threads, compiles each program once, and the loop's own calls of
-    them (here the collection's actor, the PPO update and the diagnostics) compile nothing more."""
+    """compile_lowered (the loop's compile_ahead) in a thread, one compilation at a time: the loop's own calls of
+    the programs it compiles (here the collection's actor, the diagnostics and the PPO update, made while the
+    first programs still compile) wait for it and compile nothing themselves (JAX alone would compile again)."""
+    import threading
+
     from jax import monitoring
 
     from dlwm_jax import world_model as wm
-    from dlwm_jax.programs import compile_ahead
+    from dlwm_jax.programs import compile_lowered, lower_ahead
     config, programs, world, agent, frames, keys = _ahead()
+    stages = lower_ahead(programs, config, world, agent, frames, keys, lambda x: x)
     compiles = []
-    listener = lambda name, *_, **__: compiles.append(name) if name.endswith("/backend_compile_duration") else None
+    listener = lambda name, *_, **__: (compiles.append(threading.current_thread().name)
+                                       if name.endswith("/backend_compile_duration") else None)
     monitoring.register_event_duration_secs_listener(listener)
     try:
-        compile_ahead(programs, config, world, agent, frames, keys, lambda x: x, workers=2)
-        assert len(compiles) == 8
-        c = config.env.frame_stack
+        ahead = threading.Thread(target=compile_lowered, args=(stages, 1))
+        ahead.start()
+        while stages["act_collect"].program.ready.is_set():  # until compile_lowered holds the programs
+            pass
+        c, windows = config.env.frame_stack, (1, wm.diagnostic_window_length(config), config.schedule.diagnostic_windows)
         programs.act_collect(world, agent.params, np.zeros((1, 1, 96, 96, c), np.uint8), np.zeros((1, 1, 96, 96), np.uint8),
                              np.ones((1, 1), bool), keys)
-        programs.policy_update(world, agent, frames, np.zeros((1, config.policy.num_envs, c), np.int32), keys)
-        windows = (1, wm.diagnostic_window_length(config), config.schedule.diagnostic_windows)
         programs.diagnostics(world, np.zeros((*windows, 96, 96, c), np.uint8), np.zeros(windows, np.int32),
                              np.zeros(windows, np.float32), keys)
-        assert len(compiles) == 8, compiles
+        programs.policy_update(world, agent, frames, np.zeros((1, config.policy.num_envs, c), np.int32), keys)
+        ahead.join()
+        assert len(compiles) == len(stages) == 8 and "MainThread" not in compiles, compiles
     finally:
         monitoring.unregister_event_duration_listener(listener)
