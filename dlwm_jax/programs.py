@@ -151,7 +151,7 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
     def per_slot_lower(world, frames, steps_keys):
         part, shared = slots.empty(config, num_seeds, 1)
         slot = put(slots.Slots(*(x[:, 0] for x in part)))
-        indices, batch_stats = jax.eval_shape(encode, world, frames, slot)
+        indices, batch_stats = jax.eval_shape(encode.jitted, world, frames, slot)
         return {"vqvae_slot": vqvae.lower(world, frames, slot, _LR_SCALE), "encode_slot": encode.lower(world, frames, slot),
                 "dynamics_slot": dynamics.lower(world, batch_stats, indices, slot, put(steps_keys), shared.index[0])}
     per_slot.lower = per_slot_lower
@@ -226,7 +226,8 @@ def make_policy_update(config: Config, networks, optimizer, compile_fn: Callable
         return agent, {**metrics, "imagined_reward_mean": imagined_reward_mean}
 
     def lower(world, agent, frames, start_stacks, key):
-        rollout, bootstrap_value, ppo_key, _ = jax.eval_shape(dream_program, world, agent, frames, start_stacks, key)
+        rollout, bootstrap_value, ppo_key, _ = jax.eval_shape(dream_program.jitted, world, agent, frames, start_stacks,
+                                                              key)
         return {"dream": dream_program.lower(world, agent, frames, start_stacks, key),
                 "ppo_update": improve_program.lower(agent, rollout, bootstrap_value, ppo_key)}
     update.lower, update.dream = lower, dream_program

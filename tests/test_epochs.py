@@ -108,14 +108,17 @@ def _ahead(chunk: int = 4):
     return config, compile_programs(config, num_actions, 1, None), world, agent, frames, keys
 
 
-def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them():
+@pytest.mark.parametrize("chunk", [4, 0])  # scanned chunks (accelerators), per-slot programs (the CPU)
+def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them(chunk):
     """programs.lower_ahead: iteration 1's programs first, the chunks of later VQ-VAE intervals (the smoke preset's
     joint_every_3, iteration 2) last; compile_workers: a quarter of the cores, 1 to 4."""
     from dlwm_jax.programs import compile_workers, lower_ahead
-    config, programs, *state = _ahead()
+    config, programs, *state = _ahead(chunk)
+    world_model = (["world_model_chunk/warmup", "world_model_chunk/joint_every_2"] if chunk else
+                   ["vqvae_slot", "encode_slot", "dynamics_slot"])
     assert list(lower_ahead(programs, config, *state, lambda x: x)) == [
-        "world_model_chunk/warmup", "world_model_chunk/joint_every_2", "diagnostics", "dream", "ppo_update",
-        "act_eval", "act_collect", "world_model_chunk/joint_every_3"]
+        *world_model, "diagnostics", "dream", "ppo_update", "act_eval", "act_collect",
+        *(["world_model_chunk/joint_every_3"] if chunk else [])]
     assert [compile_workers(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
 
 
