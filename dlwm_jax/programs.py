@@ -268,8 +268,8 @@ def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState,
                   keys: jax.Array, put: Callable, workers: int = 1) -> None:
     """Compiles the loop's later programs (lower_ahead) before their first call, `workers` at a time in lower_ahead's
     order (threads: XLA compiles without holding Python's lock). Meant for a thread beside iteration 1's random
-    collection (train.py): a program the loop calls while it is lowered or compiled here waits for its compilation
-    (Program), and then finds it in JAX's caches, so nothing is compiled twice and nothing changes but when. A shape
+    collection (train.py): a program the loop calls while it is compiled here waits for that compilation (Program),
+    and then finds it in JAX's caches, so nothing is compiled twice and nothing changes but when. A shape
     that differs from the loop's only costs the loop its own compilation later."""
     compile_lowered(lower_ahead(programs, config, world, agent, frames, keys, put), workers)
 
@@ -298,5 +298,3 @@ def compile_workers(cores: int | None = None) -> int:
     them, at most 4. One on a 2-core laptop, whose cores the loop needs; 4 on a 16-core GPU host, where each XLA
     compilation runs mostly on one core while the loop waits for iteration 1's programs."""
     return max(1, min(4, (cores or os.cpu_count() or 1) // 4))
-
-
