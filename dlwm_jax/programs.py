@@ -41,16 +41,16 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
 
 
 class Program:
-    """A compiled program (a jax.jit of the loop's) whose calls wait while compile_ahead compiles it: JAX compiles a
-    program again when one thread calls it while another compiles it (a smoke run compiled its chunks twice so)."""
+    """A compiled program (a jax.jit of the loop's) that one thread at a time calls or compiles ahead
+    (compile_lowered): JAX compiles a program again when one thread calls it while another compiles it (a smoke run
+    compiled its chunks twice so). Whichever comes second waits, then finds the compilation in JAX's caches."""
 
     def __init__(self, jitted: Callable):
-        self.jitted, self.ready = jitted, threading.Event()
-        self.ready.set()  # cleared by compile_lowered from the start of a compilation ahead until its end
+        self.jitted, self.lock = jitted, threading.Lock()
 
     def __call__(self, *args):
-        self.ready.wait()
-        return self.jitted(*args)
+        with self.lock:  # held for the dispatch (the call returns before the device has run it)
+            return self.jitted(*args)
 
     def lower(self, *args) -> Ahead:
         return Ahead(self, self.jitted.lower(*args))
@@ -268,25 +268,21 @@ def compile_ahead(programs: Programs, config: Config, world: wm.WorldModelState,
                   keys: jax.Array, put: Callable, workers: int = 1) -> None:
     """Compiles the loop's later programs (lower_ahead) before their first call, `workers` at a time in lower_ahead's
     order (threads: XLA compiles without holding Python's lock). Meant for a thread beside iteration 1's random
-    collection (train.py): a program the loop calls while it is compiled here waits for that compilation (Program),
-    and then finds it in JAX's caches, so nothing is compiled twice and nothing changes but when. A shape
-    that differs from the loop's only costs the loop its own compilation later."""
+    collection (train.py): a program the loop calls while it is compiled here waits for that compilation, and one
+    the loop compiled first is found compiled here (Program), so nothing is compiled twice and nothing changes but
+    when. A shape that differs from the loop's only costs the loop its own compilation later."""
     compile_lowered(lower_ahead(programs, config, world, agent, frames, keys, put), workers)
 
 
 def compile_lowered(stages: dict[str, Ahead], workers: int = 1) -> dict[str, float]:
-    """Compiles lowered programs, `workers` at a time in their order; a call of one of them waits from now until it
-    is compiled (or failed). Returns the seconds from the start until each was compiled, by name; raises the first
-    compilation's error, after the others ended."""
+    """Compiles lowered programs, `workers` at a time in their order, each under its Program's lock (a call of it
+    meanwhile waits; one made before finds its compilation already done). Returns the seconds from the start until
+    each was compiled, by name; raises the first compilation's error, after the others ended."""
     start = time.perf_counter()
-    for stage in stages.values():
-        stage.program.ready.clear()
 
     def compile_(stage: Ahead) -> float:
-        try:
+        with stage.program.lock:
             stage.lowered.compile()
-        finally:
-            stage.program.ready.set()
         return round(time.perf_counter() - start, 1)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dlwm-compile") as pool:
         done = {name: pool.submit(compile_, stage) for name, stage in stages.items()}

@@ -122,12 +122,41 @@ def test_programs_are_compiled_ahead_in_the_order_the_loop_needs_them(chunk):
     assert [compile_workers(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
 
 
+def test_a_call_waits_while_its_program_is_compiled_ahead():
+    """programs.Program: a call made while compile_lowered compiles that program waits until it is compiled (in the
+    loop, JAX compiled it again on the loop's thread: a smoke run's chunks and diagnostics)."""
+    import threading
+
+    from dlwm_jax.programs import Ahead, Program, compile_lowered
+    program, started, release = Program(jax.jit(lambda x: x + 1)), threading.Event(), threading.Event()
+
+    class Lowered:  # a compilation that lasts until released
+        def compile(self):
+            started.set()
+            release.wait()
+    ahead = threading.Thread(target=compile_lowered, args=({"p": Ahead(program, Lowered())},))
+    ahead.start()
+    started.wait()
+    results = []
+    call = threading.Thread(target=lambda: results.append(program(np.float32(1))))
+    try:
+        call.start()
+        call.join(0.5)
+        waited = call.is_alive() and not results
+    finally:
+        release.set()
+        ahead.join()
+        call.join()
+    assert waited and results == [2]
+
+
 @pytest.mark.slow
 def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
-    """compile_lowered (the loop's compile_ahead) in a thread, one compilation at a time: the loop's own calls of
-    the programs it compiles (here the collection's actor, the diagnostics and the PPO update, made while the
-    first programs still compile) wait for it and compile nothing themselves (JAX alone would compile again)."""
+    """compile_lowered (the loop's compile_ahead) in a thread, one compilation at a time, and the loop's own calls
+    of programs it compiles: one made before its turn (the collection's actor) and one made while it compiles it
+    (the diagnostics). Each program is compiled once, on one thread, for the shapes the loop calls it with."""
     import threading
+    import time
 
     from jax import monitoring
 
@@ -142,15 +171,16 @@ def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
     try:
         ahead = threading.Thread(target=compile_lowered, args=(stages, 1))
         ahead.start()
-        while stages["act_collect"].program.ready.is_set():  # until compile_lowered holds the programs
-            pass
         c, windows = config.env.frame_stack, (1, wm.diagnostic_window_length(config), config.schedule.diagnostic_windows)
         programs.act_collect(world, agent.params, np.zeros((1, 1, 96, 96, c), np.uint8), np.zeros((1, 1, 96, 96), np.uint8),
-                             np.ones((1, 1), bool), keys)
+                             np.ones((1, 1), bool), keys)  # before compile_lowered reaches it: compiled here
+        while not stages["diagnostics"].program.lock.locked() and ahead.is_alive():
+            time.sleep(0.01)  # until compile_lowered compiles the diagnostics
+        print("locked?", stages["diagnostics"].program.lock.locked(), time.time(), compiles)
         programs.diagnostics(world, np.zeros((*windows, 96, 96, c), np.uint8), np.zeros(windows, np.int32),
                              np.zeros(windows, np.float32), keys)
-        programs.policy_update(world, agent, frames, np.zeros((1, config.policy.num_envs, c), np.int32), keys)
+        print("after", time.time(), compiles)
         ahead.join()
-        assert len(compiles) == len(stages) == 8 and "MainThread" not in compiles, compiles
+        assert len(compiles) == len(stages) == 8 and compiles.count("MainThread") == 1, compiles
     finally:
         monitoring.unregister_event_duration_listener(listener)
