@@ -176,10 +176,8 @@ def test_programs_compiled_ahead_are_the_ones_the_loop_calls():
                              np.ones((1, 1), bool), keys)  # before compile_lowered reaches it: compiled here
         while not stages["diagnostics"].program.lock.locked() and ahead.is_alive():
             time.sleep(0.01)  # until compile_lowered compiles the diagnostics
-        print("locked?", stages["diagnostics"].program.lock.locked(), time.time(), compiles)
         programs.diagnostics(world, np.zeros((*windows, 96, 96, c), np.uint8), np.zeros(windows, np.int32),
                              np.zeros(windows, np.float32), keys)
-        print("after", time.time(), compiles)
         ahead.join()
         assert len(compiles) == len(stages) == 8 and compiles.count("MainThread") == 1, compiles
     finally:
