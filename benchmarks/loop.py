@@ -14,6 +14,8 @@ dynamics steps, PPO updates, read off metrics.jsonl) and its rate. A line per ph
 programs (or loading them from the compilation cache); `finish` is the results. The evaluations and the random
 agent run off the loop's path (dlwm_jax/background.py): an `evaluate` phase times what stays on it, and
 `background_wait_s` the seconds the loop waited for them (when it joins them, before a checkpoint and at the end).
+`compile_by_thread`: XLA compilations by thread (MainThread: the loop's own; dlwm-compile: compile_ahead's; dlwm-
+background: work off the loop's path), their count and seconds (JAX's backend_compile_duration events).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,10 +120,12 @@ def main() -> None:
     parser.add_argument("--num-seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, deleted at the end")
-    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dlwm_jax/xla"))
+    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dlwm_jax/xla"),
+                        help="JAX's persistent compilation cache ('' disables it)")
     args = parser.parse_args()
 
     import jax
+    from jax import monitoring
     from dlwm_jax import config as config_lib
     from dlwm_jax import train
     from dlwm_jax.background import Background
@@ -132,7 +137,8 @@ def main() -> None:
     config = config_lib.override(config_lib.get_preset(args.preset),
                                  {"env.game": args.game, "seed": args.seed,
                                   **dict(item.split("=", 1) for item in args.set)})
-    use_compilation_cache(args.compilation_cache)
+    if args.compilation_cache:
+        use_compilation_cache(args.compilation_cache)
     workdir = args.workdir or tempfile.mkdtemp(prefix="dlwm_loop_")
     metrics = os.path.join(workdir, "metrics.jsonl" if args.num_seeds == 1 else f"seed_{args.seed}/metrics.jsonl")
     timer = PhaseTimer(metrics, args.num_seeds,
@@ -146,6 +152,13 @@ def main() -> None:
         join(self)
         waits.append(time.perf_counter() - start)
     Background.join = timed_join
+    compiles: dict[str, list] = {}  # thread (pool threads as one) -> [count, seconds]
+
+    def on_compile(event: str, seconds: float, **_) -> None:
+        if event.endswith("/backend_compile_duration"):
+            figure = compiles.setdefault(threading.current_thread().name.split("_")[0], [0, 0.0])
+            figure[0], figure[1] = figure[0] + 1, figure[1] + seconds
+    monitoring.register_event_duration_secs_listener(on_compile)
     train.finish_run = lambda run: timer.wrap("finish", lambda r, it, u: finish_run(r))(
         run, config.schedule.num_iterations - 1, 0)
     started = time.perf_counter()
@@ -160,6 +173,7 @@ def main() -> None:
     print(json.dumps({
         "run_wall_s": round(time.perf_counter() - started, 2), "phases": timer.figures,
         "background_wait_s": round(sum(waits), 2),
+        "compile_by_thread": {name: {"count": n, "seconds": round(t, 1)} for name, (n, t) in sorted(compiles.items())},
         "by_phase": summarise(timer.figures), "final_eval_return_per_seed": result["aggregate"]["final_eval_return_per_seed"],
         "random_agent_return_per_seed": random_agent,
         "preset": args.preset, "game": args.game, "num_seeds": args.num_seeds, "overrides": args.set,

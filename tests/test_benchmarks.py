@@ -117,6 +117,7 @@ def test_loop_benchmark_runs_the_smoke_preset_end_to_end():
     assert report["by_phase"]["all"]["collect"]["real_steps"] == 144
     assert report["by_phase"]["all"]["world_model"]["dynamics_steps"] > 0
     assert all(0 <= f["host_share"] <= 1 for f in report["phases"])
+    assert all(v["count"] > 0 and v["seconds"] >= 0 for v in report["compile_by_thread"].values())
     assert result.stderr.count("[loop] ") == len(phases)
 
 
