@@ -39,12 +39,13 @@ def _raw_rate(env_config: EnvConfig, num_envs: int, steps: int, repeats: int) ->
 def _collector_rate(env_config: EnvConfig, num_envs: int, steps: int, repeats: int) -> float:
     collector = collect.Collector(env_config, num_envs, seed=0)
     config = config_lib.override(config_lib.get_preset("paper"), {"env.game": env_config.game})
-    policy = compile_programs(config, envs.num_actions(env_config.game), 1, None).random_act  # the loop's actor
-    keys = jax.random.split(jax.random.key(0), repeats + 1)
+    # the loop's actor on one device (run_state.Run.actor): one seed's program, [1] keys
+    actor = compile_programs(config, envs.num_actions(env_config.game), 1, None).random_act
+    keys = jax.random.split(jax.random.key(0), (repeats + 1, 1))
     rates = []
     for key in keys:
         start = time.perf_counter()
-        collector.collect(policy, steps, key)
+        collector.collect(actor, steps, key)
         rates.append(steps / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 

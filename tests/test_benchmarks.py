@@ -143,3 +143,17 @@ def test_checkpoint_benchmark_times_both_modes_of_a_real_state():
     figures = json.loads(result.stdout)
     assert figures["state_mib"] > 0 and figures["saves"] == 2 and figures["gap_s"] == 0.1
     assert all(figures[mode]["save_call_s"] > 0 for mode in ("synchronous", "asynchronous"))
+
+
+def test_collector_benchmark_steps_the_loops_actor():
+    """benchmarks/collector.py (run.py's EnvPool figures) with the loop's random actor: it once broke unnoticed
+    when the actor's programs took a seed axis."""
+    import json
+    script = os.path.join(os.path.dirname(RUN), "collector.py")
+    result = subprocess.run([sys.executable, script, "--game", "Pong", "--steps", "32", "--repeats", "1",
+                             "--num-envs", "1,4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert set(figures["by_num_envs"]) == {"1", "4"} and figures["num_envs"] == 4
+    assert all(n["collector_steps_per_s"] > 0 and n["raw_envpool_steps_per_s"] > 0
+               for n in figures["by_num_envs"].values())
