@@ -3,7 +3,7 @@
     make kernels                       # installs jax's CUDA plugin into .cuda-aot/ (~180 MB download), runs this
     python benchmarks/kernels.py [--preset paper] [--target benchmarks/device/h100.pbtxt] [--graphs]
                                  [--variant NAME:section.field=value,... ...] [--programs world_model_chunk,...]
-                                 [--by-op] [--by-source] [--ahead WORKERS]
+                                 [--by-op] [--by-source] [--scheduling CONCURRENT] [--ahead WORKERS]
 
 XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed, compute.target=accelerator) ahead
 of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
@@ -14,6 +14,11 @@ thunk passes (command buffers formed), and this counts what one call executes:
   buffer, plus one per command buffer (CUDA graph) executed. Latency-bound programs (issue 22: the chip <1% busy)
   cost about launches x a few microseconds.
 * `in_graphs`: the operations inside those command buffers (one launch each time for all of them).
+* `critical_path`: the longest chain of operations one call runs one after another if, inside a command buffer,
+  each waits only for the operations whose results it reads (XLA's
+  `xla_gpu_command_buffer_scheduling_mode=CONCURRENT`; the default, LHS, runs a buffer's operations in one order);
+  launches outside command buffers count one each. Against `in_graphs + launches` it bounds what running
+  independent small kernels side by side could save in a latency-bound program.
 * `loop_iterations`: iterations of while loops outside command buffers (the host runs each: its condition kernel,
   then the body; XLA's trip counts from the optimized HLO), `conditionals`: conditionals run by the host (their
   predicate is read back to the host first).
@@ -72,6 +77,7 @@ class Thunk:
         self.sections: dict[str, list[Thunk]] = {}
         self.section = ""
         self.source = ""  # with --by-source: where in the program the operation comes from (op_sources)
+        self.instruction = ""  # the HLO instruction it runs (thunk_annotations; kernels XLA deduplicated share names)
 
     def children(self, section: str = "") -> list["Thunk"]:
         return self.sections.get(section, [])
@@ -122,12 +128,17 @@ def trip_counts(hlo: str, metadata: str) -> dict[int, int]:
     trips = {}
     for m in re.finditer(r"%([\w.\-]+) = [^\n]* while\([^\n]*\"known_trip_count\":\{\"n\":\"(\d+)\"", hlo):
         trips[m.group(1)] = int(m.group(2))
+    return {ident: trips[name] for ident, name in thunk_annotations(metadata).items() if name in trips}
+
+
+def thunk_annotations(metadata: str) -> dict[int, str]:
+    """thunk id -> the HLO instruction it runs (its profile_annotation in the thunk metadata dump)."""
     by_id = {}
     for block in metadata.split("thunk_metadata {")[1:]:
         name = re.search(r'profile_annotation: "([^"]*)"', block)
         ident = re.search(r"thunk_id: (\d+)", block)
-        if name and ident and name.group(1) in trips:
-            by_id[int(ident.group(1))] = trips[name.group(1)]
+        if name and ident:
+            by_id[int(ident.group(1))] = name.group(1)
     return by_id
 
 
@@ -176,6 +187,96 @@ def count(thunks: list[Thunk], trips: dict[int, int], choose: Choice = larger_br
     return c
 
 
+def hlo_operands(hlo: str) -> dict[str, tuple[str, list[str]]]:
+    """Optimized HLO -> {instruction name: (opcode, operand names)} over all its computations (names are unique in
+    a module)."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M):
+        rest = m.group(2)
+        if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+            depth = 0
+            for i, ch in enumerate(rest):
+                depth += {"(": 1, ")": -1}.get(ch, 0)
+                if depth == 0:
+                    rest = rest[i + 1:]
+                    break
+        call = re.match(r"\s*\S*\s+([\w\-]+)\((.*)", rest)
+        if not call:
+            continue
+        depth, args = 1, call.group(2)
+        for i, ch in enumerate(args):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                args = args[:i]
+                break
+        out[m.group(1)] = (call.group(1), re.findall(r"%([\w.\-]+)", args))
+    return out
+
+
+_PASS_THROUGH = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant", "iota"}
+
+
+def critical_path(thunks: list[Thunk], trips: dict[int, int], operands: dict[str, tuple[str, list[str]]],
+                  choose: Choice = larger_branch) -> int:
+    """The longest chain of dependent operations that running `thunks` once executes: launches one after another
+    (one stream), and inside a command buffer (a CUDA graph) each operation after the operations of the same
+    buffer whose results it reads (its HLO operands, through bitcasts and tuples). A graph whose nodes depend
+    only on what they read (xla_gpu_command_buffer_scheduling_mode=CONCURRENT) can run at best this many
+    operations one after another; in_graphs + launches is what a serialised one runs. An operation not found in
+    the HLO (a copy) waits for every earlier one of its buffer."""
+    total = 0
+    for t in thunks:
+        if t.kind == "kCommandBuffer":
+            total += _graph_depth(t.children(), operands)
+        elif t.kind == "kWhile":
+            total += trips[t.id] * (critical_path(t.children("condition"), trips, operands, choose)
+                                    + critical_path(t.children("body"), trips, operands, choose))
+        elif t.kind == "kConditional":
+            total += critical_path(list(t.sections.values())[choose(t)], trips, operands, choose)
+        elif t.kind == "kSequential":
+            total += critical_path(t.children(), trips, operands, choose)
+        else:
+            total += 1
+    return total
+
+
+def _graph_depth(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]) -> int:
+    names = {_hlo_name(t, operands) for t in thunks}
+    depth: dict[str, int] = {}
+    deepest = 0
+
+    def producers(name: str, seen: set) -> set:  # the buffer's operations whose results `name` reads
+        if name in seen:
+            return set()
+        seen.add(name)
+        opcode, args = operands.get(name, ("", []))
+        found = set()
+        for a in args:
+            if a in names:
+                found.add(a)
+            elif operands.get(a, ("",))[0] in _PASS_THROUGH:
+                found |= producers(a, seen)
+        return found
+
+    for t in thunks:  # in execution order, a topological order of the dependencies
+        name = _hlo_name(t, operands)
+        if name not in operands or t.sections:
+            d = deepest + 1
+        else:
+            d = 1 + max((depth.get(p, 0) for p in producers(name, set())), default=0)
+        depth[name] = d
+        deepest = max(deepest, d)
+    return deepest
+
+
+def _hlo_name(thunk: Thunk, operands: dict) -> str:
+    """The HLO instruction a thunk runs: its annotation, else from its name (input_reduce_fusion_70 ->
+    input_reduce_fusion.70)."""
+    if thunk.instruction:
+        return thunk.instruction
+    return thunk.name if thunk.name in operands else re.sub(r"_(\d+)$", r".\1", thunk.name)
+
+
 def op_name(thunk: Thunk) -> str:
     """What an operation is, from its thunk's name without XLA's numbering: input_reduce_fusion_70 ->
     input_reduce_fusion (a reduction), gemm_fusion_dot_general.144 -> gemm_fusion_dot_general; the kind if unnamed."""
@@ -213,8 +314,9 @@ def _walk(thunks: list[Thunk]):
             yield from _walk(children)
 
 
-def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[int, int]]:
-    """The thunks and while trip counts of the one module compiled into `directory` (XLA's --xla_dump_to); with
+def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[int, int], dict]:
+    """The thunks, while trip counts and HLO operands (hlo_operands) of the one module compiled into `directory`
+    (XLA's --xla_dump_to); with
     `sources`, each operation's `source` (op_sources; the thunk input_reduce_fusion_70 is instruction
     input_reduce_fusion.70)."""
     def one(pattern: str) -> str:
@@ -228,11 +330,15 @@ def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[
     passes = glob.glob(os.path.join(directory, "*.thunk_sequence_after_thunk_passes.txt"))
     sequence = one("*.thunk_sequence_after_thunk_passes.txt" if passes else "*.thunk_sequence.txt")
     thunks = parse_thunks(sequence)
+    metadata = one("*.thunk_metadata.txt")
+    annotations = thunk_annotations(metadata)
+    for t in _walk(thunks):
+        t.instruction = annotations.get(t.id, "")
     if sources:
         names = op_sources(hlo)
         for t in _walk(thunks):
             t.source = names.get(t.name) or names.get(re.sub(r"_(\d+)$", r".\1", t.name), "")
-    return thunks, trip_counts(hlo, one("*.thunk_metadata.txt"))
+    return thunks, trip_counts(hlo, metadata), hlo_operands(hlo)
 
 
 # ------------------------------------------------------------------------------------------ compilation
@@ -282,6 +388,8 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
     from dlwm_jax.programs import epoch_periods
     config, lowered = lowered_programs(args.preset, overrides, placement, args.game)
     options = {"xla_gpu_enable_command_buffer": GRAPHS} if args.graphs else {}
+    if args.scheduling:
+        options["xla_gpu_command_buffer_scheduling_mode"] = args.scheduling
     out: dict[str, Any] = {"variant": name, "overrides": overrides, "compute": config.compute.__dict__, "programs": {}}
     for program, stage in lowered.items():
         if args.programs and program not in args.programs:
@@ -290,14 +398,15 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             start = time.perf_counter()
             stage.lowered.compile(compiler_options={**options, "xla_dump_to": directory})
             compile_s = time.perf_counter() - start
-            thunks, trips = read_dump(directory, args.by_source)
+            thunks, trips, operands = read_dump(directory, args.by_source)
         if program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
             period = epoch_periods(config)[program.partition("/")[2]]
             per_call, n = summary(count(thunks, trips), args.by_op), period.slots(config.compute.epoch_chunk)
+            per_call["critical_path"] = critical_path(thunks, trips, operands)
             figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
                        "per_call": per_call, "slots_per_call": n}
         else:
-            figures = summary(count(thunks, trips), args.by_op)
+            figures = {**summary(count(thunks, trips), args.by_op), "critical_path": critical_path(thunks, trips, operands)}
         out["programs"][program] = {**figures, "compile_s": round(compile_s, 1)}
         print(f"[kernels] {name} {program}: {json.dumps(out['programs'][program])}", file=sys.stderr, flush=True)
     return out
@@ -319,6 +428,9 @@ def main() -> None:
     parser.add_argument("--by-source", action="store_true",
                         help="and by where in the program each operation comes from (launches_by_source, "
                              "in_graphs_by_source: jvp()/Dynamics.recur/cell1/..., from XLA's op_name metadata)")
+    parser.add_argument("--scheduling", choices=("LHS", "CONCURRENT", "SERIALIZE"), default="",
+                        help="XLA's xla_gpu_command_buffer_scheduling_mode (default: XLA's, LHS): CONCURRENT lets a "
+                             "command buffer's operations depend only on the buffers they use")
     parser.add_argument("--ahead", type=int, default=0, metavar="WORKERS",
                         help="count nothing: compile the programs as the loop compiles them ahead (programs.compile_"
                              "lowered, WORKERS at a time, lower_ahead's order) and give the seconds until each was ready")
@@ -345,6 +457,7 @@ def main() -> None:
         variants.append(variant_counts(args, name, overrides, placement))
     print(json.dumps({"target": placement.mesh.devices.flat[0].device_kind, "deviceless": True,
                       "jax": jax.__version__, "commit": git_commit(), "graphs": args.graphs, "preset": args.preset,
+                      "scheduling": args.scheduling or "default",
                       "variants": variants}))
 
 

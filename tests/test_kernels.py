@@ -131,10 +131,49 @@ def test_sources_name_each_operation_by_its_op_name_without_the_frames(tmp_path)
     for name, text in (("m.sm_9.0a_gpu_after_optimizations.txt", hlo), ("m.thunk_metadata.txt", ""),
                        ("m.thunk_sequence_after_thunk_passes.txt", DUMP)):
         (tmp_path / name).write_text(text)
-    top, _ = kernels.read_dump(str(tmp_path), sources=True)  # thunk input_reduce_fusion_70: instruction .70
+    top, _, _ = kernels.read_dump(str(tmp_path), sources=True)  # thunk input_reduce_fusion_70: instruction .70
     c = kernels.summary(kernels.count(top, {75: 64, 721: 10}, lambda cond: 0), by_op=True)
     assert c["in_graphs_by_source"] == {"jvp()/Dynamics.recur/cell1/jit(leaky_relu)/reduce_sum": 64,
                                         "transpose(jvp())/Encoder/reduce_sum": 64}
+
+
+def test_critical_path_follows_what_each_graph_operation_reads():
+    # A graph of five operations: a and b independent, c reads both (one through a bitcast and a tuple), d reads only
+    # a parameter, e (a copy, not in the HLO) waits for all before it; then the loop runs 3 times a kernel and a
+    # graph of a chain of two.
+    dump = """\
+000: kCommandBuffer [source | sink]
+    001: kCustomKernel [source | sink] loop_a_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+    002: kCustomKernel [source | sink] loop_b_fusion_1 grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+    003: kCustomKernel [source | sink] gemm_fusion_c grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+    004: kCustomKernel [source | sink] loop_d_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+    005: kCopy [source | sink] kCopy
+006: kWhile [source | sink]
+condition:
+    007: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+  body:
+    008: kCommandBuffer [source | sink]
+        009: kCustomKernel [source | sink] loop_f_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+        010: kCustomKernel [source | sink] loop_g_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+"""
+    hlo = """\
+  %p.1 = f32[4]{0} parameter(0)
+  %loop_a_fusion = f32[4]{0} fusion(%p.1), kind=kLoop, calls=%fa
+  %loop_b_fusion.1 = (f32[4]{0}, s32[]) fusion(%p.1), kind=kLoop, calls=%fb
+  %bitcast.2 = f32[2,2]{1,0} bitcast(%loop_a_fusion)
+  %tuple.3 = (f32[2,2]{1,0}, (f32[4]{0}, s32[])) tuple(%bitcast.2, %loop_b_fusion.1)
+  %gemm_fusion_c = f32[4]{0} fusion(%tuple.3), kind=kCustom, calls=%fc, backend_config={"a":"(x)"}
+  %loop_d_fusion = f32[4]{0} fusion(%p.1), kind=kLoop, calls=%fd
+  %loop_f_fusion = f32[4]{0} fusion(%p.1), kind=kLoop, calls=%ff
+  ROOT %loop_g_fusion = f32[4]{0} fusion(%loop_f_fusion, %p.1), kind=kLoop, calls=%fg
+"""
+    operands = kernels.hlo_operands(hlo)
+    assert operands["loop_b_fusion.1"] == ("fusion", ["p.1"]) and operands["tuple.3"][1] == ["bitcast.2", "loop_b_fusion.1"]
+    top = kernels.parse_thunks(dump)
+    assert kernels.critical_path(top[:1], {}, operands) == 3  # a | b -> c, then the copy after all of them
+    assert kernels.critical_path(top, {6: 3}, operands) == 3 + 3 * (1 + 2)
+    serial = kernels.count(top, {6: 3})
+    assert serial["in_graphs"] + serial["launches"] - serial["graphs"] == 5 + 3 * 3
 
 
 def test_a_loop_without_a_known_trip_count_is_an_error():
