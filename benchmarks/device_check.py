@@ -10,14 +10,16 @@ budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<p
                     PPO updates under each formulation of FORMULATIONS (the accelerator preset, the XLA
                     convolutions, bfloat16), ms per step each, and per formulation the minutes a paper run's
                     training steps would take at those figures
-  formulations_graphs  the same with XLA's command buffers (CUDA graphs) extended to loops and conditionals
-                    (COMMAND_BUFFER_FLAGS): whether a chunk captured whole runs faster
+  formulations_concurrent  the preset's three (dynamics, VQ-VAE, policy) with a command buffer's operations
+                    waiting only for what they read (CONCURRENT_FLAGS): whether independent small kernels side by
+                    side save what benchmarks/kernels.py's critical_path bounds
   profile_scan      benchmarks/profile.py: one 12-slot chunk of paper-size dynamics steps as one scanned program,
                     traced: events (kernels) per device stream and the fraction of the chunk each is busy
   loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
                     phase the wall time, the host's share and the steps per second; the run's wall time
-and on request (--parts): profile_per_step (the traced chunk as a host loop of per-step programs,
-compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper networks and batch sizes, two short
+and on request (--parts): formulations_graphs (the formulations with XLA's command buffers extended to loops and
+conditionals, COMMAND_BUFFER_FLAGS: whether a chunk captured whole runs faster), profile_per_step (the traced chunk
+as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper networks and batch sizes, two short
 iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds), bench_float32 (benchmarks/run.py --json at paper
 sizes: step times, EnvPool, the projected paper run), bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the
 three training steps with compute.dtype=bfloat16) and loop_paper (a whole `paper` run).
@@ -68,10 +70,10 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
-PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_graphs": 90, "profile_scan": 50,
-                 "loop_short": 100, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
+PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_concurrent": 90, "profile_scan": 50,
+                 "loop_short": 100, "formulations_graphs": 90, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
                  "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50, "loop_paper": 590}
-DEFAULT_PARTS = ("devices", "formulations", "formulations_graphs", "profile_scan", "loop_short")
+DEFAULT_PARTS = ("devices", "formulations", "formulations_concurrent", "profile_scan", "loop_short")
 # The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), the largest terms
 # of the paper run first: its 241k dynamics steps (ConvLSTM chain, 10-step loss, an encoder pass), its 105k VQ-VAE
 # steps and its 19k PPO updates, bfloat16 last. Each times the accelerator preset (the GEMM formulations,
@@ -89,7 +91,15 @@ FORMULATIONS = ("preset:", f"xla:compute.dynamics_unroll=1,compute.lstm_conv=xla
                 "policy/preset_bf16:compute.dtype=bfloat16")
 # XLA:GPU command buffers (CUDA graphs) for loops and conditionals too, so that a scanned chunk can be one graph.
 COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-FORMULATION_PARTS = {"formulations": "", "formulations_graphs": COMMAND_BUFFER_FLAGS}
+# A command buffer's operations ordered by the buffers they read and write instead of one after another (XLA's
+# default, LHS): a joint slot's 561 operations have a longest dependent chain of 346, a policy update's 2,773 (dream
+# and PPO update) one of 1,997 (benchmarks/kernels.py's critical_path, deviceless, 2026-12-07).
+CONCURRENT_FLAGS = "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
+PRESET_FORMULATIONS = ("preset:", "vqvae/preset:", "policy/preset:")
+# name -> (extra XLA_FLAGS, the FORMULATIONS it times)
+FORMULATION_PARTS = {"formulations": ("", FORMULATIONS),
+                     "formulations_concurrent": (CONCURRENT_FLAGS, PRESET_FORMULATIONS),
+                     "formulations_graphs": (COMMAND_BUFFER_FLAGS, FORMULATIONS)}
 # The bench parts: (compute.dtype, vmapped seeds, run.py --only); bench_bfloat16 times the three training steps only
 # (host and EnvPool figures are float32's).
 BENCH_PARTS = {"bench_float32": ("float32", 1, None), "bench_5_seeds": ("float32", 5, None),
@@ -254,15 +264,16 @@ def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny:
 
 
 def formulations_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool) -> dict:
-    """benchmarks/profile.py --variant for each of FORMULATIONS (FORMULATION_PARTS: with extra XLA_FLAGS, GPU-only,
-    left out of a tiny check); the variants it finished (`[variant]` lines) are kept when it is stopped."""
+    """benchmarks/profile.py --variant for each of the part's formulations (FORMULATION_PARTS: with extra XLA_FLAGS,
+    GPU-only, left out of a tiny check); the variants it finished (`[variant]` lines) are kept when it is stopped."""
+    flags, formulations = FORMULATION_PARTS[name]
     argv = [sys.executable, "benchmarks/profile.py", "--preset", "smoke" if tiny else "paper", "--kind", "dynamics",
             "--repeats", "1" if tiny else "3"]
     for item in COMPUTE_OVERRIDES:
         argv += ["--set", item]
-    for variant in FORMULATIONS:
+    for variant in formulations:
         argv += ["--variant", variant]
-    flags = "" if tiny else FORMULATION_PARTS[name]
+    flags = "" if tiny else flags
     if flags:
         env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {flags}".strip()}
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)

@@ -184,14 +184,16 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         assert report[part]["partial"]["ppo_update"]["ms"] == pytest.approx(figures["ppo_update_ms"], abs=0.01)
         assert figures["compute"]["dtype"] == dtype and figures["compute"]["target"] == "accelerator"
         assert {k: figures["compute"][k] for k in plain} == plain
-    for part in device_check.FORMULATION_PARTS:  # every formulation ran (tiny: without the GPU-only XLA flags)
-        variants = report[part]["variants"]
-        assert [v["variant"] for v in variants] == [f.split(":")[0] for f in device_check.FORMULATIONS]
+    for part, (_, formulations) in device_check.FORMULATION_PARTS.items():  # every formulation ran (tiny: without
+        variants = report[part]["variants"]                                  # the GPU-only XLA flags)
+        assert [v["variant"] for v in variants] == [f.split(":")[0] for f in formulations]
         assert all(v["ms_per_step"] > 0 for v in variants)
         assert {(v["kind"], v["chunk_slots"]) for v in variants} == {("dynamics", 12), ("vqvae", 12), ("policy", 8)}
-        assert "compute.dtype=bfloat16" in variants[-1]["overrides"]
         assert report[part]["schedule_counts"]["dynamics_steps"] > 0  # the smoke preset's, tiny
-        assert set(report[part]["projected_training_min"]) == {"preset", "xla", "preset_bf16"}
+        names = {f.split(":")[0].split("/")[-1] for f in formulations}
+        assert set(report[part]["projected_training_min"]) == names
+    assert device_check.FORMULATION_PARTS["formulations"][1] == device_check.FORMULATIONS
+    assert "compute.dtype=bfloat16" in report["formulations"]["variants"][-1]["overrides"]
     for part, chunk in (("profile_scan", 12), ("profile_per_step", 16)):
         profile = report[part]["result"]
         assert profile["chunk_slots"] == chunk and profile["ms_per_step"] > 0 and profile["threads"]
