@@ -18,7 +18,8 @@ thunk passes (command buffers formed), and this counts what one call executes:
   each waits only for the operations whose results it reads (XLA's
   `xla_gpu_command_buffer_scheduling_mode=CONCURRENT`; the default, LHS, runs a buffer's operations in one order);
   launches outside command buffers count one each. Against `in_graphs + launches` it bounds what running
-  independent small kernels side by side could save in a latency-bound program.
+  independent small kernels side by side could save in a latency-bound program. `critical_path_by_kind` (and with
+  --by-op / --by-source, `critical_path_by_op` / `_by_source`): the operations on that chain.
 * `loop_iterations`: iterations of while loops outside command buffers (the host runs each: its condition kernel,
   then the body; XLA's trip counts from the optimized HLO), `conditionals`: conditionals run by the host (their
   predicate is read back to the host first).
@@ -217,41 +218,55 @@ _PASS_THROUGH = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant
 
 
 def critical_path(thunks: list[Thunk], trips: dict[int, int], operands: dict[str, tuple[str, list[str]]],
-                  choose: Choice = larger_branch) -> int:
-    """The longest chain of dependent operations that running `thunks` once executes: launches one after another
-    (one stream), and inside a command buffer (a CUDA graph) each operation after the operations of the same
-    buffer whose results it reads (its HLO operands, through bitcasts and tuples). A graph whose nodes depend
-    only on what they read (xla_gpu_command_buffer_scheduling_mode=CONCURRENT) can run at best this many
-    operations one after another; in_graphs + launches is what a serialised one runs. An operation not found in
-    the HLO (a copy) waits for every earlier one of its buffer."""
-    total = 0
+                  choose: Choice = larger_branch) -> collections.Counter:
+    """The longest chain of dependent operations that running `thunks` once executes ("critical_path"), and its
+    operations by kind, name and source as count() has them ("critical_path_by_op.input_reduce_fusion", ...):
+    launches one after another (one stream), and inside a command buffer (a CUDA graph) each operation after the
+    operations of the same buffer whose results it reads (its HLO operands, through bitcasts and tuples). A graph
+    whose nodes depend only on what they read (xla_gpu_command_buffer_scheduling_mode=CONCURRENT) can run at best
+    this many operations one after another; in_graphs + launches is what a serialised one runs. An operation not
+    found in the HLO waits for every earlier one of its buffer."""
+    c: collections.Counter = collections.Counter()
     for t in thunks:
         if t.kind == "kCommandBuffer":
-            total += _graph_depth(t.children(), operands)
+            for op in _graph_chain(t.children(), operands):
+                c += _tally(op)
         elif t.kind == "kWhile":
-            total += trips[t.id] * (critical_path(t.children("condition"), trips, operands, choose)
-                                    + critical_path(t.children("body"), trips, operands, choose))
+            once = (critical_path(t.children("condition"), trips, operands, choose)
+                    + critical_path(t.children("body"), trips, operands, choose))
+            for key, value in once.items():
+                c[key] += trips[t.id] * value
         elif t.kind == "kConditional":
-            total += critical_path(list(t.sections.values())[choose(t)], trips, operands, choose)
+            c += critical_path(list(t.sections.values())[choose(t)], trips, operands, choose)
         elif t.kind == "kSequential":
-            total += critical_path(t.children(), trips, operands, choose)
+            c += critical_path(t.children(), trips, operands, choose)
         else:
-            total += 1
-    return total
+            c += _tally(t)
+    return c
 
 
-def _graph_depth(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]) -> int:
+def _tally(t: Thunk) -> collections.Counter:
+    c = collections.Counter({"critical_path": 1, f"critical_path_by_kind.{t.kind}": 1,
+                             f"critical_path_by_op.{op_name(t)}": 1})
+    if t.source:
+        c[f"critical_path_by_source.{t.source}"] = 1
+    return c
+
+
+def _graph_chain(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]) -> list[Thunk]:
+    """A longest chain of a command buffer's operations, each reading the one before it (critical_path)."""
     names = {_hlo_name(t, operands) for t in thunks}
     depth: dict[str, int] = {}
-    deepest = 0
+    before: dict[str, Thunk | None] = {}
+    by_name: dict[str, Thunk] = {}
+    last: Thunk | None = None  # the deepest so far: where an operation without known operands waits
 
     def producers(name: str, seen: set) -> set:  # the buffer's operations whose results `name` reads
         if name in seen:
             return set()
         seen.add(name)
-        opcode, args = operands.get(name, ("", []))
         found = set()
-        for a in args:
+        for a in operands.get(name, ("", []))[1]:
             if a in names:
                 found.add(a)
             elif operands.get(a, ("",))[0] in _PASS_THROUGH:
@@ -261,12 +276,19 @@ def _graph_depth(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]
     for t in thunks:  # in execution order, a topological order of the dependencies
         name = _hlo_name(t, operands)
         if name not in operands or t.sections:
-            d = deepest + 1
+            previous = last
         else:
-            d = 1 + max((depth.get(p, 0) for p in producers(name, set())), default=0)
-        depth[name] = d
-        deepest = max(deepest, d)
-    return deepest
+            previous = max((by_name[p] for p in producers(name, set()) if p in by_name),
+                           key=lambda p: depth[_hlo_name(p, operands)], default=None)
+        depth[name] = 1 + (depth[_hlo_name(previous, operands)] if previous else 0)
+        before[name], by_name[name] = previous, t
+        if last is None or depth[name] > depth[_hlo_name(last, operands)]:
+            last = t
+    chain = []
+    while last is not None:
+        chain.append(last)
+        last = before[_hlo_name(last, operands)]
+    return chain[::-1]
 
 
 def _hlo_name(thunk: Thunk, operands: dict) -> str:
@@ -294,8 +316,8 @@ def op_sources(hlo: str) -> dict[str, str]:
 
 
 def summary(counter: collections.Counter, by_op: bool = False) -> dict[str, Any]:
-    """The counts as JSON: the totals, then launches_by_kind and in_graphs_by_kind (and with `by_op`, launches_by_op
-    and in_graphs_by_op: by op_name; with sources read (--by-source), launches_by_source and in_graphs_by_source)."""
+    """The counts as JSON: the totals, then launches_by_kind, in_graphs_by_kind and critical_path_by_kind (and with
+    `by_op`, *_by_op: by op_name; with sources read (--by-source), *_by_source)."""
     out: dict[str, Any] = {key: 0 for key in ("launches", "graphs", "in_graphs", "loop_iterations", "conditionals")}
     for key, value in sorted(counter.items()):
         group, by, name = key.partition("_by_")
@@ -401,12 +423,12 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             thunks, trips, operands = read_dump(directory, args.by_source)
         if program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
             period = epoch_periods(config)[program.partition("/")[2]]
-            per_call, n = summary(count(thunks, trips), args.by_op), period.slots(config.compute.epoch_chunk)
-            per_call["critical_path"] = critical_path(thunks, trips, operands)
+            counts = count(thunks, trips) + critical_path(thunks, trips, operands)
+            per_call, n = summary(counts, args.by_op), period.slots(config.compute.epoch_chunk)
             figures = {"per_slot": {k: round(v / n, 2) for k, v in per_call.items() if not isinstance(v, dict)},
                        "per_call": per_call, "slots_per_call": n}
         else:
-            figures = {**summary(count(thunks, trips), args.by_op), "critical_path": critical_path(thunks, trips, operands)}
+            figures = summary(count(thunks, trips) + critical_path(thunks, trips, operands), args.by_op)
         out["programs"][program] = {**figures, "compile_s": round(compile_s, 1)}
         print(f"[kernels] {name} {program}: {json.dumps(out['programs'][program])}", file=sys.stderr, flush=True)
     return out

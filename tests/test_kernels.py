@@ -170,8 +170,12 @@ condition:
     operands = kernels.hlo_operands(hlo)
     assert operands["loop_b_fusion.1"] == ("fusion", ["p.1"]) and operands["tuple.3"][1] == ["bitcast.2", "loop_b_fusion.1"]
     top = kernels.parse_thunks(dump)
-    assert kernels.critical_path(top[:1], {}, operands) == 3  # a | b -> c, then the copy after all of them
-    assert kernels.critical_path(top, {6: 3}, operands) == 3 + 3 * (1 + 2)
+    graph = kernels.critical_path(top[:1], {}, operands)
+    assert graph["critical_path"] == 3  # a | b -> c, then the copy after all of them
+    assert graph["critical_path_by_op.gemm_fusion_c"] == 1 and graph["critical_path_by_kind.kCopy"] == 1
+    assert graph["critical_path_by_op.loop_d_fusion"] == 0  # off the chain
+    whole = kernels.critical_path(top, {6: 3}, operands)
+    assert whole["critical_path"] == 3 + 3 * (1 + 2) and whole["critical_path_by_op.loop_g_fusion"] == 3
     serial = kernels.count(top, {6: 3})
     assert serial["in_graphs"] + serial["launches"] - serial["graphs"] == 5 + 3 * 3
 
