@@ -119,8 +119,9 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 # (an epoch's chunks scanned, slots.chunk), per VQ-VAE step 169 -> 4, per dream 1,434 -> 12, per env step 34 -> 1;
 # operations in a joint slot's graphs 1,172 -> 1,090 with the fused layer norms, 763 -> 612 with a cell's two
 # convolutions as one batched matmul and one variadic reduction per norm, 612 -> 561 with the encoder's batch
-# variances in one pass, a chunk's metric sums as one vector and the steps' random draws made before the scans
-# (benchmarks/README.md). The device check times them against the XLA convolutions and Flax's layer norms.
+# variances in one pass, a chunk's metric sums as one vector and the steps' random draws made before the scans,
+# 561 -> 507 (and 9.3 -> 3 launches) with a period's dynamics steps unrolled (benchmarks/README.md). The device
+# check times them against the XLA convolutions and Flax's layer norms.
 # threefry_partitionable is True there: it is JAX's default, and with it XLA can split a sharded draw (the seed
 # axis over devices) across the devices instead of replicating the whole draw on each; its compile-time cost is an
 # XLA:CPU problem. So one seed draws other random numbers on an accelerator than on the CPU, where float32
@@ -128,11 +129,12 @@ COMPUTE_TARGETS = ("auto", "cpu", "accelerator")
 COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", batch_norm="two_pass", dynamics_unroll=10,
                 lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla", imagination_unroll=5, ppo_unroll=True,
-                vqvae_ynnpack="reduce", ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0),
+                vqvae_ynnpack="reduce", ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0,
+                period_unroll=False),
     "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass",
                         dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
                         imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
-                        threefry_partitionable=True, epoch_chunk=12),
+                        threefry_partitionable=True, epoch_chunk=12, period_unroll=True),
 }
 
 
@@ -186,6 +188,9 @@ class ComputeConfig:
                                     # program per slots.Period of n slots rounded up to a multiple of the VQ-VAE
                                     # interval, no conditional, the steps past an epoch's end masked: 12 pads an
                                     # epoch by ~6 slots; slots.chunk, programs.py)
+    period_unroll: bool | None = None  # False / True: in a scanned chunk (epoch_chunk > 0), a joint period's 2-3
+                                       # dynamics steps written out instead of a nested scan (slots.chunk): no
+                                       # loop iterations or launches per step, fewer operations; compiles longer
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)
 
@@ -444,7 +449,8 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 # What every run computed before these compute formulation fields existed: a resolved config saved before one
 # existed keeps running that way on any backend, whatever the target's choice is now.
-_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax", "batch_norm": "two_pass"}
+_BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax", "batch_norm": "two_pass",
+                         "period_unroll": False}
 
 
 def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:

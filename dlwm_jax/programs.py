@@ -112,8 +112,9 @@ def make_world_model_chunk(config: Config, num_seeds: int, sharding: NamedShardi
     n = config.compute.epoch_chunk
     put = functools.partial(put_on_seeds, sharding=sharding)
     if n:
-        chunk = functools.cache(lambda period: compile_(functools.partial(slots.chunk, period=period),
-                                                        (0, 0, 0, None, 0, None), donate=(0,)))
+        chunk = functools.cache(lambda period: compile_(
+            functools.partial(slots.chunk, period=period, unroll=config.compute.period_unroll),
+            (0, 0, 0, None, 0, None), donate=(0,)))
 
         def scanned(world, frames, part, shared, steps_keys, lr_scale, period):
             world, (vq, dyn) = chunk(period)(world, frames, put(part), shared.index, put(steps_keys), lr_scale)

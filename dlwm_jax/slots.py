@@ -127,9 +127,11 @@ class Period(NamedTuple):
 
 
 def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax.Array, steps_key: jax.Array,
-          lr_scale: jax.Array, period: Period) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
+          lr_scale: jax.Array, period: Period, unroll: bool = False) -> tuple[wm.WorldModelState, tuple[Sums, Sums]]:
     """L slots of `period` (L a multiple of its interval) in one lax.scan over the periods, each a VQ-VAE step and
-    then a scan of the period's dynamics steps; returns (world, (VQ-VAE sums, dynamics sums)) over the chunk. No
+    then a scan of the period's dynamics steps, or with `unroll` (compute.period_unroll) those steps written out
+    one after another (a dynamics-only Period(0, True) chunk, the benchmarks', stays a scan); returns (world,
+    (VQ-VAE sums, dynamics sums)) over the chunk. No
     conditional: a step no seed takes runs and is masked (on a GPU a conditional reads its predicate back to the
     host, and its pass-through branch copies the whole state: benchmarks/kernels.py). The sums ride in the scan's
     carry, a vector per kind (stacked per slot, or a scalar per metric, each would be a GPU kernel per slot).
@@ -144,7 +146,7 @@ def chunk(world: wm.WorldModelState, frames: jax.Array, slots: Slots, index: jax
             w, sums = carry
             w, more = dynamics(w, *xs)
             return (w, sums + more), None
-        (w, dyn_sums), _ = jax.lax.scan(step, (w, dyn_sums), (group, numbers))
+        (w, dyn_sums), _ = jax.lax.scan(step, (w, dyn_sums), (group, numbers), unroll=unroll and period.interval > 0)
         return w, dyn_sums
 
     if period.interval == 0:  # dynamics steps only (benchmarks/run.py's dynamics step)

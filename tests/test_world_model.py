@@ -294,12 +294,14 @@ def test_joint_epoch_as_slots_equals_the_per_step_loop(atari, initial, programs,
     _assert_trees_close(state, reference, rtol=1e-3 if epoch_chunk else 1e-4)
 
 
-def test_a_chunk_runs_the_steps_its_flags_take_and_masks_the_rest(atari, initial):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_a_chunk_runs_the_steps_its_flags_take_and_masks_the_rest(atari, initial, unroll):
     """slots.chunk (no conditional: every step of its Period runs, and a step whose active flag is off is masked)
     against the per-slot functions run on the taken steps only, as the CPU's host loop runs them: 6 slots of a
     joint epoch's end (interval 2) whose last VQ-VAE step and last 2 dynamics steps are off, 4 warm-up slots whose
     last 2 are padding, and 4 slots of dynamics steps alone (Period 0). The same parameters, step counts and
-    metric sums; a masked step must not touch the state (Adam on zero gradients would)."""
+    metric sums; a masked step must not touch the state (Adam on zero gradients would). `unroll`: a period's
+    dynamics steps written out (compute.period_unroll, the accelerator's)."""
     from dlwm_jax.epochs import epoch_slots
     replay, _ = atari
     d, keys = CFG.dynamics, jax.random.split(jax.random.key(12), 3)
@@ -317,7 +319,8 @@ def test_a_chunk_runs_the_steps_its_flags_take_and_masks_the_rest(atari, initial
     for part, period in ((joint, slots.Period(2, True)), (warmup, slots.Period(1, False)),
                          (dynamics_only, slots.Period(0, True))):
         index = np.arange(len(part.vq_active), dtype=np.int32)
-        got = jax.jit(functools.partial(slots.chunk, period=period))(initial, frames, part, index, keys[2], one)
+        got = jax.jit(functools.partial(slots.chunk, period=period, unroll=unroll))(initial, frames, part, index,
+                                                                                    keys[2], one)
         world, vq_sums, dyn_sums = initial, [], []
         for i in index:
             slot = slots.Slots(*(x[i] for x in part))
