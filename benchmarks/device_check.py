@@ -19,10 +19,11 @@ budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<p
                     phase the wall time, the host's share and the steps per second; the run's wall time
 and on request (--parts): formulations_graphs (the formulations with XLA's command buffers extended to loops and
 conditionals, COMMAND_BUFFER_FLAGS: whether a chunk captured whole runs faster), profile_per_step (the traced chunk
-as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper networks and batch sizes, two short
-iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds), bench_float32 (benchmarks/run.py --json at paper
-sizes: step times, EnvPool, the projected paper run), bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the
-three training steps with compute.dtype=bfloat16) and loop_paper (a whole `paper` run).
+as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper
+networks and batch sizes, two short iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds),
+bench_float32 (benchmarks/run.py --json at paper sizes: step times, EnvPool, the projected paper run),
+bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the three training steps with compute.dtype=bfloat16) and
+loop_paper (a whole `paper` run).
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -71,8 +72,9 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
 PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_concurrent": 90, "profile_scan": 50,
-                 "loop_short": 100, "formulations_graphs": 90, "profile_per_step": 50, "loop_slice": 90, "bench_float32": 90,
-                 "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50, "loop_paper": 590}
+                 "loop_short": 100, "formulations_graphs": 90, "profile_per_step": 50, "loop_slice": 90,
+                 "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50,
+                 "loop_paper": 590}
 DEFAULT_PARTS = ("devices", "formulations", "formulations_concurrent", "profile_scan", "loop_short")
 # The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), the largest terms
 # of the paper run first: its 241k dynamics steps (ConvLSTM chain, 10-step loss, an encoder pass), its 105k VQ-VAE
