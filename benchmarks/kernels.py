@@ -179,12 +179,16 @@ def count(thunks: list[Thunk], trips: dict[int, int], choose: Choice = larger_br
         elif t.kind == "kSequential":
             c += count(t.children(), trips, choose, in_graph)
         else:  # one operation (a dynamic-slice fusion runs its embedded thunk with sliced buffers: one operation)
-            group = "in_graphs" if in_graph else "launches"
-            c[group] += 1
-            c[f"{group}_by_kind.{t.kind}"] += 1
-            c[f"{group}_by_op.{op_name(t)}"] += 1
-            if t.source:
-                c[f"{group}_by_source.{t.source}"] += 1
+            c += _tally("in_graphs" if in_graph else "launches", t)
+    return c
+
+
+def _tally(group: str, t: Thunk) -> collections.Counter:
+    """One operation under `group` ("launches", "in_graphs", "critical_path"): its total, and by kind, name and
+    source."""
+    c = collections.Counter({group: 1, f"{group}_by_kind.{t.kind}": 1, f"{group}_by_op.{op_name(t)}": 1})
+    if t.source:
+        c[f"{group}_by_source.{t.source}"] = 1
     return c
 
 
@@ -194,24 +198,23 @@ def hlo_operands(hlo: str) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo, re.M):
         rest = m.group(2)
-        if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
-            depth = 0
-            for i, ch in enumerate(rest):
-                depth += {"(": 1, ")": -1}.get(ch, 0)
-                if depth == 0:
-                    rest = rest[i + 1:]
-                    break
+        if rest.startswith("("):  # a tuple shape: skip it
+            rest = rest[_closing(rest[1:]) + 2:]
         call = re.match(r"\s*\S*\s+([\w\-]+)\((.*)", rest)
-        if not call:
-            continue
-        depth, args = 1, call.group(2)
-        for i, ch in enumerate(args):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if depth == 0:
-                args = args[:i]
-                break
-        out[m.group(1)] = (call.group(1), re.findall(r"%([\w.\-]+)", args))
+        if call:
+            args = call.group(2)
+            out[m.group(1)] = (call.group(1), re.findall(r"%([\w.\-]+)", args[:_closing(args)]))
     return out
+
+
+def _closing(text: str) -> int:
+    """The index in `text` of the parenthesis that closes one opened just before it (len(text) if none)."""
+    depth = 1
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i
+    return len(text)
 
 
 _PASS_THROUGH = {"bitcast", "get-tuple-element", "tuple", "parameter", "constant", "iota"}
@@ -230,7 +233,7 @@ def critical_path(thunks: list[Thunk], trips: dict[int, int], operands: dict[str
     for t in thunks:
         if t.kind == "kCommandBuffer":
             for op in _graph_chain(t.children(), operands):
-                c += _tally(op)
+                c += _tally("critical_path", op)
         elif t.kind == "kWhile":
             once = (critical_path(t.children("condition"), trips, operands, choose)
                     + critical_path(t.children("body"), trips, operands, choose))
@@ -241,25 +244,16 @@ def critical_path(thunks: list[Thunk], trips: dict[int, int], operands: dict[str
         elif t.kind == "kSequential":
             c += critical_path(t.children(), trips, operands, choose)
         else:
-            c += _tally(t)
-    return c
-
-
-def _tally(t: Thunk) -> collections.Counter:
-    c = collections.Counter({"critical_path": 1, f"critical_path_by_kind.{t.kind}": 1,
-                             f"critical_path_by_op.{op_name(t)}": 1})
-    if t.source:
-        c[f"critical_path_by_source.{t.source}"] = 1
+            c += _tally("critical_path", t)
     return c
 
 
 def _graph_chain(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]) -> list[Thunk]:
     """A longest chain of a command buffer's operations, each reading the one before it (critical_path)."""
-    names = {_hlo_name(t, operands) for t in thunks}
+    by_name = {_hlo_name(t, operands): t for t in thunks}
     depth: dict[str, int] = {}
-    before: dict[str, Thunk | None] = {}
-    by_name: dict[str, Thunk] = {}
-    last: Thunk | None = None  # the deepest so far: where an operation without known operands waits
+    before: dict[str, str | None] = {}  # the operation each waits for last on the chain
+    last: str | None = None  # the deepest so far: where an operation without known operands waits
 
     def producers(name: str, seen: set) -> set:  # the buffer's operations whose results `name` reads
         if name in seen:
@@ -267,7 +261,7 @@ def _graph_chain(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]
         seen.add(name)
         found = set()
         for a in operands.get(name, ("", []))[1]:
-            if a in names:
+            if a in by_name:
                 found.add(a)
             elif operands.get(a, ("",))[0] in _PASS_THROUGH:
                 found |= producers(a, seen)
@@ -278,25 +272,23 @@ def _graph_chain(thunks: list[Thunk], operands: dict[str, tuple[str, list[str]]]
         if name not in operands or t.sections:
             previous = last
         else:
-            previous = max((by_name[p] for p in producers(name, set()) if p in by_name),
-                           key=lambda p: depth[_hlo_name(p, operands)], default=None)
-        depth[name] = 1 + (depth[_hlo_name(previous, operands)] if previous else 0)
-        before[name], by_name[name] = previous, t
-        if last is None or depth[name] > depth[_hlo_name(last, operands)]:
-            last = t
+            previous = max((p for p in producers(name, set()) if p in depth), key=depth.__getitem__, default=None)
+        depth[name], before[name] = 1 + (depth[previous] if previous else 0), previous
+        if last is None or depth[name] > depth[last]:
+            last = name
     chain = []
     while last is not None:
-        chain.append(last)
-        last = before[_hlo_name(last, operands)]
+        chain.append(by_name[last])
+        last = before[last]
     return chain[::-1]
 
 
-def _hlo_name(thunk: Thunk, operands: dict) -> str:
-    """The HLO instruction a thunk runs: its annotation, else from its name (input_reduce_fusion_70 ->
-    input_reduce_fusion.70)."""
+def _hlo_name(thunk: Thunk, instructions: dict) -> str:
+    """The HLO instruction a thunk runs: its annotation, else from its name as `instructions` (a dict by instruction
+    name) has it (input_reduce_fusion_70 -> input_reduce_fusion.70)."""
     if thunk.instruction:
         return thunk.instruction
-    return thunk.name if thunk.name in operands else re.sub(r"_(\d+)$", r".\1", thunk.name)
+    return thunk.name if thunk.name in instructions else re.sub(r"_(\d+)$", r".\1", thunk.name)
 
 
 def op_name(thunk: Thunk) -> str:
@@ -338,9 +330,7 @@ def _walk(thunks: list[Thunk]):
 
 def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[int, int], dict]:
     """The thunks, while trip counts and HLO operands (hlo_operands) of the one module compiled into `directory`
-    (XLA's --xla_dump_to); with
-    `sources`, each operation's `source` (op_sources; the thunk input_reduce_fusion_70 is instruction
-    input_reduce_fusion.70)."""
+    (XLA's --xla_dump_to); with `sources`, each operation's `source` (op_sources of its instruction, _hlo_name)."""
     def one(pattern: str) -> str:
         paths = glob.glob(os.path.join(directory, pattern))
         if len(paths) != 1:
@@ -359,7 +349,7 @@ def read_dump(directory: str, sources: bool = False) -> tuple[list[Thunk], dict[
     if sources:
         names = op_sources(hlo)
         for t in _walk(thunks):
-            t.source = names.get(t.name) or names.get(re.sub(r"_(\d+)$", r".\1", t.name), "")
+            t.source = names.get(_hlo_name(t, names), "")
     return thunks, trip_counts(hlo, metadata), hlo_operands(hlo)
 
 

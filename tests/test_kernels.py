@@ -137,6 +137,28 @@ def test_sources_name_each_operation_by_its_op_name_without_the_frames(tmp_path)
                                         "transpose(jvp())/Encoder/reduce_sum": 64}
 
 
+def test_a_deduplicated_kernels_operations_keep_their_own_sources(tmp_path):
+    # XLA compiles two identical fusions once and names both thunks after the first; the thunk metadata says which
+    # instruction each runs.
+    dump = """\
+000: kCommandBuffer [source | sink]
+    001: kCustomKernel [source | sink] loop_x_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+    002: kCustomKernel [source | sink] loop_x_fusion grid: [1, 1, 1] threads: [1, 1, 1]  shared_memory: 0 bytes
+"""
+    hlo = """\
+  %loop_x_fusion = f32[4]{0} fusion(%p), kind=kLoop, calls=%f1, metadata={op_name="jit(f)/cell1/mul"}
+  %loop_x_fusion.1 = f32[4]{0} fusion(%loop_x_fusion), kind=kLoop, calls=%f2, metadata={op_name="jit(f)/cell2/mul"}
+"""
+    metadata = "".join(f'thunk_metadata {{\n  thunk_info {{\n    profile_annotation: "{name}"\n    thunk_id: {i}\n  }}\n}}\n'
+                       for i, name in ((1, "loop_x_fusion"), (2, "loop_x_fusion.1")))
+    for name, text in (("m.sm_9.0a_gpu_after_optimizations.txt", hlo), ("m.thunk_metadata.txt", metadata),
+                       ("m.thunk_sequence_after_thunk_passes.txt", dump)):
+        (tmp_path / name).write_text(text)
+    top, _, operands = kernels.read_dump(str(tmp_path), sources=True)
+    assert [t.source for t in top[0].children()] == ["cell1/mul", "cell2/mul"]
+    assert kernels.critical_path(top, {}, operands)["critical_path"] == 2  # the second reads the first
+
+
 def test_critical_path_follows_what_each_graph_operation_reads():
     # A graph of five operations: a and b independent, c reads both (one through a bitcast and a tuple), d reads only
     # a parameter, e (a copy, not in the HLO) waits for all before it; then the loop runs 3 times a kernel and a
