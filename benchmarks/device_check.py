@@ -1,6 +1,6 @@
 """One short, time-boxed check of this project on an accelerator machine (benchmarks/README.md, "Device check").
 
-    python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 460]
+    python benchmarks/device_check.py check --out DIR [--tiny] [--budget-s 460] [--parts a,b] [--runs-dir D]
     python benchmarks/device_check.py slim-envpool ENVPOOL.whl ENVPOOL_ASSETS.whl --out wheels/
 
 `check` runs these parts by default, in this order, each a subprocess with its own time limit inside one overall
@@ -23,7 +23,10 @@ as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice
 networks and batch sizes, two short iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds),
 bench_float32 (benchmarks/run.py --json at paper sizes: step times, EnvPool, the projected paper run),
 bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the three training steps with compute.dtype=bfloat16) and
-loop_paper (a whole `paper` run).
+loop_paper (the whole `paper` run of BankHeist seed 0: its workdir and compilation cache stay in --runs-dir, by
+default the working tree's ignored runs/device_check/, which the device tool keeps between calls on a warm machine,
+so the same command run again resumes the run from its last checkpoint; when the run has finished, DIR/BankHeist.json
+holds its results file, results/paper/BankHeist.json's format).
 A part that runs past its limit is stopped; what it printed until then is still parsed and kept. `--tiny` runs
 every part at smoke sizes (a few seconds each; tests/test_device_check.py runs it with JAX_PLATFORMS=cpu).
 
@@ -112,6 +115,9 @@ LOOP_PARTS = {"loop_short": ("short", 1, ()), "loop_slice": ("paper", 1, TRAIN_S
 # The profile parts: overrides of the accelerator preset.
 PROFILE_PARTS = {"profile_scan": (), "profile_per_step": ("compute.epoch_chunk=0",)}
 TINY_PART_LIMITS_S = dict.fromkeys(PART_LIMITS_S, 240)
+# Where loop_paper keeps its workdir and compilation cache between calls (--runs-dir): the working tree's ignored
+# runs/, which the device tool keeps on a warm machine (a later call of the same command resumes the run).
+RUNS_DIR = os.path.join(ROOT, "runs", "device_check")
 
 DEVICES_SNIPPET = """
 import json, platform, sys
@@ -237,20 +243,41 @@ def _last_json(lines: list[tuple[float, str]]) -> dict | None:
     return None
 
 
-def loop_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, workroot: str) -> dict:
+def loop_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, workroot: str,
+              runs_dir: str) -> dict:
     """benchmarks/loop.py (LOOP_PARTS): `phases` holds the figure of every phase that ended (kept when the part is
-    stopped at its limit), `result` the final JSON of a run that finished."""
+    stopped at its limit), `result` the final JSON of a run that finished (of this call's share of a resumed run).
+
+    loop_paper keeps its workdir (`<runs_dir>/loop_paper-<preset>`) and compilation cache (`<runs_dir>/xla`), so
+    that the same command run again resumes it (`resumed`: a checkpoint of an earlier call was there); a finished
+    run's results file (results.merge_results of its results.json) goes to out/BankHeist.json (`results_file`)."""
     preset, num_seeds, overrides = LOOP_PARTS[name]
     preset, overrides = ("smoke", TINY_TRAIN_SLICE) if tiny else (preset, overrides)
     overrides = [*COMPUTE_OVERRIDES, *overrides]
+    keep = name == "loop_paper"
+    workdir = os.path.join(runs_dir, f"{name}-{preset}") if keep else None
     argv = [sys.executable, "benchmarks/loop.py", "--preset", preset, "--game", "BankHeist", "--num-seeds",
-            str(num_seeds), "--compilation-cache", os.path.join(workroot, "xla")]
+            str(num_seeds), "--compilation-cache", os.path.join(runs_dir if keep else workroot, "xla")]
+    argv += ["--workdir", workdir] if keep else []
     for item in overrides:
         argv += ["--set", item]
+    checkpoints = os.path.join(workdir, "checkpoints") if keep else ""
+    resumed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))  # orbax's <step>/
     run = run_part(argv, limit_s, os.path.join(out, f"{name}.log"), env)
     phases = [json.loads(text[len("[loop] "):]) for _, text in run["lines"] if text.startswith("[loop] ")]
-    return {**_outcome(run), "preset": preset, "num_seeds": num_seeds, "overrides": overrides, "phases": phases,
-            "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
+    report = {**_outcome(run), "preset": preset, "num_seeds": num_seeds, "overrides": overrides, "phases": phases,
+              "result": _last_json(run["lines"]), "tail": _tail(run["lines"])}
+    if keep:
+        report.update(workdir=workdir, resumed=resumed, results_file=None)
+        if os.path.exists(os.path.join(workdir, "results.json")):
+            sys.path.insert(0, ROOT)
+            from dlwm_jax.results import merge_results
+            with open(os.path.join(workdir, "results.json")) as f:
+                results = merge_results([json.load(f)], " ".join(["python", *argv[1:]]))
+            with open(os.path.join(out, "BankHeist.json"), "w") as f:
+                json.dump(results, f, indent=1)
+            report["results_file"] = "BankHeist.json"
+    return report
 
 
 def profile_part(name: str, limit_s: float, out: str, env: dict[str, str], tiny: bool, workroot: str) -> dict:
@@ -301,7 +328,8 @@ def projected_training_min(variants: list[dict], schedule: dict | None) -> dict[
             if all((kind, name) in ms for kind in counts)}
 
 
-def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None) -> dict:
+def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s: float | None = None,
+          runs_dir: str = RUNS_DIR) -> dict:
     os.makedirs(out, exist_ok=True)
     limits = TINY_PART_LIMITS_S if tiny else PART_LIMITS_S
     if part_limit_s is not None:
@@ -331,7 +359,7 @@ def check(out: str, tiny: bool, budget_s: float, parts: list[str], part_limit_s:
             elif part in PROFILE_PARTS:
                 report[part] = profile_part(part, limit, out, env, tiny, workroot)
             else:
-                report[part] = loop_part(part, limit, out, env, tiny, workroot)
+                report[part] = loop_part(part, limit, out, env, tiny, workroot, runs_dir)
             report["wall_s"] = round(time.monotonic() - start, 1)
             with open(path, "w") as f:  # after every part: a stopped check still leaves what it measured
                 json.dump(report, f, indent=1)
@@ -365,6 +393,9 @@ def _summary(part: dict) -> str:
         text += "; " + ", ".join(f"{k} {v['ms']:.1f} ms" for k, v in part["partial"].items())
     if "phases" in part:
         text += "; " + ", ".join(f"{p['phase']}@{p['iteration']} {p['wall_s']:.0f}s" for p in part["phases"])
+    if "resumed" in part:
+        text += ("; resumed" if part["resumed"] else "; started") + f" in {part['workdir']}"
+        text += f"; results: {part['results_file']}" if part["results_file"] else "; not finished: run it again"
     return text
 
 
@@ -425,6 +456,8 @@ def main() -> None:
     run.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma list of " + ", ".join(PART_LIMITS_S))
     run.add_argument("--part-limit-s", type=float, default=None,
                      help="one time limit for every part instead of each part's own (e.g. one longer training part)")
+    run.add_argument("--runs-dir", default=RUNS_DIR, help="loop_paper's workdir and compilation cache, kept between "
+                                                          "calls: the same command again resumes the run")
     slim = commands.add_parser("slim-envpool", help="repack EnvPool's wheel with Atari only (ROMs inside)")
     slim.add_argument("envpool_wheel")
     slim.add_argument("assets_wheel")
@@ -439,7 +472,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown part {unknown[0]!r}; choose from {', '.join(PART_LIMITS_S)}")
     budget = args.budget_s if args.budget_s is not None else (900.0 if args.tiny else 460.0)
-    report = check(args.out, args.tiny, budget, parts, args.part_limit_s)
+    report = check(args.out, args.tiny, budget, parts, args.part_limit_s, args.runs_dir)
     failed = [p for p in parts if report[p].get("rc", 0) not in (0, None) and not report[p].get("timed_out")]
     print(f"[device_check] wrote {os.path.join(args.out, 'device_check.json')} in {report['wall_s']:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -4,7 +4,7 @@
 # benchmarks in float32 and bfloat16, a time-boxed slice of a paper run with 1 and 5 seeds; <= 8 minutes).
 #
 #   bash benchmarks/device_check.sh [OUT_DIR] [--tiny] [--no-install] [--wheels DIR] [--budget-s S] [--parts a,b]
-#                                    [--part-limit-s S]
+#                                    [--part-limit-s S] [--runs-dir DIR]
 #
 # OUT_DIR defaults to $OUT (the device tool's folder that comes back), else ./device_check_out. --no-install
 # skips the install (the environment already has envpool, tensorboardX and the project's other needs).
@@ -21,7 +21,7 @@ while (($#)); do
     --tiny) check_args+=(--tiny) ;;
     --no-install) install=0 ;;
     --wheels) wheels="$2"; shift ;;
-    --budget-s|--parts|--part-limit-s) check_args+=("$1" "$2"); shift ;;
+    --budget-s|--parts|--part-limit-s|--runs-dir) check_args+=("$1" "$2"); shift ;;
     -*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) out="$1" ;;
   esac

@@ -72,6 +72,9 @@ class PhaseTimer:
 
     def wrap(self, name: str, step):
         def timed(run, iteration, first_unit=0):
+            # the records this phase writes: a resumed run's file already holds its earlier processes' (cut back
+            # to the checkpoint's offset when the run started), and work off the loop's path may write between phases
+            self.offset = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
             wall, cpu = self.wall_clock(), self.cpu_clock()
             out = step(run, iteration, first_unit)
             wall, cpu = self.wall_clock() - wall, self.cpu_clock() - cpu

@@ -71,13 +71,15 @@ def test_projection_of_n_seeds_steps_every_seeds_envs_together():
 
 def test_loop_phase_timer_reports_wall_host_share_and_work(tmp_path):
     """benchmarks/loop.py's PhaseTimer around phase steps, with clocks the steps advance (no real timing): wall
-    time, the main thread's CPU share and the work read off the records the phase wrote."""
+    time, the main thread's CPU share and the work read off the records the phase wrote (not the records an
+    earlier process of a resumed run wrote)."""
     import json
     import types
     sys.path.insert(0, os.path.dirname(RUN))
     from loop import PhaseTimer, summarise
     from dlwm_jax import config as config_lib
     metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"phase": "dynamics", "iteration": 1, "steps": 7}) + "\n")  # a resumed run's
     now = {"wall": 100.0, "cpu": 5.0}
     timer = PhaseTimer(str(metrics), num_seeds=2, clocks=(lambda: now["wall"], lambda: now["cpu"]))
     run = types.SimpleNamespace(config=config_lib.get_preset("smoke"))

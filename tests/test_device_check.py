@@ -158,10 +158,12 @@ def test_slim_envpool_keeps_atari_and_python_adds_roms_and_installs(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_device_check_writes_every_part(tmp_path):
-    """The whole check at smoke sizes on the CPU (every part, the on-request ones too; ~8-10 minutes on 2 cores):
-    every part finishes in its limit and the JSON holds the figures the accelerator run is for."""
+    """The whole check at smoke sizes on the CPU (every part, the on-request ones too):
+    every part finishes in its limit and the JSON holds the figures the accelerator run is for; then loop_paper again,
+    resumed (~15 minutes in all on 2 cores)."""
     parts = list(device_check.PART_LIMITS_S)
-    result = _run([str(tmp_path), "--tiny", "--no-install", "--parts", ",".join(parts)], timeout=2400)
+    runs = ["--runs-dir", str(tmp_path / "runs")]  # loop_paper's workdir, kept between calls
+    result = _run([str(tmp_path), "--tiny", "--no-install", "--parts", ",".join(parts), *runs], timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert set(report) >= {"mode", "started_utc", "budget_s", "parts", "compute_overrides", "train_slice", "wall_s",
@@ -208,3 +210,16 @@ def test_tiny_device_check_writes_every_part(tmp_path):
         assert by_phase[(1, "warmup")]["vqvae_steps"] > 0 and by_phase[(1, "world_model")]["dynamics_steps"] > 0
         assert by_phase[(2, "policy")]["ppo_updates"] == 3 * seeds
         assert loop["result"]["compute"]["target"] == "accelerator"
+    # the whole run's results file comes back with the check; the same command again resumes the run (here: from
+    # its last checkpoint, after the end) and gives the same results
+    paper = report["loop_paper"]
+    assert paper["resumed"] is False and paper["results_file"] == "BankHeist.json"
+    results = json.loads((tmp_path / "BankHeist.json").read_text())
+    assert results["format"] == "dlwm-jax-results/1" and results["preset"] == "smoke" and results["game"] == "BankHeist"
+    assert [s["final_eval_return"] for s in results["seeds"]] == paper["result"]["final_eval_return_per_seed"]
+    assert "benchmarks/loop.py" in results["command"] and "--workdir" in results["command"]
+    again = _run([str(tmp_path / "again"), "--tiny", "--no-install", "--parts", "loop_paper", *runs], timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = json.loads((tmp_path / "again" / "device_check.json").read_text())["loop_paper"]
+    assert resumed["resumed"] is True and [p["phase"] for p in resumed["phases"]] == ["finish"]
+    assert json.loads((tmp_path / "again" / "BankHeist.json").read_text())["seeds"] == results["seeds"]
