@@ -71,7 +71,7 @@ def _world_and_agent(config, num_actions: int):
     world = wm.init_world_model(config, num_actions, key_world)
     networks = make_networks(config, num_actions)
     params = jax.jit(networks.actor_critic.init)(key_agent, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
-    optimizer = ppo.make_optimizer(config.policy)
+    optimizer = ppo.make_optimizer(config.policy, world.config.compute.flat_optimizer)  # world's: resolved
     return world, networks, params, optimizer, optimizer.init(params)
 
 

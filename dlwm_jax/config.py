@@ -130,11 +130,11 @@ COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(upsample="subpixel", vqvae_conv="xla", layer_norm="flax", batch_norm="two_pass", dynamics_unroll=10,
                 lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla", imagination_unroll=5, ppo_unroll=True,
                 vqvae_ynnpack="reduce", ppo_ynnpack="reduce", threefry_partitionable=False, epoch_chunk=0,
-                period_unroll=False),
+                period_unroll=False, flat_optimizer=False),
     "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass",
                         dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
                         imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
-                        threefry_partitionable=True, epoch_chunk=12, period_unroll=True),
+                        threefry_partitionable=True, epoch_chunk=12, period_unroll=True, flat_optimizer=True),
 }
 
 
@@ -191,6 +191,10 @@ class ComputeConfig:
     period_unroll: bool | None = None  # False / True: in a scanned chunk (epoch_chunk > 0), a joint period's 2-3
                                        # dynamics steps written out instead of a nested scan (slots.chunk): no
                                        # loop iterations or launches per step, fewer operations; compiles longer
+    flat_optimizer: bool | None = None  # False / True: each optimizer (VQ-VAE, the dynamics' two groups, the policy's
+                                        # clip and Adam) updates one vector of all its parameters (optax.flatten):
+                                        # one fusion per step instead of one per parameter, a shorter chain on a
+                                        # GPU; flat optimizer state, the clip's norm summed in another order
     dtype: str = "float32"         # activations and matmuls: "float32" | "bfloat16" (parameters, optimizer state,
                                    # losses, norm statistics, recurrent state and codebook distances stay float32)
 
@@ -450,7 +454,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 # What every run computed before these compute formulation fields existed: a resolved config saved before one
 # existed keeps running that way on any backend, whatever the target's choice is now.
 _BEFORE_FIELD_EXISTED = {"epoch_chunk": 0, "vqvae_conv": "xla", "layer_norm": "flax", "batch_norm": "two_pass",
-                         "period_unroll": False}
+                         "period_unroll": False, "flat_optimizer": False}
 
 
 def _dataclass_from_dict(cls: type, d: Any, prefix: str) -> Any:

@@ -145,11 +145,13 @@ def ppo_loss(params: Any, apply_fn: ApplyFn, minibatch: Minibatch, mask: jax.Arr
 
 # --- Optimiser and update (SPEC 7.1, 12.2) -----------------------------------------------------------------
 
-def make_optimizer(config: Config | PolicyConfig) -> optax.GradientTransformation:
-    """Global-norm clipping (0.5) then Adam (lr 2.5e-4, betas 0.9/0.999, eps 1e-8), constant lr (SPEC 7.1)."""
+def make_optimizer(config: Config | PolicyConfig, flat: bool = False) -> optax.GradientTransformation:
+    """Global-norm clipping (0.5) then Adam (lr 2.5e-4, betas 0.9/0.999, eps 1e-8), constant lr (SPEC 7.1).
+    flat (compute.flat_optimizer): both on one vector of all parameters (optax.flatten; the norm is one sum)."""
     policy = _policy(config)
-    return optax.chain(optax.clip_by_global_norm(policy.max_grad_norm),
-                       optax.adam(policy.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+    optimizer = optax.chain(optax.clip_by_global_norm(policy.max_grad_norm),
+                            optax.adam(policy.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+    return optax.flatten(optimizer) if flat else optimizer
 
 
 def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: jax.Array, key: jax.Array,
@@ -190,7 +192,9 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
         (_, metrics), grads = grad_fn(params, apply_fn, batch, mask, policy)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+        # of the parameters as one vector, as optax.flatten lays them out: a flat optimizer's clip computes it too
+        flat_grads = jnp.concatenate([jnp.reshape(g, [-1]) for g in jax.tree.leaves(grads)])
+        metrics = {**metrics, "grad_norm": optax.tree.norm(flat_grads)}
         names[:] = list(metrics)
         # One vector per step: a rolled scan writes each of its outputs per step (a GPU kernel each)
         return (params, opt_state), jnp.stack([metrics[k] for k in names])

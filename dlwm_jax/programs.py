@@ -37,7 +37,8 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
     world = wm.init_world_model(config, num_actions, init_key)
     actor_critic = make_networks(config, num_actions).actor_critic
     agent_params = jax.jit(actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
-    return world, AgentState(agent_params, ppo.make_optimizer(config.policy).init(agent_params))
+    optimizer = ppo.make_optimizer(config.policy, config.compute.resolve().flat_optimizer)
+    return world, AgentState(agent_params, optimizer.init(agent_params))
 
 
 class Program:
@@ -92,7 +93,8 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
         act_eval=compile_(env_step(make_act(networks, 1.0)), (0,) * 6),
         random_act=compile_(env_step(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32)),
                             (0,) * 4),
-        policy_update=make_policy_update(config, networks, ppo.make_optimizer(config.policy),
+        policy_update=make_policy_update(config, networks,
+                                         ppo.make_optimizer(config.policy, config.compute.resolve().flat_optimizer),
                                          lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
         diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5))
 

@@ -61,7 +61,7 @@ class WorldModelState:
 def vqvae_optimizer(config: Config) -> optax.GradientTransformation:
     """Adam(1e-4, eps 1e-8) on encoder + decoder (SPEC 8.2). The warm-up multiplier is applied by the step
     (Adam's update is linear in the learning rate, so scaling the update is exact)."""
-    return optax.adam(config.vqvae.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+    return flat_if(config, optax.adam(config.vqvae.learning_rate, b1=0.9, b2=0.999, eps=1e-8))
 
 
 def dynamics_param_labels(params: Any) -> Any:
@@ -74,9 +74,15 @@ def dynamics_param_labels(params: Any) -> Any:
 def dynamics_optimizer(config: Config) -> optax.GradientTransformation:
     """Adam 5e-4 for cells + next-latent head, Adam 1e-3 for the reward head; no clipping (SPEC 8.2)."""
     d = config.dynamics
-    return optax.multi_transform({"dynamics": optax.adam(d.learning_rate, eps=1e-8),
-                                  "reward": optax.adam(d.reward_learning_rate, eps=1e-8)},
+    return optax.multi_transform({"dynamics": flat_if(config, optax.adam(d.learning_rate, eps=1e-8)),
+                                  "reward": flat_if(config, optax.adam(d.reward_learning_rate, eps=1e-8))},
                                  dynamics_param_labels)
+
+
+def flat_if(config: Config, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` on one vector of the parameters it updates where compute.flat_optimizer says so (the backend's
+    choice for an unresolved config, as init_world_model resolves it): the same update, element for element."""
+    return optax.flatten(optimizer) if config.compute.resolve().flat_optimizer else optimizer
 
 
 def init_world_model(config: Config, num_actions: int, key: jax.Array) -> WorldModelState:

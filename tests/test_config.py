@@ -13,11 +13,13 @@ from dlwm_jax.config import resolve_compute
 OLD_CPU = dict(upsample="subpixel", dynamics_unroll=10, lstm_conv="im2col", dream_lstm_conv="rows", policy_conv="xla",
                imagination_unroll=5, ppo_unroll=True, vqvae_ynnpack="reduce", ppo_ynnpack="reduce",
                threefry_partitionable=False)
-CPU = dict(OLD_CPU, epoch_chunk=0, vqvae_conv="xla", layer_norm="flax", batch_norm="two_pass", period_unroll=False)
+CPU = dict(OLD_CPU, epoch_chunk=0, vqvae_conv="xla", layer_norm="flax", batch_norm="two_pass", period_unroll=False,
+           flat_optimizer=False)
 # The GEMM formulations (benchmarks/kernels.py), and JAX's default PRNG.
 PLAIN = dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass", dynamics_unroll=10,
              lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=10, ppo_unroll=False,
-             vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=12, period_unroll=True)
+             vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=12, period_unroll=True,
+             flat_optimizer=True)
 
 
 def formulations(config):
@@ -91,8 +93,8 @@ def test_a_config_saved_before_the_target_existed_loads_as_the_resolved_cpu_conf
     assert restored != resolve_compute(config_lib.short(), "gpu")
     # fields added since hold what every run computed before them, on any backend (not the target's choice now)
     c = restored.compute
-    assert (c.epoch_chunk, c.vqvae_conv, c.layer_norm, c.batch_norm, c.period_unroll) == (0, "xla", "flax", "two_pass",
-                                                                                          False)
+    assert (c.epoch_chunk, c.vqvae_conv, c.layer_norm, c.batch_norm, c.period_unroll, c.flat_optimizer) == (
+        0, "xla", "flax", "two_pass", False, False)
     unresolved = config_lib.to_dict(config_lib.short())
     assert config_lib.from_dict(unresolved).compute.epoch_chunk is None  # an unresolved config stays unresolved
 

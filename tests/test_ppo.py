@@ -148,6 +148,29 @@ def test_make_optimizer_clips_then_adam():
     np.testing.assert_allclose(updates["w"], [-2.5e-4, 2.5e-4, 0.0, 0.0], rtol=1e-4)
 
 
+def test_flat_optimizer_updates_as_the_per_parameter_one():
+    """compute.flat_optimizer (the accelerator's): the clip and Adam on one vector of all parameters give the
+    per-parameter update (to float rounding: the clip's norm is one sum), with the clip active; its state is one
+    vector per moment; the grad_norm metric is the same."""
+    config = config_lib.paper()
+    rollout, bootstrap = _random_rollout(jax.random.key(4))
+    params = _tiny_params(jax.random.key(5))
+    out = {}
+    for flat in (False, True):
+        optimizer = ppo.make_optimizer(config, flat)
+        state = optimizer.init(params)
+        update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer, unroll=False)
+        out[flat] = (state, *update(params, state, rollout, bootstrap, jax.random.key(6)))
+    size = sum(x.size for x in jax.tree.leaves(params))
+    assert {x.shape for x in jax.tree.leaves(out[True][0])} == {(), (size,)}  # counts and the flat moments
+    assert len(jax.tree.leaves(out[False][0])) > 3
+    assert float(out[False][3]["grad_norm"]) > config.policy.max_grad_norm  # the clip scaled (most) steps
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[False][1], out[True][1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), out[False][3], out[True][3])
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, out[True][1])
+    assert min(jax.tree.leaves(moved)) > 1e-5  # every parameter moved: the comparison is not of unchanged ones
+
+
 def test_update_reduces_loss_on_fixed_rollout():
     """Paper settings (800 samples -> 256,256,256,32, 4 epochs = 16 Adam steps per update): three updates on
     one rollout of random rewards lower its loss, raise the log-probability of positive-advantage actions, move values towards

@@ -195,6 +195,30 @@ def test_reward_head_has_its_own_learning_rate(synthetic_state):
     assert 0.95 * SYNTH.dynamics.reward_learning_rate < group("reward") <= SYNTH.dynamics.reward_learning_rate * 1.0001
 
 
+def test_flat_optimizers_update_as_the_per_parameter_ones(initial):
+    """compute.flat_optimizer (the accelerator's): the VQ-VAE's Adam and the dynamics' two groups (5e-4, the reward
+    head 1e-3) on one vector each give the per-parameter updates; their state is flat."""
+    params = {"vqvae": {"encoder": initial.encoder_params, "decoder": initial.decoder_params},
+              "dynamics": initial.dynamics_params}
+    keys = iter(jax.random.split(jax.random.key(7), 3 * len(jax.tree.leaves(params))))
+    grads = [jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), params) for _ in range(3)]
+    updates = {}
+    for flat in (False, True):
+        config = config_lib.override(CFG, {"compute.flat_optimizer": str(flat).lower()})
+        for name, optimizer in (("vqvae", wm.vqvae_optimizer(config)), ("dynamics", wm.dynamics_optimizer(config))):
+            state, p = optimizer.init(params[name]), params[name]
+            for g in grads:
+                u, state = optimizer.update(g[name], state, p)
+            updates[flat, name] = u
+            largest = max(x.size for x in jax.tree.leaves(state))
+            assert (largest > max(x.size for x in jax.tree.leaves(p))) == flat  # flat: one vector per moment
+    for name in ("vqvae", "dynamics"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), updates[False, name],
+                     updates[True, name])
+    reward = updates[True, "dynamics"]["reward_out"]["kernel"]  # the reward head's group: its own rate, 1e-3
+    assert float(jnp.abs(reward).max()) == pytest.approx(CFG.dynamics.reward_learning_rate, rel=0.05)
+
+
 @pytest.mark.parametrize("reference", [True, False])
 def test_terminal_mask_selects_the_counted_predictions(synthetic_state, reference):
     state = synthetic_state.replace(config=config_lib.override(SYNTH, {"dynamics.reference_terminal_mask": reference}))
