@@ -57,9 +57,11 @@ def sample_action(logits: jax.Array, key: jax.Array, temperature: float = 1.0) -
 
 
 def log_prob(logits: jax.Array, actions: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """logits [..., A], actions [...] -> log-probabilities [...], float32."""
+    """logits [..., A], actions [...] -> log-probabilities [...], float32. Picked by a one-hot product, not a
+    gather: its gradient is then elementwise instead of a scatter-add (a GPU kernel fewer on a PPO step's chain, and
+    one launch less), and both are bitwise the gather's (x * 1 and the zeros added are exact)."""
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(log_p, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(log_p * jax.nn.one_hot(actions, log_p.shape[-1], dtype=log_p.dtype), axis=-1)
 
 
 def entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:

@@ -148,6 +148,23 @@ def test_make_optimizer_clips_then_adam():
     np.testing.assert_allclose(updates["w"], [-2.5e-4, 2.5e-4, 0.0, 0.0], rtol=1e-4)
 
 
+def test_log_prob_gradient_is_elementwise_and_bitwise_the_gathers():
+    """ppo.log_prob and distributions.categorical_log_prob pick by a one-hot product: no scatter in the gradient
+    (a GPU kernel and a launch per PPO step), and value and gradient bitwise those of take_along_axis."""
+    from dlwm_jax.networks.distributions import categorical_log_prob
+    logits = jax.random.normal(jax.random.key(1), (40, 18)) * 5
+    actions = jax.random.randint(jax.random.key(2), (40,), 0, 18)
+    weights = jnp.linspace(-1.0, 2.0, 40)
+    gather = lambda l: jnp.take_along_axis(jax.nn.log_softmax(l), actions[:, None], -1)[:, 0]
+    for fn in (ppo.log_prob, categorical_log_prob):
+        loss = lambda l, f: jnp.sum(f(l) * weights)
+        np.testing.assert_array_equal(jax.jit(fn)(logits, actions), jax.jit(gather)(logits))
+        np.testing.assert_array_equal(jax.jit(jax.grad(loss), static_argnums=1)(logits, lambda l: fn(l, actions)),
+                                      jax.jit(jax.grad(loss), static_argnums=1)(logits, gather))
+        assert "scatter" not in str(jax.make_jaxpr(jax.grad(lambda l: loss(l, lambda x: fn(x, actions))))(logits))
+    assert "scatter" in str(jax.make_jaxpr(jax.grad(lambda l: jnp.sum(gather(l) * weights)))(logits))  # the check bites
+
+
 def test_flat_optimizer_updates_as_the_per_parameter_one():
     """compute.flat_optimizer (the accelerator's): the clip and Adam on one vector of all parameters give the
     per-parameter update (to float rounding: the clip's norm is one sum), with the clip active; its state is one

@@ -63,9 +63,10 @@ def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
 
 
 def categorical_log_prob(logits: jax.Array, index: jax.Array) -> jax.Array:
-    """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]."""
+    """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]. A one-hot product,
+    as ppo.log_prob: its gradient has no scatter-add, and value and gradient are bitwise the gather's."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(log_probs, index[..., None], axis=-1)[..., 0]
+    return jnp.sum(log_probs * jax.nn.one_hot(index, log_probs.shape[-1], dtype=log_probs.dtype), axis=-1)
 
 
 def gumbel_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
