@@ -33,14 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def read_records(path: str, offset: int) -> tuple[list[dict], int]:
-    """The metrics.jsonl records written after byte `offset`, and the new offset."""
+def read_records(path: str, offset: int) -> list[dict]:
+    """The metrics.jsonl records written after byte `offset`."""
     if not os.path.exists(path):
-        return [], offset
+        return []
     with open(path) as f:
         f.seek(offset)
-        text = f.read()
-    return [json.loads(line) for line in text.splitlines() if line.strip()], offset + len(text.encode())
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
 
 
 def phase_work(phase: str, records: list[dict], config, iteration: int, first_unit: int,
@@ -68,17 +67,17 @@ class PhaseTimer:
                  clocks=(time.perf_counter, time.thread_time)):
         self.metrics_path, self.num_seeds, self.report = metrics_path, num_seeds, report
         self.wall_clock, self.cpu_clock = clocks  # wall seconds, this thread's CPU seconds
-        self.offset, self.figures = 0, []
+        self.figures = []
 
     def wrap(self, name: str, step):
         def timed(run, iteration, first_unit=0):
             # the records this phase writes: a resumed run's file already holds its earlier processes' (cut back
             # to the checkpoint's offset when the run started), and work off the loop's path may write between phases
-            self.offset = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
+            offset = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
             wall, cpu = self.wall_clock(), self.cpu_clock()
             out = step(run, iteration, first_unit)
             wall, cpu = self.wall_clock() - wall, self.cpu_clock() - cpu
-            records, self.offset = read_records(self.metrics_path, self.offset)
+            records = read_records(self.metrics_path, offset)
             self.add(name, iteration, wall, cpu, phase_work(name, records, run.config, iteration, first_unit,
                                                             self.num_seeds))
             return out

@@ -65,13 +65,14 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def _world_and_agent(config, num_actions: int):
-    from dlwm_jax import ppo, world_model as wm
+    from dlwm_jax import world_model as wm
     from dlwm_jax.networks import make_networks
+    from dlwm_jax.programs import policy_optimizer
     key_world, key_agent = jax.random.split(jax.random.key(0))
     world = wm.init_world_model(config, num_actions, key_world)
     networks = make_networks(config, num_actions)
     params = jax.jit(networks.actor_critic.init)(key_agent, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
-    optimizer = ppo.make_optimizer(config.policy, world.config.compute.flat_optimizer)  # world's: resolved
+    optimizer = policy_optimizer(world.config)  # the world model's config: resolved
     return world, networks, params, optimizer, optimizer.init(params)
 
 

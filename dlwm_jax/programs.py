@@ -37,8 +37,12 @@ def initial_state(config: Config, num_actions: int, seed: int) -> tuple[wm.World
     world = wm.init_world_model(config, num_actions, init_key)
     actor_critic = make_networks(config, num_actions).actor_critic
     agent_params = jax.jit(actor_critic.init)(agent_key, jnp.zeros((1, 6, 6, config.vqvae.code_dim)))
-    optimizer = ppo.make_optimizer(config.policy, config.compute.resolve().flat_optimizer)
-    return world, AgentState(agent_params, optimizer.init(agent_params))
+    return world, AgentState(agent_params, policy_optimizer(config).init(agent_params))
+
+
+def policy_optimizer(config: Config):
+    """PPO's optimizer as the loop runs it: flat where compute.flat_optimizer says so (world_model.flat_if)."""
+    return wm.flat_if(config, ppo.make_optimizer(config.policy))
 
 
 class Program:
@@ -93,8 +97,7 @@ def _compile_programs(config: Config, num_actions: int, num_seeds: int, sharding
         act_eval=compile_(env_step(make_act(networks, 1.0)), (0,) * 6),
         random_act=compile_(env_step(lambda obs, key: jax.random.randint(key, obs.shape[:1], 0, num_actions, jnp.int32)),
                             (0,) * 4),
-        policy_update=make_policy_update(config, networks,
-                                         ppo.make_optimizer(config.policy, config.compute.resolve().flat_optimizer),
+        policy_update=make_policy_update(config, networks, policy_optimizer(config),
                                          lambda fn, n, options: over_seeds(fn, S, sharding, (0,) * n, options)),
         diagnostics=compile_(wm.world_model_diagnostics, (0,) * 5))
 

@@ -81,7 +81,8 @@ def dynamics_optimizer(config: Config) -> optax.GradientTransformation:
 
 def flat_if(config: Config, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """`optimizer` on one vector of the parameters it updates where compute.flat_optimizer says so (the backend's
-    choice for an unresolved config, as init_world_model resolves it): the same update, element for element."""
+    choice for an unresolved config, as init_world_model resolves it): the same update, element for element (a
+    clip's norm summed in one sum). The world model's optimizers and the policy's (programs.policy_optimizer)."""
     return optax.flatten(optimizer) if config.compute.resolve().flat_optimizer else optimizer
 
 

@@ -173,8 +173,9 @@ def test_flat_optimizer_updates_as_the_per_parameter_one():
     rollout, bootstrap = _random_rollout(jax.random.key(4))
     params = _tiny_params(jax.random.key(5))
     out = {}
+    from dlwm_jax.programs import policy_optimizer  # the loop's: flat where compute.flat_optimizer says so
     for flat in (False, True):
-        optimizer = ppo.make_optimizer(config, flat)
+        optimizer = policy_optimizer(config_lib.override(config, {"compute.flat_optimizer": str(flat).lower()}))
         state = optimizer.init(params)
         update = ppo.make_ppo_update(config, TINY_NET.apply, optimizer, unroll=False)
         out[flat] = (state, *update(params, state, rollout, bootstrap, jax.random.key(6)))

@@ -63,8 +63,9 @@ def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
 
 
 def categorical_log_prob(logits: jax.Array, index: jax.Array) -> jax.Array:
-    """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]. A one-hot product,
-    as ppo.log_prob: its gradient has no scatter-add, and value and gradient are bitwise the gather's."""
+    """log softmax(logits)[index] along the last axis, in float32; index has logits.shape[:-1]. Picked by a one-hot
+    product, not a gather: its gradient is elementwise instead of a scatter-add, and value and gradient are bitwise
+    the gather's (x * 1 and the zeros added are exact)."""
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.sum(log_probs * jax.nn.one_hot(index, log_probs.shape[-1], dtype=log_probs.dtype), axis=-1)
 
