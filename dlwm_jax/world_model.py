@@ -249,8 +249,8 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
 
     def step(carry, x):
         recurrent, sampled = carry
-        t, true_index, action, terminal, step_noise, tap = x
-        inputs = jnp.where(t < context_length, embeddings[true_index], embeddings[sampled])
+        teacher_forced, true_index, action, terminal, step_noise, tap = x
+        inputs = jnp.where(teacher_forced, embeddings[true_index], embeddings[sampled])
         if tap is None:
             (y, recurrent), residuals = dynamics.apply({"params": dynamics_params}, inputs, action, recurrent,
                                                        method="recur"), None
@@ -269,7 +269,10 @@ def dynamics_unroll(dynamics_params: Any, state: WorldModelState, indices: jax.A
         return (recurrent, sampled), (y, sampled, residuals)
 
     classes = reward_class(rewards)
-    xs = (jnp.arange(num_steps), indices[:-1], actions[:-1], terminals[:-1], noise, taps)
+    # A constant, not an iota: in an unrolled scan XLA folds each step's flag and drops the other input, so the
+    # context's steps wait for no sample (an iota's slices are not folded: the samples were on the chain)
+    teacher_forced = np.arange(num_steps) < context_length
+    xs = (teacher_forced, indices[:-1], actions[:-1], terminals[:-1], noise, taps)
     carry = (initial_state(batch_size, d.hidden_channels, indices.shape[2]), jnp.zeros_like(indices[0]))
     _, (ys, sampled, residuals) = jax.lax.scan(step, carry, xs, unroll=state.config.compute.dynamics_unroll)
     # The heads feed nothing back into the recurrence: one batched pass over all steps (and one backward pass).
