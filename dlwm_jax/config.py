@@ -133,7 +133,7 @@ COMPUTE_PRESETS: dict[str, dict[str, Any]] = {
                 period_unroll=False, flat_optimizer=False),
     "accelerator": dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass",
                         dynamics_unroll=10, lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm",
-                        imagination_unroll=10, ppo_unroll=False, vqvae_ynnpack="all", ppo_ynnpack="all",
+                        imagination_unroll=50, ppo_unroll=True, vqvae_ynnpack="all", ppo_ynnpack="all",
                         threefry_partitionable=True, epoch_chunk=12, period_unroll=True, flat_optimizer=True),
 }
 
@@ -174,9 +174,10 @@ class ComputeConfig:
                                         # rows) / "gemm"
     policy_conv: str | None = None      # actor-critic convs: "xla" / "gemm" ("im2col" wins on CPU only with YNNPACK in
                                         # PPO)
-    imagination_unroll: int | None = None  # 5 / 10: scan unroll of the 50-step imagination (XLA:CPU shares work, ~4%)
-    ppo_unroll: bool | None = None      # True / False: unroll PPO's epochs x minibatches scans (conv grads in a rolled
-                                        # scan are very slow on CPU)
+    imagination_unroll: int | None = None  # 5 / 50: scan unroll of the 50-step imagination (XLA:CPU shares work, ~4%;
+                                           # written out, a GPU runs no loop: no launches or host syncs per iteration)
+    ppo_unroll: bool | None = None      # True / True: unroll PPO's epochs x minibatches scans (conv grads in a rolled
+                                        # scan are very slow on CPU; unrolled, a GPU runs an update as one graph)
     vqvae_ynnpack: str | None = None    # "reduce" / "all": which XLA:CPU ops the VQ-VAE step sends to YNNPACK:
                                         # "all" | "reduce" | "none" (no effect off CPU)
     ppo_ynnpack: str | None = None      # "reduce" / "all": the same for the PPO update ("reduce": Eigen dots/convs,

@@ -189,6 +189,8 @@ def ppo_update(params: Any, opt_state: Any, rollout: Rollout, bootstrap_value: j
     def minibatch_step(carry, batch_and_mask):
         params, opt_state = carry
         batch, mask = batch_and_mask
+        if unroll:  # the minibatch gathered before the loss reads it: unrolled, XLA's GPU compiler (jaxlib 0.10.2)
+            batch, mask = jax.lax.optimization_barrier((batch, mask))  # failed to tile a GEMM fusion that took it in
         (_, metrics), grads = grad_fn(params, apply_fn, batch, mask, policy)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

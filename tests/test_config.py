@@ -17,7 +17,7 @@ CPU = dict(OLD_CPU, epoch_chunk=0, vqvae_conv="xla", layer_norm="flax", batch_no
            flat_optimizer=False)
 # The GEMM formulations (benchmarks/kernels.py), and JAX's default PRNG.
 PLAIN = dict(upsample="subpixel", vqvae_conv="gemm", layer_norm="fused", batch_norm="one_pass", dynamics_unroll=10,
-             lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=10, ppo_unroll=False,
+             lstm_conv="gemm", dream_lstm_conv="gemm", policy_conv="gemm", imagination_unroll=50, ppo_unroll=True,
              vqvae_ynnpack="all", ppo_ynnpack="all", threefry_partitionable=True, epoch_chunk=12, period_unroll=True,
              flat_optimizer=True)
 

@@ -189,6 +189,22 @@ def test_flat_optimizer_updates_as_the_per_parameter_one():
     assert min(jax.tree.leaves(moved)) > 1e-5  # every parameter moved: the comparison is not of unchanged ones
 
 
+def test_unrolled_update_equals_the_rolled_one():
+    """compute.ppo_unroll: the epochs and minibatches written out (each minibatch behind an optimization barrier,
+    which XLA's GPU compiler needs there) update as the rolled scans do."""
+    config = config_lib.paper()
+    rollout, bootstrap = _random_rollout(jax.random.key(7))
+    params = _tiny_params(jax.random.key(8))
+    optimizer = ppo.make_optimizer(config)
+    state = optimizer.init(params)
+    out = {unroll: ppo.make_ppo_update(config, TINY_NET.apply, optimizer, unroll=unroll)(
+        params, state, rollout, bootstrap, jax.random.key(9)) for unroll in (False, True)}
+    for rolled, unrolled in zip(out[False], out[True]):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), rolled, unrolled)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, out[True][0])
+    assert min(jax.tree.leaves(moved)) > 1e-5
+
+
 def test_update_reduces_loss_on_fixed_rollout():
     """Paper settings (800 samples -> 256,256,256,32, 4 epochs = 16 Adam steps per update): three updates on
     one rollout of random rewards lower its loss, raise the log-probability of positive-advantage actions, move values towards
