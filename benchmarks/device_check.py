@@ -18,7 +18,8 @@ budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<p
   loop_short        benchmarks/loop.py --preset short end to end (compute.target=accelerator): per iteration and
                     phase the wall time, the host's share and the steps per second; the run's wall time
 and on request (--parts): formulations_graphs (the formulations with XLA's command buffers extended to loops and
-conditionals, COMMAND_BUFFER_FLAGS: whether a chunk captured whole runs faster), profile_per_step (the traced chunk
+conditionals, COMMAND_BUFFER_FLAGS: whether a chunk captured whole runs faster), formulations_no_autotune (the
+preset's three compiled without autotuning, NO_AUTOTUNE_FLAGS: compile time against step time), profile_per_step (the traced chunk
 as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper
 networks and batch sizes, two short iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds),
 bench_float32 (benchmarks/run.py --json at paper sizes: step times, EnvPool, the projected paper run),
@@ -75,7 +76,7 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
 PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_concurrent": 90, "profile_scan": 50,
-                 "loop_short": 100, "formulations_graphs": 90, "profile_per_step": 50, "loop_slice": 90,
+                 "loop_short": 100, "formulations_graphs": 90, "formulations_no_autotune": 90, "profile_per_step": 50, "loop_slice": 90,
                  "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50,
                  "loop_paper": 590}
 DEFAULT_PARTS = ("devices", "formulations", "formulations_concurrent", "profile_scan", "loop_short")
@@ -102,10 +103,14 @@ COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,C
 # default, LHS): a joint slot's 561 operations have a longest dependent chain of 346, a policy update's 2,773 (dream
 # and PPO update) one of 1,997 (benchmarks/kernels.py's critical_path, deviceless, 2026-12-07).
 CONCURRENT_FLAGS = "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
+# XLA's default tile sizes and kernels, none timed on the device: a paper run's compilation (its first call) includes
+# the autotuning; whether that buys faster steps than it costs (each variant's first_chunk_s holds its compilation).
+NO_AUTOTUNE_FLAGS = "--xla_gpu_autotune_level=0"
 PRESET_FORMULATIONS = ("preset:", "vqvae/preset:", "policy/preset:")
 # name -> (extra XLA_FLAGS, the FORMULATIONS it times)
 FORMULATION_PARTS = {"formulations": ("", FORMULATIONS),
                      "formulations_concurrent": (CONCURRENT_FLAGS, PRESET_FORMULATIONS),
+                     "formulations_no_autotune": (NO_AUTOTUNE_FLAGS, PRESET_FORMULATIONS),
                      "formulations_graphs": (COMMAND_BUFFER_FLAGS, FORMULATIONS)}
 # The bench parts: (compute.dtype, vmapped seeds, run.py --only); bench_bfloat16 times the three training steps only
 # (host and EnvPool figures are float32's).
