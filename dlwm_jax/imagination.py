@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dlwm_jax.networks.distributions import gumbel_noise, sample_categorical
+from dlwm_jax.networks.distributions import categorical_log_prob, gumbel_noise, sample_categorical
 from dlwm_jax.networks.dynamics import DynamicsState, initial_state
 
 
@@ -58,18 +58,19 @@ def imagination_step(dynamics: nn.Module, actor_critic: nn.Module, dynamics_para
                      forced_actions: jax.Array | None = None):
     """One simulated step for N envs: (carry, noise) -> (carry, per-step record). Used by `imagine`'s scan;
     noise: one step of step_noise. forced_actions int [N] (optional): taken instead of the policy's sample where
-    >= 0. The record holds the dynamics' y and the step's reward key, not the reward: the reward feeds nothing
-    back, so `imagined_rewards` samples every step's at once."""
+    >= 0. The record holds what feeds nothing back, for `imagine` to finish every step's at once after the scan:
+    the policy's logits at the temperature (not the action's log-probability) and the dynamics' y and the step's
+    reward key (not the reward, which `imagined_rewards` samples)."""
     latents = embeddings[carry.indices]
     logits, value = actor_critic.apply(policy_params, latents)
-    actions = sample_categorical(noise.actions, logits / temperature)
+    logits = logits / temperature
+    actions = sample_categorical(noise.actions, logits)
     if forced_actions is not None:
         actions = jnp.where(forced_actions >= 0, forced_actions.astype(jnp.int32), actions)
-    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits / temperature), actions[:, None], -1)[:, 0]
     y, state = dynamics.apply(dynamics_params, latents, actions, carry.state, method="recur")
     next_logits = dynamics.apply(dynamics_params, y, method="latent_head")
     next_indices = sample_categorical(noise.latents, next_logits)
-    record = (latents, actions, log_probs, value, y, noise.reward_key, carry.indices)
+    record = (latents, actions, logits, value, y, noise.reward_key, carry.indices)
     return Carry(next_indices, state), record
 
 
@@ -103,8 +104,9 @@ def imagine(dynamics: nn.Module, actor_critic: nn.Module, dynamics_params: Any, 
                                          temperature, x[1])
     n, grid = start_indices.shape[:2]
     noise = step_noise(jax.random.split(key, horizon), n, actor_critic.num_actions, grid, embeddings.shape[0])
-    carry, (latents, actions, log_probs, values, ys, reward_keys, indices) = jax.lax.scan(
+    carry, (latents, actions, logits, values, ys, reward_keys, indices) = jax.lax.scan(
         step, carry, (noise, actions), unroll=unroll)
+    log_probs = categorical_log_prob(logits, actions)  # every step's at once: one operation, not one a step
     rewards = imagined_rewards(dynamics, dynamics_params, ys, reward_keys)
     _, bootstrap_value = actor_critic.apply(policy_params, embeddings[carry.indices])
     last = jnp.arange(horizon) == horizon - 1

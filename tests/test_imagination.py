@@ -38,7 +38,8 @@ def test_scan_equals_step_by_step_python_loop(dynamics_name, unroll):
     carry = Carry(start, initial_state(4, CONFIG.dynamics.hidden_channels))
     for t, k in enumerate(jax.random.split(key, horizon)):
         noise = jax.tree.map(lambda x: x[0], step_noise(k[None], 4, NUM_ACTIONS, 6, embeddings.shape[0]))
-        carry, (latents, actions, log_probs, value, y, reward_key, indices) = step(carry, noise)
+        carry, (latents, actions, logits, value, y, reward_key, indices) = step(carry, noise)
+        log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), actions[:, None], -1)[:, 0]
         rewards = imagined_rewards(dynamics, v["dynamics"], y[None], reward_key[None])[0]
         np.testing.assert_array_equal(dream.actions[t], actions)
         np.testing.assert_array_equal(dream.indices[t], indices)
