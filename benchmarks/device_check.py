@@ -19,9 +19,9 @@ budget, and writes DIR/device_check.json (one object, a key per part) and DIR/<p
                     phase the wall time, the host's share and the steps per second; the run's wall time
 and on request (--parts): formulations_graphs (the formulations with XLA's command buffers extended to loops and
 conditionals, COMMAND_BUFFER_FLAGS: whether a chunk captured whole runs faster), formulations_no_autotune (the
-preset's three compiled without autotuning, NO_AUTOTUNE_FLAGS: compile time against step time), profile_per_step (the traced chunk
-as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper` run: paper
-networks and batch sizes, two short iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds),
+preset's three compiled without autotuning, NO_AUTOTUNE_FLAGS: compile time against step time), profile_per_step
+(the traced chunk as a host loop of per-step programs, compute.epoch_chunk=0), loop_slice (a slice of the `paper`
+run: paper networks and batch sizes, two short iterations), loop_slice_5_seeds (the slice with 5 vmapped seeds),
 bench_float32 (benchmarks/run.py --json at paper sizes: step times, EnvPool, the projected paper run),
 bench_5_seeds (run.py with 5 seeds), bench_bfloat16 (the three training steps with compute.dtype=bfloat16) and
 loop_paper (the whole `paper` run of BankHeist seed 0: its workdir and compilation cache stay in --runs-dir, by
@@ -76,9 +76,9 @@ TINY_TRAIN_SLICE = ("schedule.ppo_updates=3,3",)  # on top of the smoke preset
 # Seconds per part in a full check (the overall budget cuts the later ones if the earlier ran long); DEFAULT_PARTS
 # run unless --parts names others. In this order: the loop as a user runs it first, bfloat16 last.
 PART_LIMITS_S = {"devices": 20, "formulations": 200, "formulations_concurrent": 90, "profile_scan": 50,
-                 "loop_short": 100, "formulations_graphs": 90, "formulations_no_autotune": 90, "profile_per_step": 50, "loop_slice": 90,
-                 "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90, "bench_bfloat16": 50,
-                 "loop_paper": 590}
+                 "loop_short": 100, "formulations_graphs": 90, "formulations_no_autotune": 90, "profile_per_step": 50,
+                 "loop_slice": 90, "bench_float32": 90, "loop_slice_5_seeds": 130, "bench_5_seeds": 90,
+                 "bench_bfloat16": 50, "loop_paper": 590}
 DEFAULT_PARTS = ("devices", "formulations", "formulations_concurrent", "profile_scan", "loop_short")
 # The formulation parts: profile.py --variant NAME:overrides (on top of the accelerator preset), the largest terms
 # of the paper run first: its 241k dynamics steps (ConvLSTM chain, 10-step loss, an encoder pass), its 105k VQ-VAE
@@ -91,7 +91,8 @@ FORMULATIONS = ("preset:", f"xla:compute.dynamics_unroll=1,compute.lstm_conv=xla
                 # 6.7 ms a VQ-VAE step on the H100 of 2026-11-27 (cuDNN convolutions): 11.8 min of a paper run
                 "vqvae/preset:", f"vqvae/xla:{XLA_VQVAE}",
                 "policy/preset:",
-                # the policy's loops before 2026-12-07 (twelfth session): the dream's 50 steps 10 at a time, PPO's rolled
+                # the policy's loops before 2026-12-07 (twelfth session): the dream's 50 steps 10 at a time, PPO's
+                # rolled
                 "policy/rolled:compute.imagination_unroll=10,compute.ppo_unroll=false",
                 "policy/xla:compute.imagination_unroll=1,compute.dream_lstm_conv=xla,compute.policy_conv=xla,"
                 f"compute.ppo_unroll=false,{XLA_VQVAE}",

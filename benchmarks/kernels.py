@@ -62,7 +62,8 @@ GRAPHS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"  # device_
 # The accelerator preset, and the XLA convolutions in rolled scans (the preset before 2026-12-06; device_check.py's
 # "xla" formulations).
 XLA_CONVOLUTIONS = ("compute.dynamics_unroll=1,compute.lstm_conv=xla,compute.imagination_unroll=1,"
-                    "compute.dream_lstm_conv=xla,compute.policy_conv=xla,compute.ppo_unroll=false,compute.vqvae_conv=xla,"
+                    "compute.dream_lstm_conv=xla,compute.policy_conv=xla,compute.ppo_unroll=false,"
+                    "compute.vqvae_conv=xla,"
                     "compute.upsample=transpose,compute.layer_norm=flax,compute.batch_norm=two_pass")
 VARIANTS = ("preset:", f"xla:{XLA_CONVOLUTIONS}")
 
