@@ -98,15 +98,18 @@ def random_agent_summary(per_seed: list[dict]) -> dict:
 
 
 def merge_results(parts: list[dict], command: str) -> dict:
-    """One results dict from the results of single runs of one game and config that differ only in the seed.
+    """One results dict from the results of runs of one game and config that differ only in their seeds: single-seed
+    runs, or results files merged before (evidence.py adds new seeds to a game's file).
 
     Seeds, their random-agent evaluations, commits and wall times are concatenated (wall_time_s: the longest, as
-    the parts ran side by side; wall_time_s_per_seed: each part's, one per part: a single-seed run, or a process's
-    share of a multi-process job). Raises ValueError (one line) on mismatched runs.
+    the parts ran side by side; wall_time_s_per_seed: each part's, one per single-seed run, or a process's share of
+    a multi-process job). The configs may differ in `compute` alone (formulations of the same maths, as
+    report.py compares them): config["compute"] is then the first part's and "compute_by_seed" gives each seed's.
+    Raises ValueError (one line) on mismatched runs.
     """
     if not parts:
         raise ValueError("no results to merge")
-    strip = lambda r: {**r["config"], "seed": None}
+    strip = lambda r: {**r["config"], "seed": None, "compute": None}
     for part in parts[1:]:
         if part["game"] != parts[0]["game"] or strip(part) != strip(parts[0]):
             raise ValueError(f"cannot merge runs of different games or configs ({parts[0]['game']}, seed "
@@ -114,9 +117,17 @@ def merge_results(parts: list[dict], command: str) -> dict:
     seeds = [s for part in parts for s in part["seeds"]]
     if len({s["seed"] for s in seeds}) != len(seeds):
         raise ValueError(f"seed given twice: {sorted(s['seed'] for s in seeds)}")
+    compute = {str(s["seed"]): part.get("compute_by_seed", {}).get(str(s["seed"]), part["config"].get("compute"))
+               for part in parts for s in part["seeds"]}
     random_per_seed = [s for part in parts for s in part["random_agent"]["per_seed"]]
-    return {**parts[0], "command": command, "git_commits": sorted({c for part in parts for c in part["git_commits"]}),
-            "wall_time_s": max(part["wall_time_s"] for part in parts),
-            "wall_time_s_per_seed": [part["wall_time_s"] for part in parts],
-            "seeds": seeds,
-            "random_agent": random_agent_summary(random_per_seed)}
+    merged = {**parts[0], "command": command,
+              "git_commits": sorted({c for part in parts for c in part["git_commits"]}),
+              "wall_time_s": max(part["wall_time_s"] for part in parts),
+              "wall_time_s_per_seed": [t for part in parts for t in part.get("wall_time_s_per_seed",
+                                                                              [part["wall_time_s"]])],
+              "seeds": seeds,
+              "random_agent": random_agent_summary(random_per_seed)}
+    merged.pop("compute_by_seed", None)
+    if len({json.dumps(c, sort_keys=True) for c in compute.values()}) > 1:
+        merged["compute_by_seed"] = compute
+    return merged

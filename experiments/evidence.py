@@ -7,6 +7,8 @@ after another (`--parallel` at once); rerunning the command resumes unfinished s
 skips finished ones.
 When every seed has finished, their `results.json` are merged (dlwm_jax/results.merge_results) into
 results/P/G.json: per-seed raw data, the random agent under the same protocol, config, commits, machine, wall time.
+Seeds already in that file that the command does not run are kept (later seeds add to a file: --first_seed=3
+--num_seeds=2); a file holding some but not all of the command's seeds is refused before anything starts.
 
 Why single-seed processes and not the vmapped `--num_seeds`: on the 2-core CPU this project is developed on, a
 vmapped VQ-VAE step of 3 seeds took 1.71 s against 0.41-0.55 s for one seed (XLA:CPU runs the vmapped
@@ -52,6 +54,24 @@ def _last_progress_line(log_path: str) -> str:
     return lines[-1] if lines else "(starting)"
 
 
+def _kept_results(path: str, seeds: list[int]) -> dict | None:
+    """The game's results file, where it holds only seeds this command does not run (merged with the command's);
+    None where there is none or the command runs all of its seeds again. Fails on a partial overlap."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        held = [s["seed"] for s in data["seeds"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        cli.fail(f"cannot read the seeds of {path}: {e}")
+    again = [s for s in held if s in seeds]
+    if again and len(again) < len(held):
+        cli.fail(f"{path} holds seeds {held}, {again} of them run by this command: run all of them or none of them "
+                 f"(--first_seed, --num_seeds), or write elsewhere (--results_dir)")
+    return None if again else data
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
@@ -59,11 +79,15 @@ def main(argv):
         cli.fail("--game is required, e.g. --game=CrazyClimber", 2)
     if FLAGS.num_seeds < 1 or FLAGS.parallel < 1:
         cli.fail(f"--num_seeds and --parallel must be >= 1, got {FLAGS.num_seeds} and {FLAGS.parallel}", 2)
-    from dlwm_jax.results import merge_results
+    from dlwm_jax.results import merge_results, write_json
     runs_dir = FLAGS.runs_dir or os.path.join("runs", FLAGS.preset)
     results_dir = FLAGS.results_dir or os.path.join("results", FLAGS.preset)
     seeds = list(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.num_seeds))
     workdirs = {s: os.path.join(runs_dir, f"{FLAGS.game}-{s}") for s in seeds}
+    path = os.path.join(results_dir, f"{FLAGS.game}.json")
+    kept = _kept_results(path, seeds)
+    if kept:
+        print(f"keeping seeds {[s['seed'] for s in kept['seeds']]} of {path}", flush=True)
     try:
         os.makedirs(runs_dir, exist_ok=True)
         os.makedirs(results_dir, exist_ok=True)
@@ -113,7 +137,7 @@ def main(argv):
             for s in running:
                 print(f"seed {s}: {_last_progress_line(workdirs[s] + '.log')}", flush=True)
 
-    parts = []
+    parts = [kept] if kept else []
     for s in seeds:
         with open(os.path.join(workdirs[s], "results.json")) as f:
             parts.append(json.load(f))
@@ -121,9 +145,7 @@ def main(argv):
         merged = merge_results(parts, " ".join([os.path.basename(sys.executable)] + sys.argv))
     except ValueError as e:
         cli.fail(str(e))
-    path = os.path.join(results_dir, f"{FLAGS.game}.json")
-    with open(path, "w") as f:
-        json.dump(merged, f, indent=1)
+    write_json(path, merged)
     random_mean = merged["random_agent"]["return_mean"]
     for seed in merged["seeds"]:
         print(f"seed {seed['seed']}: final evaluation return {seed['final_eval_return']:.1f} "

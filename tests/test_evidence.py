@@ -11,9 +11,10 @@ from conftest import CACHE, ROOT, shared_run
 from dlwm_jax.results import merge_results
 
 
-def part(seed, game="Pong", gamma=0.99, returns=(1.0, 3.0)):
+def part(seed, game="Pong", gamma=0.99, returns=(1.0, 3.0), compute="im2col"):
     return {"format": "dlwm-jax-results/1", "game": game, "preset": "short", "command": "x", "git_commits": [f"c{seed}"],
-            "wall_time_s": 100.0 + seed, "config": {"seed": seed, "policy": {"gamma": gamma}},
+            "wall_time_s": 100.0 + seed,
+            "config": {"seed": seed, "policy": {"gamma": gamma}, "compute": {"lstm_conv": compute}},
             "seeds": [{"seed": seed, "final_eval_return": 2.0 + seed, "iterations": []}],
             "random_agent": {"return_mean": float(sum(returns)) / 2, "return_std": 1.0,
                              "per_seed": [{"seed": seed, "return_mean": float(sum(returns)) / 2,
@@ -30,6 +31,20 @@ def test_merge_concatenates_seeds_and_random_baselines_and_rejects_mismatches():
                         ([part(0), part(0)], "seed given twice"), ([], "no results")]:
         with pytest.raises(ValueError, match=needle):
             merge_results(bad, "cmd")
+
+
+def test_merge_adds_seeds_to_a_merged_file_and_records_each_seeds_formulations():
+    """Runs that differ in `compute` alone (formulations of the same maths) merge, each seed's kept beside it."""
+    earlier = merge_results([part(0), part(1)], "cmd")
+    assert "compute_by_seed" not in earlier
+    merged = merge_results([earlier, part(2, compute="rows")], "cmd2")
+    assert [s["seed"] for s in merged["seeds"]] == [0, 1, 2] and merged["command"] == "cmd2"
+    assert merged["wall_time_s_per_seed"] == [100.0, 101.0, 102.0] and merged["git_commits"] == ["c0", "c1", "c2"]
+    assert merged["config"]["compute"] == {"lstm_conv": "im2col"}
+    assert merged["compute_by_seed"] == {"0": {"lstm_conv": "im2col"}, "1": {"lstm_conv": "im2col"},
+                                         "2": {"lstm_conv": "rows"}}
+    assert merge_results([merged, part(3)], "cmd3")["compute_by_seed"]["2"] == {"lstm_conv": "rows"}
+    assert len(merged["random_agent"]["per_seed"]) == 3
 
 
 def run_evidence(tmp_path, *extra):
@@ -63,6 +78,26 @@ def test_evidence_runs_each_seed_once_and_merges_their_results(tmp_path, tmp_pat
     partial = run_evidence(tmp_path, "--num_seeds=3", "--merge_finished")  # seed 2 never ran: left out, not started
     assert partial.returncode == 0 and "seed 2: not finished, left out" in partial.stdout
     assert json.load(open(tmp_path / "results" / "Pong.json"))["seeds"] == results["seeds"]
+    assert not os.path.exists(tmp_path / "runs" / "Pong-2")
+
+
+def test_evidence_keeps_the_seeds_of_the_results_file_it_does_not_run(tmp_path, tmp_path_factory):
+    """A file with seed 0 and a finished seed 1: seed 1 is added, seed 0 kept. A file holding some of the
+    command's seeds is refused in one line before anything starts."""
+    single, _ = shared_run(tmp_path_factory, "single")
+    shared_seed_1, _ = shared_run(tmp_path_factory, "seed_1")
+    (tmp_path / "results").mkdir()
+    shutil.copy(os.path.join(single, "results.json"), tmp_path / "results" / "Pong.json")
+    shutil.copytree(shared_seed_1, tmp_path / "runs" / "Pong-1", ignore=shutil.ignore_patterns(".lock"))
+    proc = run_evidence(tmp_path, "--first_seed=1", "--num_seeds=1", "--merge_finished")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "keeping seeds [0] of" in proc.stdout
+    results = json.load(open(tmp_path / "results" / "Pong.json"))
+    assert [s["seed"] for s in results["seeds"]] == [0, 1] and len(results["wall_time_s_per_seed"]) == 2
+    overlap = run_evidence(tmp_path, "--first_seed=1")  # seeds 1-3 against a file of seeds 0 and 1
+    errors = [line for line in overlap.stderr.splitlines() if line.startswith("error:")]
+    assert overlap.returncode == 1 and len(errors) == 1 and "holds seeds [0, 1], [1] of them" in errors[0]
+    assert json.load(open(tmp_path / "results" / "Pong.json")) == results
     assert not os.path.exists(tmp_path / "runs" / "Pong-2")
 
 
