@@ -4,8 +4,10 @@
     python benchmarks/kernels.py [--preset paper] [--target benchmarks/device/h100.pbtxt] [--graphs]
                                  [--variant NAME:section.field=value,... ...] [--programs world_model_chunk,...]
                                  [--by-op] [--by-source] [--scheduling CONCURRENT] [--ahead WORKERS]
+                                 [--num-seeds N]
 
-XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed, compute.target=accelerator) ahead
+XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed or --num-seeds vmapped ones,
+compute.target=accelerator) ahead
 of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
 without a GPU or a driver). Each compilation dumps the thunk sequence the GPU runtime would execute, after XLA's
 thunk passes (command buffers formed), and this counts what one call executes:
@@ -371,9 +373,10 @@ def gpu_topology(target: str):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def lowered_programs(preset: str, overrides: list[str], placement, game: str = "BankHeist") -> tuple[Any, dict]:
-    """(config, {name: jax.stages.Lowered}) of the loop's programs for one seed at the preset's sizes, for
-    arguments placed on `placement` (the GPU topology's device)."""
+def lowered_programs(preset: str, overrides: list[str], placement, game: str = "BankHeist",
+                     num_seeds: int = 1) -> tuple[Any, dict]:
+    """(config, {name: jax.stages.Lowered}) of the loop's programs for `num_seeds` vmapped seeds at the preset's
+    sizes, for arguments placed on `placement` (the GPU topology's device)."""
     import jax
     import jax.numpy as jnp
     from dlwm_jax import config as config_lib
@@ -386,20 +389,23 @@ def lowered_programs(preset: str, overrides: list[str], placement, game: str = "
     config = config_lib.resolve_compute(config, "gpu")
     num_actions = envs.num_actions(envs.check_game(game))
     on_gpu = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
-    one_seed = lambda fn: on_gpu(jax.eval_shape(lambda: jax.tree.map(lambda x: x[None], fn())))
-    world = one_seed(lambda: wm.init_world_model(config, num_actions, jax.random.key(0)))
-    agent = one_seed(lambda: initial_state(config, num_actions, 0)[1])
+    over_seeds = lambda x: jnp.broadcast_to(x[None], (num_seeds, *x.shape))
+    per_seed = lambda fn: on_gpu(jax.eval_shape(lambda: jax.tree.map(over_seeds, fn())))
+    world = per_seed(lambda: wm.init_world_model(config, num_actions, jax.random.key(0)))
+    agent = per_seed(lambda: initial_state(config, num_actions, 0)[1])
     image = config.env.image_size
-    frames = jax.ShapeDtypeStruct((1, config.total_real_steps, image, image), jnp.uint8, sharding=placement)
-    keys = one_seed(lambda: jax.random.key(0))
-    programs = compile_programs(config, num_actions, 1, None)
+    frames = jax.ShapeDtypeStruct((num_seeds, config.total_real_steps, image, image), jnp.uint8, sharding=placement)
+    keys = per_seed(lambda: jax.random.key(0))
+    programs = compile_programs(config, num_actions, num_seeds, None)
     return config, lower_ahead(programs, config, world, agent, frames, keys, lambda tree: tree)
 
 
 def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str, Any]:
-    """One variant: compile each selected program into its own dump folder and count it."""
+    """One variant: compile each selected program into its own dump folder and count it (a program XLA fails to
+    compile: its error's first line, under "error")."""
+    import jax
     from dlwm_jax.programs import epoch_periods
-    config, lowered = lowered_programs(args.preset, overrides, placement, args.game)
+    config, lowered = lowered_programs(args.preset, overrides, placement, args.game, args.num_seeds)
     options = {"xla_gpu_enable_command_buffer": GRAPHS} if args.graphs else {}
     if args.scheduling:
         options["xla_gpu_command_buffer_scheduling_mode"] = args.scheduling
@@ -409,7 +415,13 @@ def variant_counts(args, name: str, overrides: list[str], placement) -> dict[str
             continue
         with tempfile.TemporaryDirectory(prefix="dlwm_kernels_") as directory:
             start = time.perf_counter()
-            stage.lowered.compile(compiler_options={**options, "xla_dump_to": directory})
+            try:
+                stage.lowered.compile(compiler_options={**options, "xla_dump_to": directory})
+            except jax.errors.JaxRuntimeError as e:  # XLA's GPU compiler refused it: recorded, the others go on
+                out["programs"][program] = {"error": str(e).splitlines()[0][:400]}
+                print(f"[kernels] {name} {program}: FAILED {out['programs'][program]['error']}", file=sys.stderr,
+                      flush=True)
+                continue
             compile_s = time.perf_counter() - start
             thunks, trips, operands = read_dump(directory, args.by_source)
         if program.startswith("world_model_chunk/"):  # a chunk of one repeated slots.Period: per call, per slot
@@ -429,6 +441,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--game", default="BankHeist")
+    parser.add_argument("--num-seeds", type=int, default=1,
+                        help="the programs of N vmapped seeds on the one GPU (train.py --num_seeds)")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="GpuTargetConfigProto (text) of the GPU")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:overrides (comma-separated); default: " + " ".join(VARIANTS))
@@ -462,7 +476,7 @@ def main() -> None:
         if args.ahead:
             from dlwm_jax.programs import compile_lowered
             start = time.perf_counter()
-            _, lowered = lowered_programs(args.preset, overrides, placement, args.game)
+            _, lowered = lowered_programs(args.preset, overrides, placement, args.game, args.num_seeds)
             lower_s = round(time.perf_counter() - start, 1)
             variants.append({"variant": name, "overrides": overrides, "workers": args.ahead, "lower_s": lower_s,
                              "ready_s": compile_lowered(lowered, args.ahead)})
@@ -470,8 +484,12 @@ def main() -> None:
         variants.append(variant_counts(args, name, overrides, placement))
     print(json.dumps({"target": placement.mesh.devices.flat[0].device_kind, "deviceless": True,
                       "jax": jax.__version__, "commit": git_commit(), "graphs": args.graphs, "preset": args.preset,
+                      "num_seeds": args.num_seeds,
                       "scheduling": args.scheduling or "default",
                       "variants": variants}))
+    failed = [f"{v['variant']} {p}" for v in variants for p, c in v.get("programs", {}).items() if "error" in c]
+    if failed:
+        raise SystemExit(f"kernels.py: XLA's GPU compiler failed on {', '.join(failed)} (the JSON above has why)")
 
 
 if __name__ == "__main__":

@@ -214,3 +214,31 @@ def test_without_the_cuda_plugin_it_says_how_to_get_it():
                             timeout=120, env=env)
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1].startswith("kernels.py: jax's CUDA plugin")
+
+
+VMAPPED_GEMM_CONV_GRAD = """
+import sys, jax, jax.numpy as jnp
+sys.path.insert(0, "benchmarks")
+import kernels
+from dlwm_jax.networks.layers import conv2d
+placement = kernels.gpu_topology(kernels.DEFAULT_TARGET)
+spec = lambda *shape: jax.ShapeDtypeStruct((5, *shape), jnp.float32, sharding=placement)
+grad = jax.vmap(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, 1, "gemm", stride=2))), (0, 1)))
+jax.jit(grad).lower(spec(40, 12, 12, 128), spec(4, 4, 128, 256)).compile()
+print("compiled")
+"""
+
+
+def test_the_gradient_of_a_vmapped_gemm_convolution_compiles_for_an_h100():
+    """The encoder's last strided convolution at a VQ-VAE batch, vmapped over 5 seeds (train.py --num_seeds=5 on a
+    GPU): without the barrier in layers._gemm_conv_bwd XLA's GPU compiler "couldn't find output tile sizes" for its
+    kernel gradient, so every world-model chunk of 5 seeds failed to compile. Needs jax's CUDA plugin in .cuda-aot/
+    (`make kernels`): skipped without it."""
+    root = os.path.dirname(os.path.dirname(kernels.__file__))
+    if not os.path.exists(os.path.join(root, ".cuda-aot", ".installed")):
+        pytest.skip("jax's CUDA plugin is not in .cuda-aot/ (make kernels)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, ".cuda-aot")])}
+    env.pop("JAX_PLATFORMS", None)
+    result = subprocess.run([sys.executable, "-c", VMAPPED_GEMM_CONV_GRAD], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip() == "compiled", result.stderr[-1500:]

@@ -114,6 +114,9 @@ def _gemm_conv_fwd(x, kernel, padding):
 def _gemm_conv_bwd(padding, residuals, cotangent):
     patches, kernel = residuals
     k, cout = kernel.shape[0], kernel.shape[-1]
+    # Vmapped over seeds, XLA's GPU compiler fused the patches' transpose into this batched dot and then "couldn't
+    # find output tile sizes" for it (the encoder's last strided convolution, 5 seeds: tests/test_kernels.py)
+    patches = jax.lax.optimization_barrier(patches)
     kernel_grad = (patches.T @ cotangent.reshape(-1, cout)).reshape(kernel.shape)
     input_grad = _gemm_forward(cotangent, _flip(kernel), k - 1 - padding)[0]
     return input_grad, kernel_grad
