@@ -91,8 +91,7 @@ FORMULATIONS = ("preset:", f"xla:compute.dynamics_unroll=1,compute.lstm_conv=xla
                 # 6.7 ms a VQ-VAE step on the H100 of 2026-11-27 (cuDNN convolutions): 11.8 min of a paper run
                 "vqvae/preset:", f"vqvae/xla:{XLA_VQVAE}",
                 "policy/preset:",
-                # the policy's loops before 2026-12-07 (twelfth session): the dream's 50 steps 10 at a time, PPO's
-                # rolled
+                # the policy's loops before the twelfth session (2026-12-07): the dream 10 steps at a time, PPO rolled
                 "policy/rolled:compute.imagination_unroll=10,compute.ppo_unroll=false",
                 "policy/xla:compute.imagination_unroll=1,compute.dream_lstm_conv=xla,compute.policy_conv=xla,"
                 f"compute.ppo_unroll=false,{XLA_VQVAE}",

@@ -7,10 +7,10 @@
                                  [--num-seeds N]
 
 XLA's GPU compiler compiles the loop's programs (programs.lower_ahead, one seed or --num-seeds vmapped ones,
-compute.target=accelerator) ahead
-of time for the GPU that --target describes, here on the host's CPU ("deviceless" compilation: jax's CUDA plugin
-without a GPU or a driver). Each compilation dumps the thunk sequence the GPU runtime would execute, after XLA's
-thunk passes (command buffers formed), and this counts what one call executes:
+compute.target=accelerator) ahead of time for the GPU that --target describes, here on the host's CPU
+("deviceless" compilation: jax's CUDA plugin without a GPU or a driver). Each compilation dumps the thunk sequence
+the GPU runtime would execute, after XLA's thunk passes (command buffers formed), and this counts what one call
+executes:
 
 * `launches`: operations the host issues one by one: kernels, copies, cuDNN convolutions, GEMMs outside a command
   buffer, plus one per command buffer (CUDA graph) executed. Latency-bound programs (issue 22: the chip <1% busy)
