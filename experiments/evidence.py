@@ -146,10 +146,10 @@ def main(argv):
     except ValueError as e:
         cli.fail(str(e))
     write_json(path, merged)
-    random_mean = merged["random_agent"]["return_mean"]
+    random_by_seed = {r["seed"]: r["return_mean"] for r in merged["random_agent"]["per_seed"]}
     for seed in merged["seeds"]:
         print(f"seed {seed['seed']}: final evaluation return {seed['final_eval_return']:.1f} "
-              f"(random agent, same protocol: {random_mean:.1f})")
+              f"(random agent on its envs: {random_by_seed[seed['seed']]:.1f})")
     print(f"done: {path}")
 
 
