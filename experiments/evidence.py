@@ -79,7 +79,12 @@ def main(argv):
         cli.fail("--game is required, e.g. --game=CrazyClimber", 2)
     if FLAGS.num_seeds < 1 or FLAGS.parallel < 1:
         cli.fail(f"--num_seeds and --parallel must be >= 1, got {FLAGS.num_seeds} and {FLAGS.parallel}", 2)
+    from dlwm_jax import envs
     from dlwm_jax.results import merge_results, write_json
+    try:
+        envs.check_game(FLAGS.game)  # before any directory, log or process exists (train.py's error and exit code)
+    except ValueError as e:
+        cli.fail(str(e))
     runs_dir = FLAGS.runs_dir or os.path.join("runs", FLAGS.preset)
     results_dir = FLAGS.results_dir or os.path.join("results", FLAGS.preset)
     seeds = list(range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.num_seeds))

@@ -101,6 +101,15 @@ def test_evidence_keeps_the_seeds_of_the_results_file_it_does_not_run(tmp_path, 
     assert not os.path.exists(tmp_path / "runs" / "Pong-2")
 
 
+def test_an_unknown_game_is_refused_in_one_line_before_anything_starts(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "evidence.py"), "--game=Pongg",
+                           f"--runs_dir={tmp_path}/runs", f"--results_dir={tmp_path}/results"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "unknown game 'Pongg'; did you mean: Pong" in errors[0]
+    assert "running" not in proc.stdout and os.listdir(tmp_path) == []  # no directory, log or process
+
+
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path):
     from dlwm_jax.run_state import lock_workdir
     workdir = tmp_path / "w"
