@@ -133,7 +133,7 @@ def main() -> None:
     from dlwm_jax.background import Background
     from dlwm_jax.finish import finish_run
     from dlwm_jax.results import git_commit
-    from dlwm_jax.run_state import PHASES
+    from dlwm_jax.run_state import PHASES, Stopped
     from dlwm_jax.seed_axis import use_compilation_cache
 
     config = config_lib.override(config_lib.get_preset(args.preset),
@@ -165,7 +165,12 @@ def main() -> None:
         run, config.schedule.num_iterations - 1, 0)
     started = time.perf_counter()
     try:
-        result = train.train_and_evaluate(config, workdir, args.num_seeds, echo=lambda line: print(line, file=sys.stderr))
+        result = train.train_and_evaluate(config, workdir, args.num_seeds, echo=lambda line: print(line, file=sys.stderr),
+                                          stop=train.stop_on_sigterm())  # a part's limit: a checkpoint to resume
+    except Stopped as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(143)
+    else:
         with open(os.path.join(workdir, "results.json")) as f:
             random_agent = [seed["return_mean"] for seed in json.load(f)["random_agent"]["per_seed"]]
     finally:

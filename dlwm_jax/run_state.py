@@ -7,7 +7,8 @@ and seed s of an N-seed run draws the keys of the one-seed run of seed s. EnvPoo
 
 Checkpoints (checkpoint.py) are taken after every phase (but an evaluation and the collection after it: the
 evaluation runs beside the loop until the next checkpoint joins it, train.py and background.py) and, inside long
-phases, every `checkpoint_every_s` seconds at a unit boundary; orbax writes them beside the loop. The real envs
+phases, every `checkpoint_every_s` seconds at a unit boundary, and at the first of these points after `Run.stop`
+is set (train.stop_on_sigterm), where the run then ends with `Stopped`; orbax writes them beside the loop. The real envs
 cannot be snapshotted, so on resume the collector's envs are rebuilt with their seeds and re-stepped with the
 stored actions (deterministic: no sticky actions), and the frames they produce are checked against the replay.
 """
@@ -43,6 +44,10 @@ COLLECT, WARMUP, WORLD_MODEL, POLICY, EVALUATE = range(len(PHASES))
 DIAGNOSTICS = len(PHASES)   # key namespace of the diagnostics (not a phase: they change no state)
 HOLDOUT_ENV = 10_000        # derived_seed purpose of iteration 1's held-back random env
 ENVS_PER_SEED = 1           # collection envs per seed (SPEC 8.3: one env)
+
+
+class Stopped(RuntimeError):
+    """The run stopped on request (`Run.stop`) with a checkpoint at the point it names: the same call resumes it."""
 
 
 def unit_key(root: jax.Array, iteration: int, phase: int, unit: int = 0) -> jax.Array:
@@ -84,6 +89,7 @@ class Run:
     background: Background = dataclasses.field(default_factory=Background)  # work off the critical path
     started: float = dataclasses.field(default_factory=time.time)
     last_save: float = dataclasses.field(default_factory=time.time)
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: save at the next chance, end
 
     @property
     def num_seeds(self) -> int:
@@ -148,9 +154,16 @@ class Run:
         self.started = time.time()
         self.checkpoints.save(self.meta["save_index"], jax.device_get((self.world, self.agent)), self.meta)
         self.last_save = time.time()
+        if self.stop.is_set():
+            where = ("after the last iteration" if iteration == self.config.schedule.num_iterations else
+                     f"at iteration {iteration + 1}, phase {PHASES[phase]}, unit {unit}")
+            raise Stopped(f"stop requested: checkpoint {self.meta['save_index']} saved {where}; rerun the same "
+                          "command to resume")
 
     def maybe_save(self, iteration: int, phase: int, unit: int) -> None:
-        if time.time() - self.last_save >= self.config.checkpoint_every_s:
+        """A checkpoint at this unit boundary if `checkpoint_every_s` has passed since the last or a stop was asked
+        for (then save raises Stopped)."""
+        if self.stop.is_set() or time.time() - self.last_save >= self.config.checkpoint_every_s:
             self.save(iteration, phase, unit)
 
     def record(self, s: int, iteration: int, phase: str, metrics: dict, **extra) -> None:

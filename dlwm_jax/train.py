@@ -28,6 +28,8 @@ bit (tests/test_train_seeds.py says what is compared how tightly).
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -38,8 +40,17 @@ from dlwm_jax.phases import PHASE_STEPS
 from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES, WARMUP, start_run
 
 
+def stop_on_sigterm() -> threading.Event:
+    """An event that SIGTERM sets (a batch system's preemption or time limit, the device check's part limit), for
+    train_and_evaluate(stop=...). Installs a signal handler: call it from the main thread of an entry point."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    return stop
+
+
 def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: Callable[[str], None] | None = None,
-                       devices: Sequence[jax.Device] | None = None, share: tuple[int, int] = (0, 1)) -> dict:
+                       devices: Sequence[jax.Device] | None = None, share: tuple[int, int] = (0, 1),
+                       stop: threading.Event | None = None) -> dict:
     """Runs (or resumes) seeds config.seed .. config.seed + num_seeds - 1 in `workdir`; returns
     {"seeds": [per seed summary.json], "aggregate": final evaluation over seeds (mean, std, median, IQM)}.
 
@@ -48,13 +59,16 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     process trains seeds config.seed + p * N / P ... of the N, with its own envs, replay and checkpoints
     (workdir/checkpoints/process_<p>; the workdir is shared); process 0 merges every share's results once all are
     written. The processes never communicate (the seeds are independent), so no jax.distributed is needed.
-    Raises ValueError (bad config / game), OSError (workdir), CheckpointError (unreadable checkpoint) or
-    NonFiniteError (a NaN/inf loss) with one-line messages; nothing already saved is deleted by a failure.
+    stop: once set (stop_on_sigterm), the run saves a checkpoint at its next unit boundary (an epoch, a report of
+    PPO updates) or phase end and raises Stopped; the same call resumes it from there.
+    Raises ValueError (bad config / game), OSError (workdir), CheckpointError (unreadable checkpoint),
+    NonFiniteError (a NaN/inf loss) or Stopped with one-line messages; nothing already saved is deleted by a failure.
     """
     echo = echo or functools.partial(print, flush=True)
     config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = start_run(config, workdir, num_seeds, echo, devices, share)
+        run.stop = stop if stop is not None else run.stop
         try:
             evaluate_random_agent(run)  # beside the training, for the results at the end
             run.compile_ahead()  # the later phases' programs, beside the first collection

@@ -5,9 +5,11 @@
     python experiments/train.py --game=Pong --set policy.horizon=20 --set schedule.num_iterations=3 ...
     python experiments/train.py --game=Pong --num_seeds=5         # seeds 0..4 vmapped in one process
 
-Re-running the same command resumes from the last complete checkpoint in the workdir.
+Re-running the same command resumes from the last complete checkpoint in the workdir. SIGTERM (a batch system's
+preemption or time limit) saves a checkpoint at the next unit boundary and exits with code 143.
 """
 import os
+import signal
 
 from absl import flags, logging
 
@@ -85,15 +87,19 @@ def main(argv):
     import jax
     from dlwm_jax.checkpoint import CheckpointError
     from dlwm_jax.outputs import NonFiniteError
+    from dlwm_jax.run_state import Stopped
     from dlwm_jax.seed_axis import use_compilation_cache
-    from dlwm_jax.train import train_and_evaluate
+    from dlwm_jax.train import stop_on_sigterm, train_and_evaluate
+    stop = stop_on_sigterm()
     if FLAGS.compilation_cache:
         use_compilation_cache(os.path.expanduser(FLAGS.compilation_cache))
     try:
         workdir = FLAGS.workdir or os.path.join(
             "runs", f"{config.env.game}-{config.seed}" + (f"x{FLAGS.num_seeds}" if FLAGS.num_seeds > 1 else ""))
         devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
-        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=share)
+        result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=share, stop=stop)
+    except Stopped as e:
+        cli.fail(str(e), 128 + signal.SIGTERM)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:

@@ -113,13 +113,41 @@ def assert_kill_and_resume_gives(reference_dir, flags, tmp_path, kill_at=None, w
     proc.wait()
     resumed = run([*flags, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(workdir, reference_dir)
+
+
+def assert_same_run(workdir, reference_dir):
+    """The same hashes and final return as the run in reference_dir, and metrics.jsonl holding each logged step
+    exactly once, in its order."""
     expected = json.load(open(os.path.join(reference_dir, "summary.json")))
     got = json.load(open(os.path.join(workdir, "summary.json")))
-    assert got["hashes"] == expected["hashes"], f"differs after kill at progress line {kill_after}"
-    assert got["final_eval_return_mean"] == expected["final_eval_return_mean"]
-    # metrics.jsonl holds each logged step exactly once, as in the uninterrupted run
+    assert got["hashes"] == expected["hashes"] and got["final_eval_return_mean"] == expected["final_eval_return_mean"]
     strip = lambda path: [(r["phase"], r["iteration"], r.get("unit")) for r in map(json.loads, open(path))]
     assert strip(os.path.join(workdir, "metrics.jsonl")) == strip(os.path.join(reference_dir, "metrics.jsonl"))
+
+
+def test_sigterm_saves_a_checkpoint_where_it_lands_and_exits_in_one_line(smoke_run, tmp_path):
+    """SIGTERM (a batch system's preemption) once iteration 1's warm-up has reported: the run saves a checkpoint at
+    its next unit boundary or phase end, not only at the one before the warm-up where a SIGKILL would leave it,
+    exits 143 with one line, and the same command resumes it to the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, SCRIPT, *SMOKE, f"--workdir={workdir}"], stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, cwd=ROOT)
+        for line in proc.stdout:
+            if line.startswith("[iter 1/2] warmup"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.stdout.read()
+        proc.wait(timeout=600)
+    errors = [line for line in open(tmp_path / "stderr") if line.startswith("error:")]
+    assert proc.returncode == 143 and len(errors) == 1, open(tmp_path / "stderr").read()[-3000:]
+    assert "stop requested: checkpoint" in errors[0] and "rerun the same command to resume" in errors[0]
+    resumed = run([*SMOKE, f"--workdir={workdir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"resuming from checkpoint \d+: iteration 1, phase (warmup, unit 1|world_model, unit 0)\b",
+                     resumed.stdout), resumed.stdout[:2000]
+    assert_same_run(workdir, smoke_run[0])
 
 
 def test_unknown_game_fails_with_suggestion(tmp_path):
@@ -248,8 +276,4 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(smo
     resumed = run([*SMOKE, f"--workdir={workdir}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint {kill_at - 1}:" in resumed.stdout
-    expected = json.load(open(os.path.join(reference_dir, "summary.json")))
-    got = json.load(open(os.path.join(workdir, "summary.json")))
-    assert got["hashes"] == expected["hashes"] and got["final_eval_return_mean"] == expected["final_eval_return_mean"]
-    strip = lambda path: [(r["phase"], r["iteration"], r.get("unit")) for r in map(json.loads, open(path))]
-    assert strip(os.path.join(workdir, "metrics.jsonl")) == strip(os.path.join(reference_dir, "metrics.jsonl"))
+    assert_same_run(workdir, reference_dir)
