@@ -14,7 +14,7 @@ from dlwm_jax import envs
 from dlwm_jax.collect import evaluate
 from dlwm_jax.outputs import write_summary
 from dlwm_jax.results import aggregate, merge_results, write_json, write_results
-from dlwm_jax.run_state import EVALUATE, Run, derived_seed
+from dlwm_jax.run_state import EVALUATE, Run, Stopped, derived_seed
 from dlwm_jax.seed_axis import unstack
 
 
@@ -76,10 +76,13 @@ def _wait_for_shares(run: Run, num_processes: int, poll_s: float = 2.0) -> list[
     paths = [os.path.join(run.workdir, f"results.process_{p}.json") for p in range(num_processes)]
     last_echo = time.time()
     while not all(os.path.exists(path) for path in paths):
+        missing = [p for p, path in enumerate(paths) if not os.path.exists(path)]
+        if run.stop.is_set():  # this share's last checkpoint is saved: a rerun comes back here
+            raise Stopped(f"stop requested while waiting for processes {missing}: this process's seeds are done; "
+                          "rerun the same command to merge")
         if time.time() - last_echo >= 60:
             last_echo = time.time()
-            run.echo(f"waiting for processes {[p for p, path in enumerate(paths) if not os.path.exists(path)]} "
-                     "to finish their seeds")
+            run.echo(f"waiting for processes {missing} to finish their seeds")
         time.sleep(poll_s)
     parts = []
     for path in paths:

@@ -150,6 +150,37 @@ def test_sigterm_saves_a_checkpoint_where_it_lands_and_exits_in_one_line(smoke_r
     assert_same_run(workdir, smoke_run[0])
 
 
+def test_a_second_sigterm_ends_the_process_at_once_and_a_waiting_share_stops(tmp_path):
+    """The first SIGTERM only sets the stop event (the run ends at its next checkpoint); a second one kills as
+    without the handler. Process 0 of a multi-process job, waiting for the other shares' results, ends on a stop."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        from dlwm_jax.train import stop_on_sigterm
+        stop = stop_on_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("set" if stop.is_set() else "not set", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        print("still alive", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "set\n", (proc.returncode, proc.stdout, proc.stderr)
+
+    import threading
+    from types import SimpleNamespace
+    from dlwm_jax.finish import _wait_for_shares
+    from dlwm_jax.run_state import Stopped
+    (tmp_path / "results.process_0.json").write_text("{}")
+    run_ = SimpleNamespace(workdir=str(tmp_path), stop=threading.Event(), echo=print)
+    run_.stop.set()
+    late = threading.Timer(5.0, (tmp_path / "results.process_1.json").write_text, ["{}"])  # no hang if it waits on
+    late.start()
+    with pytest.raises(Stopped, match=r"waiting for processes \[1\]: .* rerun the same command to merge"):
+        _wait_for_shares(run_, 2, poll_s=0.01)
+    late.cancel()
+
+
 def test_unknown_game_fails_with_suggestion(tmp_path):
     proc = run(["--game=Bankheist", "--preset=smoke", f"--workdir={tmp_path}/w"])
     assert proc.returncode != 0
