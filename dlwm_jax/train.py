@@ -28,7 +28,6 @@ bit (tests/test_train_seeds.py says what is compared how tightly).
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import threading
 from typing import Callable, Sequence
@@ -43,16 +42,11 @@ from dlwm_jax.run_state import COLLECT, EVALUATE, PHASES, WARMUP, start_run
 
 def stop_on_sigterm() -> threading.Event:
     """An event that SIGTERM sets (a batch system's preemption or time limit, the device check's part limit), for
-    train_and_evaluate(stop=...); a second SIGTERM ends the process at once, as without the handler. Installs a
-    signal handler: call it from the main thread of an entry point."""
+    train_and_evaluate(stop=...). Idempotent: a process may get SIGTERM twice (from a batch system and from a
+    driver such as evidence.py that forwards it); SIGKILL ends it at once. Installs a signal handler: call it from
+    the main thread of an entry point."""
     stop = threading.Event()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        stop.set()
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     return stop
 
 

@@ -4,7 +4,7 @@
 
 Seed s runs `experiments/train.py --game=G --preset=P --seed=s --workdir=runs/P/G-s` (log: runs/P/G-s.log), one
 after another (`--parallel` at once); rerunning the command resumes unfinished seeds from their checkpoints and
-skips finished ones.
+skips finished ones. SIGTERM stops the running seeds at their next checkpoint (train.py) and then the command.
 When every seed has finished, their `results.json` are merged (dlwm_jax/results.merge_results) into
 results/P/G.json: per-seed raw data, the random agent under the same protocol, config, commits, machine, wall time.
 Seeds already in that file that the command does not run are kept (later seeds add to a file: --first_seed=3
@@ -72,6 +72,17 @@ def _kept_results(path: str, seeds: list[int]) -> dict | None:
     return None if again else data
 
 
+def _stop(running: dict) -> None:
+    """SIGTERM to the running seeds, which save a checkpoint at their next epoch or PPO report and exit (train.py);
+    waits for them, so that the command run again finds their workdirs free."""
+    for proc, _ in running.values():
+        proc.terminate()
+    for s, (proc, log) in running.items():
+        print(f"seed {s}: stopping at its next checkpoint", flush=True)
+        proc.wait()
+        log.close()
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
@@ -81,6 +92,7 @@ def main(argv):
         cli.fail(f"--num_seeds and --parallel must be >= 1, got {FLAGS.num_seeds} and {FLAGS.parallel}", 2)
     from dlwm_jax import envs
     from dlwm_jax.results import merge_results, write_json
+    from dlwm_jax.train import stop_on_sigterm
     try:
         envs.check_game(FLAGS.game)  # before any directory, log or process exists (train.py's error and exit code)
     except ValueError as e:
@@ -112,8 +124,12 @@ def main(argv):
         if not seeds:
             cli.fail("no seed has finished yet")
         pending = []
-    running, last_report = {}, time.time()
+    running, last_report, stop = {}, time.time(), stop_on_sigterm()
     while pending or running:
+        if stop.is_set():
+            _stop(running)
+            cli.fail(f"stop requested: seeds {sorted(running)} stopped at a checkpoint, seeds {pending} not started; "
+                     "rerun the same command to resume", 143)
         while pending and len(running) < FLAGS.parallel:
             s = pending.pop(0)
             command = [sys.executable, TRAIN, f"--game={FLAGS.game}", f"--preset={FLAGS.preset}", f"--seed={s}",
@@ -130,8 +146,7 @@ def main(argv):
             log.close()
             del running[s]
             if proc.returncode:
-                for other, _ in running.values():
-                    other.terminate()  # they resume from their checkpoints when the command is rerun
+                _stop(running)  # they resume from their checkpoints when the command is rerun
                 with open(workdirs[s] + ".log", errors="replace") as f:
                     errors = [line[len("error:"):].strip() for line in f if line.startswith("error:")]
                 cli.fail(f"seed {s} failed (exit {proc.returncode}): "

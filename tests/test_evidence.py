@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import CACHE, ROOT, shared_run
@@ -108,6 +110,29 @@ def test_an_unknown_game_is_refused_in_one_line_before_anything_starts(tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "unknown game 'Pongg'; did you mean: Pong" in errors[0]
     assert "running" not in proc.stdout and os.listdir(tmp_path) == []  # no directory, log or process
+
+
+def test_sigterm_stops_the_running_seed_at_a_checkpoint_and_then_the_command(tmp_path):
+    """SIGTERM to evidence.py alone: it passes it on to the running seed, which saves a checkpoint and exits
+    (train.py), waits for it (the workdir is free when the command ends) and ends in one line with 143."""
+    from dlwm_jax.run_state import lock_workdir
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "evidence.py"), "--game=Pong",
+                             "--preset=smoke", "--num_seeds=2", f"--runs_dir={tmp_path}/runs",
+                             f"--results_dir={tmp_path}/results", f"--compilation_cache={CACHE}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log = tmp_path / "runs" / "Pong-0.log"
+    deadline = time.time() + 600
+    while not (log.exists() and "[iter 1/2] warmup" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 143 and len(errors) == 1, stderr[-3000:]
+    assert "stop requested: seeds [0] stopped at a checkpoint, seeds [1] not started" in errors[0]
+    assert "seed 0: stopping at its next checkpoint" in stdout
+    assert "error: stop requested: checkpoint" in log.read_text()
+    lock_workdir(str(tmp_path / "runs" / "Pong-0")).close()  # no process holds it any more
+    assert not os.path.exists(tmp_path / "runs" / "Pong-1") and not os.path.exists(tmp_path / "results" / "Pong.json")
 
 
 def test_a_workdir_in_use_is_refused_in_one_line(tmp_path):
