@@ -106,6 +106,28 @@ def test_loop_phase_timer_reports_wall_host_share_and_work(tmp_path):
     assert summarise(timer.figures)["all"]["world_model"]["host_share"] == 0.25
 
 
+def test_loop_benchmark_stopped_by_sigterm_saves_a_checkpoint_and_says_so(tmp_path):
+    """The device check's part limit (SIGTERM): loop.py saves a checkpoint at the run's next unit or phase end, so
+    that loop_paper's next call resumes there, and exits 143 with one error line after the phases it timed."""
+    import signal
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(RUN), "loop.py"), "--preset", "smoke",
+                             "--game", "Pong", "--workdir", str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("[loop] ") and '"phase": "warmup"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    proc.wait(timeout=600)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert proc.returncode == 143 and len(errors) == 1, "".join(lines[-30:])
+    assert "stop requested: checkpoint" in errors[0] and "rerun the same command to resume" in errors[0]
+    assert any(name.isdigit() for name in os.listdir(workdir / "checkpoints"))
+
+
 @pytest.mark.slow
 def test_loop_benchmark_runs_the_smoke_preset_end_to_end():
     result = subprocess.run([sys.executable, os.path.join(os.path.dirname(RUN), "loop.py"), "--preset", "smoke",
