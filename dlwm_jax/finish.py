@@ -75,8 +75,7 @@ def _wait_for_shares(run: Run, num_processes: int, poll_s: float = 2.0) -> list[
     """Process 0 of a multi-process job: every process's results.process_<p>.json, once all are written."""
     paths = [os.path.join(run.workdir, f"results.process_{p}.json") for p in range(num_processes)]
     last_echo = time.time()
-    while not all(os.path.exists(path) for path in paths):
-        missing = [p for p, path in enumerate(paths) if not os.path.exists(path)]
+    while missing := [p for p, path in enumerate(paths) if not os.path.exists(path)]:
         if run.stop.is_set():  # this share's last checkpoint is saved: a rerun comes back here
             raise Stopped(f"stop requested while waiting for processes {missing}: this process's seeds are done; "
                           "rerun the same command to merge")

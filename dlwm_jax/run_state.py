@@ -7,9 +7,9 @@ and seed s of an N-seed run draws the keys of the one-seed run of seed s. EnvPoo
 
 Checkpoints (checkpoint.py) are taken after every phase (but an evaluation and the collection after it: the
 evaluation runs beside the loop until the next checkpoint joins it, train.py and background.py) and, inside long
-phases, every `checkpoint_every_s` seconds at a unit boundary, and at the first of these points after `Run.stop`
-is set (train.stop_on_sigterm), where the run then ends with `Stopped`; orbax writes them beside the loop. The real envs
-cannot be snapshotted, so on resume the collector's envs are rebuilt with their seeds and re-stepped with the
+phases, every `checkpoint_every_s` seconds at a unit boundary; once `Run.stop` is set (train.stop_on_sigterm), at
+the next unit boundary or phase end, after which the run raises `Stopped`. Orbax writes them beside the loop. The
+real envs cannot be snapshotted, so on resume the collector's envs are rebuilt with their seeds and re-stepped with the
 stored actions (deterministic: no sticky actions), and the frames they produce are checked against the replay.
 """
 from __future__ import annotations

@@ -70,7 +70,8 @@ def train_and_evaluate(config: Config, workdir: str, num_seeds: int = 1, echo: C
     config = resolve_compute(validate(config))  # the formulations of this backend; checkpoints store them
     with jax.threefry_partitionable(config.compute.threefry_partitionable):
         run = start_run(config, workdir, num_seeds, echo, devices, share)
-        run.stop = stop if stop is not None else run.stop
+        if stop is not None:
+            run.stop = stop
         try:
             evaluate_random_agent(run)  # beside the training, for the results at the end
             run.compile_ahead()  # the later phases' programs, beside the first collection
