@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 GAME ?= BankHeist
 
-.PHONY: setup demo evidence test test-slow bench params kernels
+.PHONY: setup demo evidence test test-slow bench params kernels wheels
 setup: .venv/.installed
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -36,3 +36,18 @@ kernels: setup .cuda-aot/.installed
 	V=$$($(PY) -c 'import jax; print(jax.__version__)') && $(PY) -m pip install -q --no-deps --target .cuda-aot \
 	    "jax-cuda12-plugin==$$V" "jax-cuda12-pjrt==$$V"
 	touch $@
+
+# The wheels benchmarks/device_check.sh installs on a bare accelerator machine without network (x86-64, the device
+# image's Python 3.12): EnvPool's and tensorboardX's import-time needs, and EnvPool slimmed to its Atari family with
+# the ROMs inside (benchmarks/README.md, "Preparing the wheels"). ~5 MB in wheels/, ignored by git; carried to the
+# device as run(..., carry=["wheels"]).
+WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64
+wheels: setup
+	rm -rf wheels && tmp=$$(mktemp -d) && \
+	$(PY) -m pip download -q --no-deps $(WHEEL_TARGET) -d wheels tensorboardX==2.6.5 dm-env==1.6 dm-tree==0.1.10 \
+	    gymnasium==1.4.0 farama-notifications==0.0.6 optree==0.20.0 && \
+	$(PY) -m pip download -q --no-deps $(WHEEL_TARGET) -d $$tmp envpool==1.2.5 envpool-assets==0.3.0 && \
+	$(PY) benchmarks/device_check.py slim-envpool $$tmp/envpool-1.2.5-*.whl $$tmp/envpool_assets-0.3.0-*.whl \
+	    --out wheels && rm -rf $$tmp && ls wheels && du -sh wheels

@@ -39,7 +39,7 @@ if ((install)); then
   shopt -s nullglob
   carried=("$wheels"/*.whl)
   if ((${#carried[@]} == 0)); then
-    echo "error: no wheels in $wheels (see benchmarks/README.md, Device check)" >&2; exit 2
+    echo "error: no wheels in $wheels (make wheels prepares them)" >&2; exit 2
   fi
   start=$(date +%s)
   "$python" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
