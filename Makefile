@@ -45,9 +45,9 @@ WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --
     --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64
 wheels: setup
-	rm -rf wheels && tmp=$$(mktemp -d) && \
+	rm -rf wheels && tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	$(PY) -m pip download -q --no-deps $(WHEEL_TARGET) -d wheels tensorboardX==2.6.5 dm-env==1.6 dm-tree==0.1.10 \
 	    gymnasium==1.4.0 farama-notifications==0.0.6 optree==0.20.0 && \
 	$(PY) -m pip download -q --no-deps $(WHEEL_TARGET) -d $$tmp envpool==1.2.5 envpool-assets==0.3.0 && \
 	$(PY) benchmarks/device_check.py slim-envpool $$tmp/envpool-1.2.5-*.whl $$tmp/envpool_assets-0.3.0-*.whl \
-	    --out wheels && rm -rf $$tmp && ls wheels && du -sh wheels
+	    --out wheels && ls wheels && du -sh wheels

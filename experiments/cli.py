@@ -4,6 +4,8 @@ import sys
 
 from absl import app, flags
 
+STOPPED = 143  # 128 + SIGTERM: the exit code of a run that a stop request ended at a checkpoint (rerun to resume)
+
 
 def fail(message: str, code: int = 1):
     """Ends the process with `error: <message>` on stderr (one line) and exit code `code` (2 = usage)."""

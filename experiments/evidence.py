@@ -129,7 +129,7 @@ def main(argv):
         if stop.is_set():
             _stop(running)
             cli.fail(f"stop requested: seeds {sorted(running)} stopped at a checkpoint, seeds {pending} not started; "
-                     "rerun the same command to resume", 143)
+                     "rerun the same command to resume", cli.STOPPED)
         while pending and len(running) < FLAGS.parallel:
             s = pending.pop(0)
             command = [sys.executable, TRAIN, f"--game={FLAGS.game}", f"--preset={FLAGS.preset}", f"--seed={s}",

@@ -9,7 +9,6 @@ Re-running the same command resumes from the last complete checkpoint in the wor
 preemption or time limit) saves a checkpoint at the next unit boundary and exits with code 143.
 """
 import os
-import signal
 
 from absl import flags, logging
 
@@ -99,7 +98,7 @@ def main(argv):
         devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
         result = train_and_evaluate(config, workdir, FLAGS.num_seeds, devices=devices, share=share, stop=stop)
     except Stopped as e:
-        cli.fail(str(e), 128 + signal.SIGTERM)
+        cli.fail(str(e), cli.STOPPED)
     except (ValueError, OSError, CheckpointError, NonFiniteError) as e:
         cli.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if FLAGS.num_seeds == 1:
